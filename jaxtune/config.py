@@ -1,0 +1,244 @@
+"""Recipe configuration: every key at its default, and the checks run before any heavy work.
+
+A recipe file defines `get_config(arg=None)` returning `base_config()` with its changes. Key
+names follow XTuner's (see shared/DESIGN.md, contract 3). `validate` turns every mistake a
+user can make in a recipe into one `ConfigError` that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ml_collections import ConfigDict, FieldReference, config_dict
+
+from jaxtune.models import presets
+
+
+class ConfigError(ValueError):
+  """A recipe mistake, reported before anything is loaded or written."""
+
+
+def dataset(name: str, anno_path: str, sample_ratio: float = 1.0, media_root: str = "",
+            chat_template: str = "qwen3", sample_max_length: int | None = None) -> dict:
+  """One entry of `data.datasets`; `sample_max_length` overrides `data.sample_max_length`."""
+  return dict(name=name, anno_path=anno_path, sample_ratio=float(sample_ratio),
+              media_root=media_root, chat_template=chat_template,
+              sample_max_length=sample_max_length)
+
+
+def base_config() -> ConfigDict:
+  """Every key jaxtune reads, at its default. Recipes start from this."""
+  c = ConfigDict()
+  c.model = presets.qwen3_0_6b()
+  c.load_from = config_dict.placeholder(str)       # HF directory; None = random init
+  c.tokenizer_path = config_dict.placeholder(str)  # HF tokenizer directory
+
+  c.data = ConfigDict()
+  c.data.datasets = []                 # list of `dataset(...)` dicts
+  c.data.sample_max_length = 2048      # longer samples are truncated, with a warning
+  c.data.pack_max_length = 4096        # tokens per packed row
+  c.data.pack_level = "soft"           # soft | hard | none ('expand_soft' = soft)
+  c.data.num_workers = 0               # 0 = sized from the CPUs available
+  c.data.cache_dir = config_dict.placeholder(str)
+  c.data.seed = 42
+  c.data.micro_batch_size = 1          # packed rows per data-parallel rank per forward pass
+
+  c.optim = ConfigDict(dict(lr=6e-5, weight_decay=0.01, betas=(0.9, 0.95), eps=1e-8,
+                            max_grad_norm=1.0))
+  c.lr = ConfigDict(dict(lr_type="cosine", warmup_ratio=0.03, lr_min=1e-6))
+  c.loss = ConfigDict(dict(mode="chunk", chunk_size=1024, loss_reduction="token"))
+  c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+
+  c.param_dtype = "float32"            # master weights
+  c.compute_dtype = "bfloat16"         # 'float32' gives exact parity with the reference on CPU
+  c.remat = "full"                     # full | none: recompute each layer in the backward pass
+  c.attention = "xla"                  # xla | cudnn
+
+  c.global_batch_size = 8              # packed rows per optimizer step, all ranks
+  c.epoch_num = config_dict.placeholder(int)
+  c.total_steps = config_dict.placeholder(int)
+  c.seed = 42
+  c.work_dir = "work_dirs"
+  c.checkpoint_interval = -1           # -1 = only at the end
+  c.checkpoint_maxkeep = 2
+  c.hf_interval = -1                   # -1 = only at the end
+  c.hf_max_keep = 1
+  c.auto_resume = False
+  c.log_interval = 1
+  c.progress_bar = True
+  return c
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_CHOICES = {
+    "data.pack_level": ("soft", "hard", "none"),
+    "lr.lr_type": ("cosine", "linear", "constant"),
+    "loss.mode": ("chunk", "eager"),
+    "loss.loss_reduction": ("token", "sample", "square"),
+    "param_dtype": _DTYPES,
+    "compute_dtype": _DTYPES,
+    "remat": ("full", "none"),
+    "attention": ("xla", "cudnn"),
+}
+
+
+def _value(node: Any) -> Any:
+  return node.get() if isinstance(node, FieldReference) else node
+
+
+def _check_keys_and_types(cfg: ConfigDict, ref: ConfigDict, prefix: str) -> None:
+  """Unknown keys and values whose type differs from the default's are errors."""
+  ref_fields = ref._fields  # pylint: disable=protected-access
+  for key in cfg.keys():
+    path = f"{prefix}{key}"
+    if key not in ref_fields:
+      raise ConfigError(f"unknown config key '{path}'. Known keys here: "
+                        f"{', '.join(sorted(ref_fields))}. Check its spelling.")
+    value, default = cfg[key], ref[key]
+    if isinstance(default, ConfigDict):
+      if not isinstance(value, ConfigDict):
+        raise ConfigError(f"config key '{path}' must be a section (ConfigDict), got {value!r}")
+      _check_keys_and_types(value, default, path + ".")
+      continue
+    ref_node = ref_fields[key]
+    expected = ref_node.get_type() if isinstance(ref_node, FieldReference) else type(default)
+    if value is None or expected in (type(None), list, tuple) and isinstance(value, (list, tuple)):
+      continue
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+      continue
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+      raise ConfigError(f"config key '{path}' must be {expected.__name__}, got "
+                        f"{type(value).__name__} ({value!r}). Fix it in the recipe or the "
+                        f"--config.{path}=... override.")
+
+
+def _get(cfg: ConfigDict, path: str) -> Any:
+  node = cfg
+  for part in path.split("."):
+    node = node[part]
+  return node
+
+
+def data_parallel_size(cfg: ConfigDict, num_devices: int) -> int:
+  """Ranks that see different data: mesh.data x mesh.fsdp (with -1 resolved)."""
+  sizes = mesh_shape(cfg, num_devices)
+  return sizes["data"] * sizes["fsdp"]
+
+
+def mesh_shape(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes with the single -1 resolved to the devices left over."""
+  sizes = {axis: int(cfg.mesh[axis]) for axis in ("data", "fsdp", "tensor", "expert")}
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ConfigError(f"at most one mesh axis may be -1, got {free}. Set all but one explicitly.")
+  if any(s == 0 or s < -1 for s in sizes.values()):
+    raise ConfigError(f"mesh axis sizes must be positive or -1, got {sizes}")
+  fixed = 1
+  for s in sizes.values():
+    fixed *= s if s != -1 else 1
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(f"{num_devices} devices cannot be split over fixed mesh axes {sizes}: "
+                        f"their product {fixed} must divide the device count.")
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(f"mesh {sizes} has {fixed} positions but there are {num_devices} devices; "
+                      "set one axis to -1 or make the product match.")
+  return sizes
+
+
+def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
+  """Checks a recipe; returns it with aliases resolved. Raises ConfigError on the first mistake."""
+  base = base_config()
+  family = cfg.model.get("type") if "model" in cfg else None
+  if family not in presets.FAMILY_DEFAULTS:
+    raise ConfigError(f"config key 'model.type' must be one of "
+                      f"{sorted(presets.FAMILY_DEFAULTS)}, got {family!r}. "
+                      "Start from a preset, e.g. jaxtune.models.presets.qwen3_8b().")
+  base.model = presets.FAMILY_DEFAULTS[family]()
+  _check_keys_and_types(cfg, base, "")
+
+  cfg = ConfigDict(cfg.to_dict())  # a copy: resolving aliases must not edit the caller's dict
+  if cfg.data.pack_level == "expand_soft":
+    cfg.data.pack_level = "soft"
+  for path, allowed in _CHOICES.items():
+    if _get(cfg, path) not in allowed:
+      raise ConfigError(f"config key '{path}' must be one of {list(allowed)}, "
+                        f"got {_get(cfg, path)!r}")
+
+  if (cfg.epoch_num is None) == (cfg.total_steps is None):
+    raise ConfigError("set exactly one of 'epoch_num' and 'total_steps' (got "
+                      f"epoch_num={cfg.epoch_num}, total_steps={cfg.total_steps}), e.g. "
+                      "--config.epoch_num=1")
+  for key in ("epoch_num", "total_steps", "global_batch_size"):
+    if cfg[key] is not None and cfg[key] <= 0:
+      raise ConfigError(f"config key '{key}' must be positive, got {cfg[key]}")
+  if cfg.data.sample_max_length > cfg.data.pack_max_length:
+    raise ConfigError(f"data.sample_max_length ({cfg.data.sample_max_length}) must be <= "
+                      f"data.pack_max_length ({cfg.data.pack_max_length}): a sample must fit in "
+                      "one packed row. Lower sample_max_length or raise pack_max_length.")
+  if cfg.loss.chunk_size <= 0:
+    raise ConfigError(f"loss.chunk_size must be positive, got {cfg.loss.chunk_size}")
+  if cfg.optim.lr <= 0 or cfg.lr.warmup_ratio < 0:
+    raise ConfigError("optim.lr must be positive and lr.warmup_ratio non-negative")
+  if cfg.model.num_attention_heads % cfg.model.num_key_value_heads:
+    raise ConfigError(f"model.num_attention_heads ({cfg.model.num_attention_heads}) must be a "
+                      f"multiple of model.num_key_value_heads ({cfg.model.num_key_value_heads})")
+
+  if not cfg.data.datasets:
+    raise ConfigError("data.datasets is empty: add at least one "
+                      "jaxtune.config.dataset(name=..., anno_path=...) to the recipe.")
+  ds_keys = set(dataset("", "").keys())
+  for i, ds in enumerate(cfg.data.datasets):
+    where = f"data.datasets[{i}]"
+    unknown = set(ds) - ds_keys
+    if unknown or "anno_path" not in ds:
+      raise ConfigError(f"{where} has unknown keys {sorted(unknown)} or no 'anno_path'; "
+                        f"allowed keys: {sorted(ds_keys)}")
+    if not os.path.exists(ds["anno_path"]):
+      raise ConfigError(f"{where}.anno_path '{ds['anno_path']}' does not exist. Point it at a "
+                        ".jsonl file or a folder of them.")
+    if ds.get("sample_ratio", 1.0) <= 0:
+      raise ConfigError(f"{where}.sample_ratio must be positive, got {ds['sample_ratio']}")
+    if ds.get("chat_template", "qwen3") not in ("qwen3", "intern-s1"):
+      raise ConfigError(f"{where}.chat_template must be 'qwen3' or 'intern-s1'")
+
+  if cfg.tokenizer_path is None:
+    raise ConfigError("tokenizer_path is not set: point it at a directory holding tokenizer.json "
+                      "(usually the same as load_from).")
+  if not os.path.isdir(cfg.tokenizer_path):
+    raise ConfigError(f"tokenizer_path '{cfg.tokenizer_path}' is not a directory.")
+  if cfg.load_from is not None:
+    _check_against_hf_config(cfg)
+
+  if num_devices is not None:
+    dp = data_parallel_size(cfg, num_devices)
+    rows_per_pass = dp * cfg.data.micro_batch_size
+    if cfg.global_batch_size % rows_per_pass:
+      raise ConfigError(f"global_batch_size ({cfg.global_batch_size}) must be a multiple of "
+                        f"data-parallel size x data.micro_batch_size ({dp} x "
+                        f"{cfg.data.micro_batch_size} = {rows_per_pass}).")
+  return cfg
+
+
+def _check_against_hf_config(cfg: ConfigDict) -> None:
+  """`load_from`'s config.json is the truth for the architecture; a mismatch is an error."""
+  path = os.path.join(cfg.load_from, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"load_from '{cfg.load_from}' has no config.json: point it at an HF model "
+                      "directory (config.json + *.safetensors).")
+  with open(path) as f:
+    hf = json.load(f)
+  if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), dict):
+    hf["rope_theta"] = hf["rope_parameters"].get("rope_theta")
+  mismatched = [f"model.{k}: recipe {cfg.model[k]!r} vs config.json {hf[k]!r}"
+                for k in cfg.model.keys() if k != "type" and k in hf and hf[k] != cfg.model[k]]
+  if mismatched:
+    raise ConfigError(f"the recipe's model does not match {path}:\n  " + "\n  ".join(mismatched)
+                      + "\nUse the preset matching the checkpoint, or fix the overrides.")
+
+
+def to_json(cfg: ConfigDict) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)

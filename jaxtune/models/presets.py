@@ -1,0 +1,75 @@
+"""Model presets: the official HF `config.json` values, as ml_collections ConfigDicts.
+
+Field names are HF's, so a preset reads like the checkpoint's own config. Any field can be
+overridden: `qwen3_8b(num_hidden_layers=16)`. `type` selects the model family.
+"""
+
+from ml_collections import ConfigDict
+
+
+def _qwen3(**fields) -> ConfigDict:
+  base = dict(
+      type="qwen3",
+      vocab_size=151936,
+      hidden_size=1024,
+      intermediate_size=3072,
+      num_hidden_layers=28,
+      num_attention_heads=16,
+      num_key_value_heads=8,
+      head_dim=128,
+      max_position_embeddings=40960,
+      rope_theta=1_000_000.0,
+      rms_norm_eps=1e-6,
+      tie_word_embeddings=False,
+  )
+  unknown = set(fields) - set(base)
+  if unknown:
+    raise ValueError(f"unknown Qwen3 config fields {sorted(unknown)}; known: {sorted(base)}")
+  base.update(fields)
+  return ConfigDict(base)
+
+
+def qwen3_tiny(**overrides) -> ConfigDict:
+  """A miniature Qwen3 (same code, tiny dims) for the CPU demo and tests; the real vocab."""
+  return _qwen3(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          tie_word_embeddings=True), **overrides})
+
+
+def qwen3_0_6b(**overrides) -> ConfigDict:
+  """Qwen/Qwen3-0.6B."""
+  return _qwen3(**{**dict(tie_word_embeddings=True), **overrides})
+
+
+def qwen3_1_7b(**overrides) -> ConfigDict:
+  """Qwen/Qwen3-1.7B."""
+  return _qwen3(**{**dict(hidden_size=2048, intermediate_size=6144, tie_word_embeddings=True),
+                   **overrides})
+
+
+def qwen3_4b(**overrides) -> ConfigDict:
+  """Qwen/Qwen3-4B."""
+  return _qwen3(**{**dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                          num_attention_heads=32, tie_word_embeddings=True), **overrides})
+
+
+def qwen3_8b(**overrides) -> ConfigDict:
+  """Qwen/Qwen3-8B."""
+  return _qwen3(**{**dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                          num_attention_heads=32), **overrides})
+
+
+def qwen3_14b(**overrides) -> ConfigDict:
+  """Qwen/Qwen3-14B."""
+  return _qwen3(**{**dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                          num_attention_heads=40), **overrides})
+
+
+def qwen3_32b(**overrides) -> ConfigDict:
+  """Qwen/Qwen3-32B."""
+  return _qwen3(**{**dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                          num_attention_heads=64), **overrides})
+
+
+# Fields every preset of a family must have: what `config.validate` checks the recipe against.
+FAMILY_DEFAULTS = {"qwen3": qwen3_0_6b}

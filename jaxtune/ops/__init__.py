@@ -1,0 +1,6 @@
+"""Numerics and kernels: attention, rope, norms, the chunked loss. Imports nothing of jaxtune.
+
+Shape letters used in names across the package:
+  B batch rows, T tokens per row, D hidden (embed), N query heads, K key/value heads,
+  H head dim, F MLP hidden, V vocab, E experts, L layers, S segments.
+"""
