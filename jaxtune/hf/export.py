@@ -1,0 +1,194 @@
+"""A jaxtune model -> an HF directory that `transformers.AutoModelForCausalLM` loads.
+
+Writes `model-0000i-of-0000n.safetensors` shards, `model.safetensors.index.json`,
+`config.json` and the tokenizer files. Names come from the family's `hf_weight_map` (the
+same table the loader reads), walked in HF's order.
+
+Memory: one tensor at a time is sliced (one layer of a stacked param), cast, transposed on
+device, gathered to the host and streamed into its shard file, so host memory peaks at one
+tensor. The shard headers are written first from the planned shapes, which is what allows
+streaming. With several processes every process joins each gather (a collective) and only
+process 0 writes. Everything goes to `<out_dir>.partial` first and is renamed at the end, so
+an interrupted export never looks like a complete one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
+
+from jaxtune.hf.load import SAFETENSORS_DTYPES, check_table, flat_params
+from jaxtune.models import HFWeight, family
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' classic "5GB" shards
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "generation_config.json")
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def read_hf_dtype(hf_dir: str) -> str:
+  """The dtype an HF checkpoint declares ("bfloat16", ...), so exports can keep it.
+
+  Reads `dtype` (transformers 5) or `torch_dtype` (4.x) from config.json, also inside
+  `text_config`; "float32" when absent, which is what transformers assumes.
+  """
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    config = json.load(f)
+  for section in (config, config.get("text_config") or {}):
+    for key in ("dtype", "torch_dtype"):
+      if isinstance(section.get(key), str):
+        return section[key].removeprefix("torch.")
+  return "float32"
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _hf_tensor(value: jax.Array, layer: jax.Array | None, *, transpose: bool,
+               dtype: np.dtype) -> jax.Array:
+  """One HF tensor on device: a layer of a stacked param, cast, in HF's [out, in] layout."""
+  if layer is not None:
+    value = value[layer]
+  value = value.astype(dtype)
+  return value.T if transpose else value
+
+
+def _to_host(value: jax.Array) -> np.ndarray:
+  """Gathers one (sharded) tensor to this host."""
+  if value.is_fully_addressable:
+    return np.asarray(jax.device_get(value))
+  return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
+def _hf_order(table: tuple[HFWeight, ...], num_layers: int) -> list[tuple[str, HFWeight, int]]:
+  """(hf name, table row, layer) in HF's file order: head params, layer 0..L-1, tail params.
+  Rows without a param (a tied head) are not written, as transformers does not write them."""
+  table = tuple(e for e in table if e.path is not None)
+  first_stacked = next((k for k, e in enumerate(table) if e.stacked), len(table))
+  head = [(e.hf_name, e, -1) for e in table[:first_stacked] if not e.stacked]
+  tail = [(e.hf_name, e, -1) for e in table[first_stacked:] if not e.stacked]
+  layers = [(e.hf_name.format(i=i), e, i) for i in range(num_layers)
+            for e in table if e.stacked]
+  return head + layers + tail
+
+
+def _plan_shards(tensors: list[tuple[str, tuple[int, ...]]], itemsize: int,
+                 max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+  shards, current, current_bytes = [], [], 0
+  for name, shape in tensors:
+    nbytes = int(np.prod(shape)) * itemsize
+    if current and current_bytes + nbytes > max_shard_bytes:
+      shards.append(current)
+      current, current_bytes = [], 0
+    current.append((name, shape))
+    current_bytes += nbytes
+  return shards + ([current] if current else [])
+
+
+def _write_header(f, shard: list[tuple[str, tuple[int, ...]]], dtype: np.dtype) -> None:
+  header: dict = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, shape in shard:
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
+  f.write(len(blob).to_bytes(8, "little"))
+  f.write(blob)
+
+
+def _tokenizer_files(tokenizer_path: str) -> list[str]:
+  found = [os.path.join(tokenizer_path, name) for name in TOKENIZER_FILES
+           if os.path.isfile(os.path.join(tokenizer_path, name))]
+  if not any(os.path.basename(p) in ("tokenizer.json", "vocab.json") for p in found):
+    raise ValueError(f"tokenizer_path {tokenizer_path} holds no tokenizer.json or vocab.json; "
+                     "point it at an HF tokenizer directory.")
+  return found
+
+
+def _replace_dir(tmp_dir: str, out_dir: str) -> None:
+  """Moves the finished export into place; an older export there is removed."""
+  if not os.path.exists(out_dir):
+    os.rename(tmp_dir, out_dir)
+    return
+  old_dir = out_dir + ".old"
+  shutil.rmtree(old_dir, ignore_errors=True)
+  os.rename(out_dir, old_dir)
+  os.rename(tmp_dir, out_dir)
+  shutil.rmtree(old_dir)
+
+
+def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, *, dtype: str = "bfloat16",
+              tokenizer_path: str | None = None,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+  """Writes `model` as an HF checkpoint in `dtype` to `out_dir`; returns `out_dir`."""
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  dtype = np_dtype.name  # "bfloat16", also when given jnp.bfloat16
+  if np_dtype not in _SAFETENSORS_NAMES:
+    raise ValueError(f"cannot export dtype {dtype!r}; use float32, bfloat16 or float16")
+  table = family(model_cfg.type).hf_weight_map(model_cfg)
+  params = flat_params(model)
+  check_table(params, table)
+  tokenizer_files = _tokenizer_files(tokenizer_path) if tokenizer_path is not None else []
+
+  order = _hf_order(table, model_cfg.num_hidden_layers)
+  shapes = {}
+  for name, entry, layer in order:
+    shape = params[entry.path].get_value().shape[1 if layer >= 0 else 0:]
+    shapes[name] = tuple(reversed(shape)) if entry.transpose else tuple(shape)
+  shards = _plan_shards([(name, shapes[name]) for name, _, _ in order], np_dtype.itemsize,
+                        max_shard_bytes)
+  by_name = {name: (entry, layer) for name, entry, layer in order}
+
+  out_dir = os.path.abspath(out_dir)
+  tmp_dir = out_dir + ".partial"
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+
+  weight_map, total_bytes = {}, 0
+  for k, shard in enumerate(shards):
+    file_name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    f = open(os.path.join(tmp_dir, file_name), "wb") if is_writer else None
+    try:
+      if f:
+        _write_header(f, shard, np_dtype)
+      for name, shape in shard:
+        entry, layer = by_name[name]
+        host = _to_host(_hf_tensor(params[entry.path].get_value(),
+                                   np.int32(layer) if layer >= 0 else None,
+                                   transpose=entry.transpose, dtype=np_dtype))
+        if host.shape != shape:  # the header already promised `shape`
+          raise RuntimeError(f"{name}: gathered shape {host.shape}, planned {shape}")
+        if f:
+          f.write(np.ascontiguousarray(host).reshape(-1).view(np.uint8).data)
+        weight_map[name] = file_name
+        total_bytes += host.nbytes
+        del host
+    finally:
+      if f:
+        f.close()
+
+  if is_writer:
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    with open(os.path.join(tmp_dir, "model.safetensors.index.json"), "w") as f:
+      json.dump(index, f, indent=2)
+    with open(os.path.join(tmp_dir, "config.json"), "w") as f:
+      json.dump(family(model_cfg.type).hf_config(model_cfg, dtype), f, indent=2)
+    for path in tokenizer_files:
+      shutil.copy2(path, os.path.join(tmp_dir, os.path.basename(path)))
+    _replace_dir(tmp_dir, out_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"jaxtune export_hf {out_dir}")
+  return out_dir

@@ -1,0 +1,285 @@
+"""Qwen3 dense decoder in Flax NNX, read like HF's `modeling_qwen3.py`, plus its HF name table.
+
+Classes and attribute names are HF's, so `model.layers.{i}.self_attn.q_proj.weight` is
+`model.layers.self_attn.q_proj.kernel[i]` here (see `hf_weight_map`). Differences from HF:
+  - Linear kernels are [in, out] (Flax); the transpose happens only at the HF boundary.
+  - The decoder layers are one stacked module with a leading L axis, run by `jax.lax.scan`,
+    so compile time does not grow with depth.
+  - Packed rows: `segment_ids` (1-based per sample, 0 = padding) keep samples apart and
+    `positions` restart at 0 per sample.
+  - `__call__` returns the final-norm hidden states; `logits()` applies the LM head (the
+    training loss applies it chunk by chunk instead).
+Params are stored in `param_dtype` and cast to `compute_dtype` at use; norms, softmax and
+RoPE run in float32.
+
+Shape letters: B batch, T tokens, D hidden, N q heads, K kv heads, H head dim, F MLP hidden,
+V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict, FrozenConfigDict
+
+from jaxtune.models import HFWeight
+from jaxtune.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from jaxtune.ops.attention import attention as attention_op
+from jaxtune.ops.norms import rms_norm
+from jaxtune.ops.rope import apply_rope, rope_cos_sin
+from jaxtune.parallel.sharding import shard_activation
+
+# HF's Qwen3 `initializer_range`: random init draws every weight from N(0, 0.02).
+_INIT_STD = 0.02
+_BTD = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _weight_init(logical_axes: tuple[str, ...]):
+  """Normal(0.02) init whose param carries its logical axis names for `parallel.sharding`."""
+  return nnx.with_partitioning(nnx.initializers.normal(_INIT_STD), logical_axes)
+
+
+def _linear(in_features: int, out_features: int, logical_axes: tuple[str, str], *,
+            param_dtype, compute_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(in_features, out_features, use_bias=False, param_dtype=param_dtype,
+                    dtype=compute_dtype, kernel_init=_weight_init(logical_axes), rngs=rngs)
+
+
+class Qwen3RMSNorm(nnx.Module):
+  """`weight * x / rms(x)` over the last axis; statistics in float32."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32,
+               compute_dtype=jnp.bfloat16):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+    self.eps = eps
+    self.compute_dtype = compute_dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(x, self.weight[...], self.eps, out_dtype=self.compute_dtype)
+
+
+class Qwen3Attention(nnx.Module):
+  """GQA self-attention with per-head RMSNorm on q and k (before RoPE) and no biases."""
+
+  def __init__(self, cfg: ConfigDict, *, param_dtype, compute_dtype, attention: str,
+               rngs: nnx.Rngs):
+    dims = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
+    hidden, head_dim = cfg.hidden_size, cfg.head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = (
+        cfg.num_attention_heads, cfg.num_key_value_heads, head_dim)
+    self.attention = attention
+    self.q_proj = _linear(hidden, self.num_heads * head_dim, ("embed", "heads"), **dims, rngs=rngs)
+    self.k_proj = _linear(hidden, self.num_kv_heads * head_dim, ("embed", "kv_heads"), **dims,
+                          rngs=rngs)
+    self.v_proj = _linear(hidden, self.num_kv_heads * head_dim, ("embed", "kv_heads"), **dims,
+                          rngs=rngs)
+    self.o_proj = _linear(self.num_heads * head_dim, hidden, ("heads", "embed"), **dims, rngs=rngs)
+    self.q_norm = Qwen3RMSNorm(head_dim, cfg.rms_norm_eps, **dims)
+    self.k_norm = Qwen3RMSNorm(head_dim, cfg.rms_norm_eps, **dims)
+
+  def __call__(self, x_btd: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array,
+               segment_ids_bt: jax.Array) -> jax.Array:
+    batch, seq_len, _ = x_btd.shape
+    heads = ("activation_batch", "activation_length", "activation_heads", None)
+    kv_heads = ("activation_batch", "activation_length", "activation_kv_heads", None)
+    q_btnh = self.q_norm(self.q_proj(x_btd).reshape(batch, seq_len, self.num_heads, -1))
+    k_btkh = self.k_norm(self.k_proj(x_btd).reshape(batch, seq_len, self.num_kv_heads, -1))
+    v_btkh = self.v_proj(x_btd).reshape(batch, seq_len, self.num_kv_heads, -1)
+    q_btnh = shard_activation(apply_rope(q_btnh, cos_bth, sin_bth), heads)
+    k_btkh = shard_activation(apply_rope(k_btkh, cos_bth, sin_bth), kv_heads)
+    v_btkh = shard_activation(v_btkh, kv_heads)
+    o_btnh = attention_op(q_btnh, k_btkh, v_btkh, segment_ids_bt, impl=self.attention)
+    return self.o_proj(o_btnh.reshape(batch, seq_len, -1))
+
+
+class Qwen3MLP(nnx.Module):
+  """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+  def __init__(self, cfg: ConfigDict, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+    dims = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+    hidden, inner = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = _linear(hidden, inner, ("embed", "mlp"), **dims)
+    self.up_proj = _linear(hidden, inner, ("embed", "mlp"), **dims)
+    self.down_proj = _linear(inner, hidden, ("mlp", "embed"), **dims)
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    h_btf = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+    h_btf = shard_activation(h_btf, ("activation_batch", "activation_length", "activation_mlp"))
+    return self.down_proj(h_btf)
+
+
+class Qwen3DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ConfigDict, *, param_dtype, compute_dtype, attention: str,
+               rngs: nnx.Rngs):
+    dims = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
+    self.input_layernorm = Qwen3RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **dims)
+    self.self_attn = Qwen3Attention(cfg, **dims, attention=attention, rngs=rngs)
+    self.post_attention_layernorm = Qwen3RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **dims)
+    self.mlp = Qwen3MLP(cfg, **dims, rngs=rngs)
+
+  def __call__(self, x_btd: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array,
+               segment_ids_bt: jax.Array) -> jax.Array:
+    x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_bth, sin_bth, segment_ids_bt)
+    x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+    return shard_activation(x_btd, _BTD)
+
+
+class Qwen3Model(nnx.Module):
+  """Embedding, the stacked decoder layers, final norm."""
+
+  def __init__(self, cfg: ConfigDict, *, param_dtype, compute_dtype, remat: str, attention: str,
+               rngs: nnx.Rngs):
+    if remat not in ("full", "none"):
+      raise ValueError(f"remat must be 'full' or 'none', got {remat!r}")
+    dims = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
+    self.head_dim, self.rope_theta, self.remat = cfg.head_dim, float(cfg.rope_theta), remat
+    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
+                                  dtype=compute_dtype,  # looked-up rows come out in compute_dtype
+                                  embedding_init=_weight_init(("vocab", "embed")), rngs=rngs)
+
+    # One layer's params, created L times under vmap: every param gains a leading "layers"
+    # axis (named so sharding rules can map it) and each layer draws its own random init.
+    @nnx.split_rngs(splits=cfg.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_layers(layer_rngs: nnx.Rngs) -> Qwen3DecoderLayer:
+      return Qwen3DecoderLayer(cfg, **dims, attention=attention, rngs=layer_rngs)
+
+    self.layers = make_layers(rngs)
+    self.norm = Qwen3RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **dims)
+
+  def __call__(self, input_ids_bt: jax.Array, positions_bt: jax.Array,
+               segment_ids_bt: jax.Array) -> jax.Array:
+    x_btd = shard_activation(self.embed_tokens(input_ids_bt), _BTD)
+    cos_bth, sin_bth = rope_cos_sin(positions_bt, self.head_dim, self.rope_theta)
+
+    # Scan over the layer axis of the stacked params: one layer is traced and compiled once.
+    layers_graphdef, layers_state = nnx.split(self.layers)
+
+    def layer_step(carry_btd, layer_state):
+      layer = nnx.merge(layers_graphdef, layer_state)
+      return layer(carry_btd, cos_bth, sin_bth, segment_ids_bt), None
+
+    if self.remat == "full":
+      # Keep only each layer's input for the backward pass; recompute the rest.
+      layer_step = jax.checkpoint(layer_step, prevent_cse=False)
+    x_btd, _ = jax.lax.scan(layer_step, x_btd, layers_state)
+    return self.norm(x_btd)
+
+
+class Qwen3ForCausalLM(nnx.Module):
+  """`model` plus `lm_head` (absent when `tie_word_embeddings`: the embedding is reused)."""
+
+  def __init__(self, cfg: ConfigDict, *, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16,
+               remat: str = "full", attention: str = "xla", rngs: nnx.Rngs):
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+      raise ValueError(f"num_attention_heads ({cfg.num_attention_heads}) must be a multiple "
+                       f"of num_key_value_heads ({cfg.num_key_value_heads})")
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
+    self.config = FrozenConfigDict(cfg)  # hashable: part of the static graph definition
+    self.compute_dtype = jnp.dtype(compute_dtype)
+    dims = dict(param_dtype=jnp.dtype(param_dtype), compute_dtype=self.compute_dtype)
+    # Params carry logical axis names, not mesh axes: placing them is the caller's job
+    # (`jaxtune.models.create_model`), so building must not try to shard eagerly.
+    with nnx.use_eager_sharding(False):
+      self.model = Qwen3Model(cfg, **dims, remat=remat, attention=attention, rngs=rngs)
+      if not cfg.tie_word_embeddings:
+        self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), **dims,
+                               rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array) -> jax.Array:
+    """[B, T] int32 ids, positions, segment ids -> final hidden states [B, T, D]."""
+    return self.model(input_ids, positions, segment_ids)
+
+  def lm_head_kernel(self) -> jax.Array:
+    """[D, V] output projection (the embedding transposed when tied), in param_dtype."""
+    if self.config.tie_word_embeddings:
+      return self.model.embed_tokens.embedding[...].T
+    return self.lm_head.kernel[...]
+
+  def logits(self, hidden_btd: jax.Array) -> jax.Array:
+    """[B, T, V] float32 logits; operands in compute_dtype, accumulation in float32."""
+    kernel_dv = self.lm_head_kernel().astype(self.compute_dtype)
+    return jnp.einsum("btd,dv->btv", hidden_btd.astype(self.compute_dtype), kernel_dv,
+                      preferred_element_type=jnp.float32)
+
+
+MODEL_CLASS = Qwen3ForCausalLM
+
+
+def hf_weight_map(cfg: ConfigDict) -> tuple[HFWeight, ...]:
+  """HF tensor names <-> our param paths, in HF's file order. Used by load and export."""
+  layer = "model.layers.{i}."
+  ours = "model.layers."
+  table = [
+      HFWeight("model.embed_tokens.weight", "model.embed_tokens.embedding"),
+      HFWeight(layer + "input_layernorm.weight", ours + "input_layernorm.weight"),
+      HFWeight(layer + "self_attn.q_proj.weight", ours + "self_attn.q_proj.kernel", True),
+      HFWeight(layer + "self_attn.k_proj.weight", ours + "self_attn.k_proj.kernel", True),
+      HFWeight(layer + "self_attn.v_proj.weight", ours + "self_attn.v_proj.kernel", True),
+      HFWeight(layer + "self_attn.o_proj.weight", ours + "self_attn.o_proj.kernel", True),
+      HFWeight(layer + "self_attn.q_norm.weight", ours + "self_attn.q_norm.weight"),
+      HFWeight(layer + "self_attn.k_norm.weight", ours + "self_attn.k_norm.weight"),
+      HFWeight(layer + "post_attention_layernorm.weight", ours + "post_attention_layernorm.weight"),
+      HFWeight(layer + "mlp.gate_proj.weight", ours + "mlp.gate_proj.kernel", True),
+      HFWeight(layer + "mlp.up_proj.weight", ours + "mlp.up_proj.kernel", True),
+      HFWeight(layer + "mlp.down_proj.weight", ours + "mlp.down_proj.kernel", True),
+      HFWeight("model.norm.weight", "model.norm.weight"),
+  ]
+  if cfg.tie_word_embeddings:
+    # Official tied checkpoints (Qwen3-0.6B/1.7B/4B) still store a copy of the embedding as
+    # lm_head.weight; like transformers we accept it and use the embedding.
+    table.append(HFWeight("lm_head.weight", None))
+  else:
+    table.append(HFWeight("lm_head.weight", "lm_head.kernel", True))
+  return tuple(table)
+
+
+# Token ids of Qwen3's tokenizer: <|endoftext|> and <|im_end|>, as in the official configs.
+_BOS_TOKEN_ID, _EOS_TOKEN_ID = 151643, 151645
+
+
+def hf_config(cfg: ConfigDict, dtype: str) -> dict:
+  """The HF `config.json` of a Qwen3ForCausalLM with this architecture.
+
+  `rope_parameters` is transformers 5's form; the flat `rope_theta` keeps older readers
+  (transformers 4, vLLM) working.
+  """
+  num_layers = cfg.num_hidden_layers
+
+  def special_id(token_id: int) -> int | None:
+    # Tiny test vocabularies cannot hold Qwen's special ids; transformers rejects those.
+    return token_id if token_id < cfg.vocab_size else None
+
+  return {
+      "architectures": ["Qwen3ForCausalLM"],
+      "model_type": "qwen3",
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size,
+      "num_hidden_layers": num_layers,
+      "num_attention_heads": cfg.num_attention_heads,
+      "num_key_value_heads": cfg.num_key_value_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "max_position_embeddings": cfg.max_position_embeddings,
+      "initializer_range": _INIT_STD,
+      "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+      "rope_theta": float(cfg.rope_theta),
+      "attention_bias": False,
+      "attention_dropout": 0.0,
+      "use_sliding_window": False,
+      "sliding_window": None,
+      "max_window_layers": num_layers,
+      "layer_types": ["full_attention"] * num_layers,
+      "tie_word_embeddings": bool(cfg.tie_word_embeddings),
+      "use_cache": True,
+      "bos_token_id": special_id(_BOS_TOKEN_ID),
+      "eos_token_id": special_id(_EOS_TOKEN_ID),
+      "dtype": dtype,
+  }

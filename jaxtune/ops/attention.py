@@ -1,0 +1,73 @@
+"""Causal self-attention over packed rows: a token sees earlier tokens of its own sample only.
+
+Packed rows carry `segment_ids` [B, T]: 1, 2, ... per sample and 0 for padding. The mask is
+`causal & (segment_q == segment_k)`. Padding tokens (segment 0) attend to earlier padding, so
+no row of the softmax is empty (no NaN); their outputs are never used.
+
+Implementations:
+  "xla"     plain jnp: einsum, mask, float32 softmax. Runs everywhere; O(T^2) scores memory.
+  "cudnn"   jax.nn.dot_product_attention(implementation="cudnn") with the same dense segment
+            mask (turned into an additive bias by JAX). GPU only; bf16/fp16 inputs.
+  "dpa_xla" the "cudnn" call with implementation="xla": the CPU twin of the cudnn path, so
+            tests check the mask and layout we hand to jax.nn.dot_product_attention.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "cudnn", "dpa_xla")
+
+
+def segment_causal_mask(segment_ids_bt: jax.Array) -> jax.Array:
+  """[B, T, S] bool: query t may attend key s (s <= t, same segment)."""
+  seq_len = segment_ids_bt.shape[-1]
+  causal_ts = jnp.tril(jnp.ones((seq_len, seq_len), dtype=jnp.bool_))
+  same_segment_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+  return same_segment_bts & causal_ts
+
+
+def _xla_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt):
+  batch, seq_len, num_heads, head_dim = q_btnh.shape
+  num_kv_heads = k_btkh.shape[2]
+  group = num_heads // num_kv_heads
+  # GQA: query head n uses kv head n // group (HF's repeat_kv order).
+  q_btkgh = q_btnh.reshape(batch, seq_len, num_kv_heads, group, head_dim)
+  scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh,
+                            preferred_element_type=jnp.float32)
+  scores_bkgts = scores_bkgts * (1.0 / math.sqrt(head_dim))
+  mask_b11ts = segment_causal_mask(segment_ids_bt)[:, None, None]
+  scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
+  probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_btkh.dtype)
+  out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
+  return out_btkgh.reshape(batch, seq_len, num_heads, head_dim)
+
+
+def _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, implementation):
+  # The segment mask is dense [B, 1, T, T]: cuDNN's public API takes padding lengths only,
+  # not per-sample offsets, so packed rows need the full mask (O(T^2) memory per row).
+  mask_b1ts = segment_causal_mask(segment_ids_bt)[:, None]
+  return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_b1ts, is_causal=True,
+                                      implementation=implementation)
+
+
+def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
+              segment_ids_bt: jax.Array, *, impl: str = "xla") -> jax.Array:
+  """Packed causal GQA attention with scale 1/sqrt(H); returns [B, T, N, H] in v's dtype."""
+  num_heads, num_kv_heads = q_btnh.shape[2], k_btkh.shape[2]
+  if num_heads % num_kv_heads:
+    raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
+  if impl == "xla":
+    return _xla_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+  if impl == "cudnn":
+    if jax.default_backend() != "gpu":
+      raise ValueError(f"attention impl 'cudnn' needs an NVIDIA GPU, but JAX's backend is "
+                       f"'{jax.default_backend()}'. Use attention='xla' on this machine.")
+    if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention impl 'cudnn' needs bfloat16 or float16 inputs, got "
+                       f"{q_btnh.dtype}; set compute_dtype='bfloat16' or attention='xla'.")
+    return _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, "cudnn")
+  if impl == "dpa_xla":
+    return _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, "xla")
+  raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}")

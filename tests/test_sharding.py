@@ -1,0 +1,111 @@
+"""Mesh construction, the logical-axis rules, and models created directly in their shards."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxtune.models import abstract_model, create_model, presets
+from jaxtune.parallel import (AXES, batch_sharding, logical_to_mesh, logical_to_spec, make_mesh,
+                              param_shardings, shard_activation)
+
+
+def test_make_mesh_has_all_axes_auto():
+  mesh = make_mesh(dict(fsdp=2, tensor=2))
+  assert mesh.axis_names == AXES
+  assert dict(mesh.shape) == dict(data=1, fsdp=2, tensor=2, expert=1)
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  assert make_mesh({}, devices=jax.devices()[:1]).size == 1
+  with pytest.raises(ValueError, match="needs 8 devices"):
+    make_mesh(dict(fsdp=8))
+  with pytest.raises(ValueError, match="unknown mesh axes"):
+    make_mesh(dict(pipeline=4))
+
+
+def test_rules_map_logical_names_to_mesh_axes():
+  assert logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
+  assert logical_to_spec(("layers", "embed", "heads")) == P(None, "fsdp", "tensor")
+  assert logical_to_spec(("vocab", "embed")) == P("tensor", "fsdp")
+  assert logical_to_spec(("norm",)) == P(None)
+  assert logical_to_spec(("activation_batch", "activation_length")) == P(("data", "fsdp"), None)
+  assert logical_to_mesh({"a": ("embed", None), "b": P("mlp", "embed")}) == {
+      "a": P("fsdp", None), "b": P("tensor", "fsdp")}
+  with pytest.raises(ValueError, match="no rule"):
+    logical_to_spec(("embedding",))
+
+
+def test_indivisible_dims_are_replicated_not_fatal():
+  mesh = make_mesh(dict(fsdp=2, tensor=2))
+  assert logical_to_spec(("embed", "kv_heads"), (64, 32), mesh) == P("fsdp", "tensor")
+  assert logical_to_spec(("embed", "kv_heads"), (64, 5), mesh) == P("fsdp", None)
+  assert logical_to_spec(("embed", "kv_heads"), (63, 5), mesh) == P(None, None)
+  # A batch that data x fsdp does not divide falls back to fsdp alone, then to replication.
+  mesh = make_mesh(dict(data=2, fsdp=2))
+  assert logical_to_spec(("activation_batch",), (4,), mesh) == P(("data", "fsdp"))
+  assert logical_to_spec(("activation_batch",), (2,), mesh) == P("fsdp")
+  assert logical_to_spec(("activation_batch",), (1,), mesh) == P(None)
+
+
+def test_batch_sharding_splits_rows_over_data_and_fsdp():
+  mesh = make_mesh(dict(data=2, fsdp=2))
+  sharding = batch_sharding(mesh)
+  assert sharding.spec == P(("data", "fsdp"), None)
+  rows = jax.device_put(np.zeros((8, 16), np.int32), sharding)
+  assert rows.addressable_shards[0].data.shape == (2, 16)
+
+
+# 1 kv head of dim 6 and vocab 250: k/v projections (6) and the vocab (250) do not divide
+# tensor=4, so those dims must be replicated while the rest is split.
+_AWKWARD = dict(vocab_size=250, num_attention_heads=2, num_key_value_heads=1, head_dim=6)
+
+
+def test_create_model_places_every_param_in_its_rule_sharding():
+  cfg = presets.qwen3_tiny(**_AWKWARD)
+  mesh = make_mesh(dict(tensor=4))
+  model = create_model(cfg, mesh, compute_dtype="float32", seed=3)
+  expected = param_shardings(model, mesh)
+  for (path, var), (_, want) in zip(nnx.to_flat_state(nnx.state(model)),
+                                    nnx.to_flat_state(expected)):
+    got = var.get_value().sharding
+    assert got.is_equivalent_to(want.get_value(), var.get_value().ndim), path
+  layers = model.model.layers
+  assert layers.self_attn.k_proj.kernel.get_value().sharding.spec == P(None, "fsdp", None)
+  assert layers.mlp.up_proj.kernel.get_value().sharding.spec == P(None, "fsdp", "tensor")
+  assert model.model.embed_tokens.embedding.get_value().sharding.spec == P(None, "fsdp")
+  # Same seed, same values whatever the mesh.
+  single = create_model(cfg, make_mesh({}, devices=jax.devices()[:1]), compute_dtype="float32",
+                        seed=3)
+  np.testing.assert_array_equal(np.asarray(layers.mlp.up_proj.kernel.get_value()),
+                                np.asarray(single.model.layers.mlp.up_proj.kernel.get_value()))
+
+
+def test_sharded_forward_runs_with_indivisible_dims():
+  cfg = presets.qwen3_tiny(**_AWKWARD)
+  mesh = make_mesh(dict(fsdp=2, tensor=2))
+  ids = jax.device_put(np.arange(32, dtype=np.int32).reshape(4, 8) % 250, batch_sharding(mesh))
+  positions = jax.device_put(np.tile(np.arange(8, dtype=np.int32), (4, 1)), batch_sharding(mesh))
+  with jax.set_mesh(mesh):  # as the trainer builds and runs it
+    model = create_model(cfg, mesh, compute_dtype="float32")
+    hidden = nnx.jit(lambda m, *a: m(*a))(model, ids, positions, jnp.ones_like(ids))
+  assert hidden.shape == (4, 8, 64) and np.isfinite(np.asarray(hidden)).all()
+
+
+def test_abstract_model_allocates_nothing():
+  mesh = make_mesh(dict(fsdp=4))
+  model = abstract_model(presets.qwen3_8b(), mesh)
+  leaves = jax.tree.leaves(nnx.state(model))
+  assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  kernel = model.model.layers.mlp.down_proj.kernel.get_value()
+  assert kernel.shape == (36, 12288, 4096) and kernel.dtype == jnp.float32
+  assert kernel.sharding.spec == P(None, "tensor", "fsdp")
+
+
+def test_shard_activation_is_a_noop_without_mesh():
+  x = jnp.ones((4, 8, 16))
+  assert shard_activation(x, ("activation_batch", "activation_length", "activation_embed")) is x
+  mesh = make_mesh(dict(fsdp=4))
+  with jax.set_mesh(mesh):
+    y = jax.jit(lambda x: shard_activation(x * 2, ("activation_batch", None, None)))(x)
+  assert y.sharding.spec[0] in ("fsdp", ("data", "fsdp"))
