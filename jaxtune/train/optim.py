@@ -1,0 +1,117 @@
+"""Optimizer and learning-rate schedule, matching XTuner v1's AdamW + LRConfig.
+
+XTuner (xtuner/v1/train/trainer.py, `Trainer.build_lr_scheduler`) chains torch schedulers:
+`LambdaLR(x / W if x < W else 1)` for the warmup, then `CosineAnnealingLR(T_max=S - W,
+eta_min=lr_min)`, `LinearLR(1 -> lr_min / lr, total_iters=S - W)` or a constant, joined by
+`SequentialLR(milestones=[W])`, and calls `scheduler.step()` after every optimizer step. Its
+gradient clipping (xtuner/v1/engine/train_engine.py) scales by
+`min(1, max_grad_norm / (norm + 1e-6))` over the trainable parameters, and its optimizer is
+one `torch.optim.AdamW` group over every trainable parameter (decay applied to all of them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from ml_collections import ConfigDict
+
+
+def warmup_steps(lr_cfg: ConfigDict, total_steps: int) -> int:
+  """W: `warmup_ratio` < 1 is a fraction of the total (floored), >= 1 a step count."""
+  ratio = float(lr_cfg.warmup_ratio)
+  return int(ratio * total_steps) if ratio < 1 else int(ratio)
+
+
+def lr_schedule(lr_cfg: ConfigDict, base_lr: float, total_steps: int) -> optax.Schedule:
+  """The learning rate of update s (0-based), exactly as XTuner's torch scheduler chain.
+
+  With S = total_steps, W = `warmup_steps` and k = min(s - W, S - W):
+    s < W:               base_lr * s / W           (update 0 runs at lr 0, like XTuner)
+    s >= W, 'constant':  base_lr
+    s >= W, 'linear':    base_lr + (lr_min - base_lr) * k / (S - W)
+    s >= W, 'cosine':    lr_min + (base_lr - lr_min) * (1 + cos(pi * k / (S - W))) / 2
+  The decay reaches lr_min at s = S, one past the last update: the last update (s = S - 1)
+  runs at the value for k = S - W - 1, as in XTuner. Past S the value stays at lr_min
+  (torch's cosine would swing back up); with W >= S the decay is never reached.
+  """
+  lr_type = lr_cfg.lr_type
+  if lr_type not in ("cosine", "linear", "constant"):
+    raise ValueError(f"lr.lr_type must be 'cosine', 'linear' or 'constant', got {lr_type!r}")
+  base, lr_min = float(base_lr), float(lr_cfg.lr_min)
+  warm = warmup_steps(lr_cfg, total_steps)
+  decay = max(int(total_steps) - warm, 1)  # only 0 when warmup covers all of training
+
+  def schedule(step):
+    s = jnp.asarray(step, jnp.float32)
+    k = jnp.clip(s - warm, 0.0, decay)
+    # Written to avoid float32 cancellation near the end: (1 + cos x) / 2 = cos(x / 2)^2,
+    # and the linear ramp is measured from lr_min, so both land on lr_min exactly.
+    if lr_type == "cosine":
+      after = lr_min + (base - lr_min) * jnp.square(jnp.cos(0.5 * math.pi * k / decay))
+    elif lr_type == "linear":
+      after = lr_min + (base - lr_min) * (1.0 - k / decay)
+    else:
+      after = jnp.full_like(s, base)
+    if warm == 0:
+      return after
+    return jnp.where(s < warm, base * s / warm, after)
+
+  return schedule
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """L2 norm over all leaves, accumulated in float32 whatever the leaves' dtype."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """XTuner's (and torch's clip_grad_norm_) rule: scale by min(1, max_norm / (norm + 1e-6)).
+
+  optax.clip_by_global_norm scales by max_norm / norm with no epsilon; keeping XTuner's
+  epsilon makes clipped steps match it to the last bit the dtype allows.
+  """
+  def update_fn(updates, state, params=None):
+    del params
+    scale = jnp.minimum(1.0, max_norm / (global_norm(updates) + 1e-6))
+    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def make_optimizer(optim_cfg: ConfigDict, schedule: optax.Schedule, *,
+                   mask: Any | Callable[[Any], Any] | None = None
+                   ) -> optax.GradientTransformation:
+  """Clip (skipped when max_grad_norm <= 0), then AdamW on one parameter group.
+
+  Args:
+    optim_cfg: the `optim` section: weight_decay, betas, eps, max_grad_norm (lr is in the
+      schedule already).
+    schedule: step -> learning rate, e.g. `lr_schedule(...)`; read from the optimizer's own
+      update count, so a step the caller discards (params and state kept) does not advance it.
+    mask: optional pytree of bools (or params -> pytree) like the params: True = trainable.
+      Frozen leaves get zero updates and no optimizer state, and are left out of the clipping
+      norm, as XTuner's frozen (requires_grad=False) modules are. This uses
+      `optax.multi_transform` with `set_to_zero` for the frozen label rather than
+      `optax.masked`, because `masked` passes the raw gradient through for masked-out leaves,
+      which would move "frozen" parameters.
+  """
+  b1, b2 = (float(b) for b in optim_cfg.betas)
+  adamw = optax.adamw(learning_rate=schedule, b1=b1, b2=b2, eps=float(optim_cfg.eps),
+                      weight_decay=float(optim_cfg.weight_decay))
+  max_norm = float(optim_cfg.max_grad_norm)
+  inner = optax.chain(clip_by_global_norm(max_norm), adamw) if max_norm > 0 else adamw
+  if mask is None:
+    return inner
+
+  def labels(params):
+    trainable = mask(params) if callable(mask) else mask
+    return jax.tree.map(lambda m: "trainable" if m else "frozen", trainable)
+
+  return optax.multi_transform({"trainable": inner, "frozen": optax.set_to_zero()}, labels)
