@@ -1,0 +1,113 @@
+"""Recipe validation: every mistake gives one clear ConfigError naming the key, before any work."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from ml_collections import ConfigDict
+
+from jaxtune.config import ConfigError, base_config, dataset, mesh_shape, validate
+from jaxtune.models import presets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def good(tmp_path):
+  data = tmp_path / "d.jsonl"
+  data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": "yo"}]}) + "\n")
+  tok = tmp_path / "tok"
+  tok.mkdir()
+  c = base_config()
+  c.model = presets.qwen3_tiny()
+  c.tokenizer_path = str(tok)
+  c.data.datasets = [dataset("d", str(data))]
+  c.data.sample_max_length = 64
+  c.data.pack_max_length = 128
+  c.epoch_num = 1
+  c.global_batch_size = 4
+  return c
+
+
+def test_good_config_passes_and_resolves_alias(good):
+  good.data.pack_level = "expand_soft"
+  out = validate(good, num_devices=4)
+  assert out.data.pack_level == "soft"
+  assert good.data.pack_level == "expand_soft"  # the caller's config is not edited
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda c: c.__setattr__("epoch_num", None), ["exactly one", "epoch_num", "total_steps"]),
+    (lambda c: c.__setattr__("total_steps", 10), ["exactly one"]),
+    (lambda c: c.data.__setattr__("sample_max_length", 4096), ["sample_max_length", "pack_max"]),
+    (lambda c: c.__setattr__("tokenizer_path", None), ["tokenizer_path"]),
+    (lambda c: c.__setattr__("tokenizer_path", "/nonexistent/tok"), ["tokenizer_path"]),
+    (lambda c: c.__setattr__("load_from", "/nonexistent/model"), ["load_from", "config.json"]),
+    (lambda c: c.data.__setattr__("datasets", [dataset("x", "/nope.jsonl")]),
+     ["data.datasets[0].anno_path", "/nope.jsonl"]),
+    (lambda c: c.data.__setattr__("datasets", []), ["data.datasets"]),
+    (lambda c: c.loss.__setattr__("loss_reduction", "mean"), ["loss.loss_reduction", "token"]),
+    (lambda c: c.lr.__setattr__("lr_type", "step"), ["lr.lr_type"]),
+    (lambda c: c.__setattr__("global_batch_size", 6), ["global_batch_size", "multiple", "4"]),
+    (lambda c: c.mesh.__setattr__("tensor", -1), ["at most one mesh axis"]),
+    (lambda c: c.model.__setattr__("num_key_value_heads", 3), ["num_key_value_heads"]),
+])
+def test_each_mistake_names_its_key(good, mutate, words):
+  mutate(good)
+  with pytest.raises(ConfigError) as e:
+    validate(good, num_devices=4)
+  for word in words:
+    assert word in str(e.value)
+
+
+def test_unknown_key_and_wrong_type(good):
+  good.optim.learning_rate = 1e-3  # XTuner-style typo
+  with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
+    validate(good)
+  del good.optim["learning_rate"]
+  # ConfigDict type-checks assignments; a config built from a plain dict is not checked.
+  with pytest.raises(ConfigError, match="'global_batch_size' must be int"):
+    validate(ConfigDict({**good.to_dict(), "global_batch_size": "8"}))
+
+
+def test_load_from_config_json_must_match_recipe(good, tmp_path):
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  fields = {k: v for k, v in presets.qwen3_tiny().items() if k != "type"}
+  (hf / "config.json").write_text(json.dumps({**fields, "num_hidden_layers": 3}))
+  good.load_from = str(hf)
+  with pytest.raises(ConfigError, match="model.num_hidden_layers: recipe 2 vs config.json 3"):
+    validate(good)
+
+
+def test_mesh_shape_resolves_minus_one(good):
+  good.mesh.tensor = 2
+  assert mesh_shape(good, 8) == dict(data=1, fsdp=4, tensor=2, expert=1)
+  good.mesh.tensor = 3
+  with pytest.raises(ConfigError, match="cannot be split"):
+    mesh_shape(good, 8)
+
+
+def test_cli_config_error_exits_nonzero_and_writes_nothing(tmp_path):
+  work = tmp_path / "work"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxtune.main", f"--config={REPO}/configs/sft_mini.py",
+       "--config.data.sample_max_length=100000", f"--config.work_dir={work}"],
+      capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "data.sample_max_length (100000) must be <= data.pack_max_length" in proc.stderr
+  assert not work.exists()
+
+
+def test_cli_rejects_unknown_override(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxtune.main", f"--config={REPO}/configs/sft_mini.py",
+       "--config.optim.learning_rate=0.1"],
+      capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300,
+      cwd=tmp_path)
+  assert proc.returncode != 0
+  assert "learning_rate" in proc.stderr
