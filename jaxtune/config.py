@@ -54,11 +54,11 @@ def base_config() -> ConfigDict:
   c.param_dtype = "float32"            # master weights
   c.compute_dtype = "bfloat16"         # 'float32' gives exact parity with the reference on CPU
   c.remat = "full"                     # full | none: recompute each layer in the backward pass
-  c.attention = "xla"                  # xla | cudnn
+  c.attention = "auto"                 # auto (cudnn on GPU, else xla) | xla | cudnn
 
   c.global_batch_size = 8              # packed rows per optimizer step, all ranks
-  c.epoch_num = config_dict.placeholder(int)
-  c.total_steps = config_dict.placeholder(int)
+  c.epoch_num = config_dict.placeholder(int)    # exactly one of these two; on the command
+  c.total_steps = config_dict.placeholder(int)  # line, 0 unsets one a recipe has set
   c.seed = 42
   c.work_dir = "work_dirs"
   c.checkpoint_interval = -1           # -1 = only at the end
@@ -80,7 +80,7 @@ _CHOICES = {
     "param_dtype": _DTYPES,
     "compute_dtype": _DTYPES,
     "remat": ("full", "none"),
-    "attention": ("xla", "cudnn"),
+    "attention": ("auto", "xla", "cudnn"),
 }
 
 
@@ -168,10 +168,13 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
       raise ConfigError(f"config key '{path}' must be one of {list(allowed)}, "
                         f"got {_get(cfg, path)!r}")
 
+  for key in ("epoch_num", "total_steps"):
+    if cfg[key] == 0:  # flags cannot pass None: 0 unsets a key the recipe set
+      cfg[key] = None
   if (cfg.epoch_num is None) == (cfg.total_steps is None):
     raise ConfigError("set exactly one of 'epoch_num' and 'total_steps' (got "
                       f"epoch_num={cfg.epoch_num}, total_steps={cfg.total_steps}), e.g. "
-                      "--config.epoch_num=1")
+                      "--config.total_steps=100 --config.epoch_num=0 (0 unsets a key)")
   for key in ("epoch_num", "total_steps", "global_batch_size"):
     if cfg[key] is not None and cfg[key] <= 0:
       raise ConfigError(f"config key '{key}' must be positive, got {cfg[key]}")
