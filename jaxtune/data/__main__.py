@@ -1,0 +1,102 @@
+"""Inspect a recipe's data without touching an accelerator.
+
+  python -m jaxtune.data --config=configs/<recipe>.py [--config.data.x=...] \\
+      [--show_row=0] [--epoch=0] [--json]
+
+Prints per-dataset sample and token counts after sample_ratio, truncated / dropped / bad
+counts, the pack count and efficiency and the optimizer steps per epoch; `--show_row=K`
+renders packed row K of the epoch's first batches back to text with the loss mask shown:
+text between ⟦ and ⟧ is predicted (carries loss), ┃ separates packed samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")   # never claim an accelerator from here
+
+from absl import app, flags  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+_DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes",
+                               "sft_mini.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_RECIPE,
+                                          "Recipe file defining get_config(arg=None).")
+_ROW = flags.DEFINE_integer("show_row", None, "Render this packed row of the epoch (0-based, "
+                            "in training order) with its loss mask.")
+_EPOCH = flags.DEFINE_integer("epoch", 0, "Epoch whose order --show_row follows.")
+_JSON = flags.DEFINE_bool("json", False, "Print the statistics as JSON.")
+
+
+def render_row(batch: dict, row: int, decode) -> str:
+  """Row `row` of a batch as text: ⟦predicted⟧ tokens, ┃ between samples, padding counted."""
+  ids, labels = batch["input_ids"][row], batch["labels"][row]
+  seg = batch["segment_ids"][row]
+  out = []
+  for s in range(1, int(seg.max()) + 1):
+    at = [int(i) for i in (seg == s).nonzero()[0]]
+    # Token t is predicted when the label of t-1 (its target) is not -100.
+    target = [False] + [labels[i] != -100 for i in at[:-1]]
+    runs, start = [], 0
+    for k in range(1, len(at) + 1):
+      if k == len(at) or target[k] != target[start]:
+        text = decode([ids[i] for i in at[start:k]])
+        runs.append(f"⟦{text}⟧" if target[start] else text)
+        start = k
+    out.append(f"┃ sample {s}: {len(at)} tokens, {sum(target)} with loss, positions "
+               f"{batch['positions'][row][at[0]]}..{batch['positions'][row][at[-1]]}\n"
+               + "".join(runs))
+  pad = int((seg == 0).sum())
+  out.append(f"┃ padding: {pad} tokens")
+  return "\n".join(out)
+
+
+def format_stats(stats: dict) -> str:
+  cols = ("samples", "tokens", "loss_tokens", "truncated", "dropped_image_cut", "bad",
+          "image_samples")
+  lines = [f"{'dataset':<24}" + "".join(f"{c:>18}" for c in cols)]
+  for name, d in stats["datasets"].items():
+    lines.append(f"{name:<24}" + "".join(f"{d[c]:>18,}" for c in cols))
+    for loc in d["bad_locations"]:
+      lines.append(f"    bad: {loc}")
+  lines.append(
+      f"\npack_level={stats['pack_level']} pack_max_length={stats['pack_max_length']}: "
+      f"{stats['packs']:,} packs, efficiency {stats['pack_efficiency']:.4f}\n"
+      f"global_batch_size={stats['rows_per_step']}: {stats['steps_per_epoch']:,} optimizer "
+      f"steps per epoch ({stats['packs_dropped_per_epoch']} pack(s) of the last incomplete "
+      "batch left out each epoch)")
+  return "\n".join(lines)
+
+
+def main(argv) -> None:
+  del argv
+  # pylint: disable=import-outside-toplevel
+  from jaxtune.config import ConfigError, validate
+  from jaxtune.data.pipeline import SFTData
+  from jaxtune.data.sources import DataError
+  try:
+    cfg = validate(_CONFIG.value)
+    data = SFTData(cfg.data, cfg.tokenizer_path, global_batch_size=cfg.global_batch_size,
+                   allow_images=True)
+  except (ConfigError, DataError) as e:
+    print(f"jaxtune.data: {e}", file=sys.stderr)
+    sys.exit(2)
+  if _JSON.value:
+    print(json.dumps(data.stats, indent=2))
+  else:
+    print(format_stats(data.stats))
+  if _ROW.value is not None:
+    step, row = divmod(_ROW.value, data.rows)
+    if step >= data.steps_per_epoch:
+      print(f"jaxtune.data: row {_ROW.value} is beyond the epoch's "
+            f"{data.steps_per_epoch * data.rows} rows", file=sys.stderr)
+      sys.exit(2)
+    batch = data.batch(_EPOCH.value, step)
+    print(f"\nepoch {_EPOCH.value}, step {step}, row {row}:")
+    print(render_row(batch, row, data.encoder.decode))
+
+
+if __name__ == "__main__":
+  app.run(main)

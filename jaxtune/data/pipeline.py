@@ -1,0 +1,378 @@
+"""The data the trainer consumes: `SFTData(data_cfg, tokenizer, global_batch_size=...)`.
+
+Start-up (once): index the JSONL lines of every dataset, apply `sample_ratio`, mix all datasets
+into one order shuffled with `data.seed`, take this host's share of it, tokenize each needed
+line once (worker processes; `cache_dir` reuses earlier results), truncate, and pack.
+
+Iteration: packs are reshuffled every epoch with (seed, epoch); step k of an epoch is packs
+order[k*R:(k+1)*R] (R = this host's rows), so `batches(epoch, start_step)` seeks in O(1) and a
+resumed run sees exactly the batches of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from jaxtune.data import cache as cache_lib
+from jaxtune.data import encoding, packing, sources, templates
+from jaxtune.data.cache import TokenCache
+from jaxtune.data.sources import DataError, DatasetSpec
+from jaxtune.data.tokenizer import ENDOFTEXT, TokenEncoder, tokenizer_dir
+
+if TYPE_CHECKING:
+  import grain
+
+log = logging.getLogger(__name__)
+_SHOWN_LOCATIONS = 5
+
+
+def make_encoder(tokenizer: Any) -> TokenEncoder:
+  """A TokenEncoder from a tokenizer directory, a HF tokenizer loaded from one, or itself."""
+  if isinstance(tokenizer, TokenEncoder):
+    return tokenizer
+  path = tokenizer if isinstance(tokenizer, str) else tokenizer_dir(tokenizer)
+  if path is None:
+    raise ValueError("cannot find the tokenizer's directory (tokenizer.json); pass the "
+                     "tokenizer path or a tokenizer loaded with load_tokenizer(path)")
+  return TokenEncoder(path)
+
+
+def _rng(*key: int) -> np.random.Generator:
+  return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+class SFTData:
+  """Packed, shuffled, sharded SFT batches. See the module docstring."""
+
+  def __init__(self, data_cfg, tokenizer, *, global_batch_size: int, process_index: int = 0,
+               process_count: int = 1,
+               allgather: Callable[[int], Sequence[int]] | None = None,
+               allow_images: bool = False):
+    self.encoder = make_encoder(tokenizer)
+    self.seed = int(data_cfg.get("seed", 42))
+    self.pack_len = int(data_cfg.get("pack_max_length", 4096))
+    self.level = str(data_cfg.get("pack_level", "soft"))
+    self.level = "soft" if self.level == "expand_soft" else self.level
+    if self.level not in packing.LEVELS:
+      raise ValueError(f"data.pack_level must be one of {list(packing.LEVELS)}, got "
+                       f"'{self.level}'")
+    self.default_max_len = int(data_cfg.get("sample_max_length", 2048))
+    self.skip_bad = bool(data_cfg.get("skip_bad_samples", False))
+    self.buffer = int(data_cfg.get("pack_buffer_size", 100))
+    self.prefetch = int(data_cfg.get("prefetch", 2))
+    self.allow_images = allow_images
+    self.process_index, self.process_count = int(process_index), int(process_count)
+    if global_batch_size % process_count:
+      raise ValueError(f"global_batch_size ({global_batch_size}) must be a multiple of the "
+                       f"process count ({process_count})")
+    self.global_batch_size = int(global_batch_size)
+    self.rows = global_batch_size // process_count
+    self.pad_id = self.encoder.added.get(ENDOFTEXT, 0)
+    self.specs = [DatasetSpec.from_config(d, i) for i, d in enumerate(data_cfg.get("datasets"))]
+    if not self.specs:
+      raise DataError("data.datasets is empty: add at least one dataset")
+    self.num_workers = encoding.resolve_workers(int(data_cfg.get("num_workers", 0)))
+    self.cache = TokenCache(data_cfg.get("cache_dir"), self.encoder)
+    self.opts = [sources.ParseOptions(s.media_root, int(data_cfg.get("min_dynamic_patch", 1)),
+                                      int(data_cfg.get("max_dynamic_patch", 12)))
+                 for s in self.specs]
+    self._build()
+    self.steps_per_epoch = self._agree_steps(allgather)
+    self._finish_stats()
+
+  # ---------------------------------------------------------------- start-up
+  def _build(self) -> None:
+    clock = _Clock()
+    paths = [sources.list_jsonl(spec.anno_path, spec.name) for spec in self.specs]
+    for spec in self.specs:
+      templates.get_template(spec.chat_template)
+    with encoding.EncoderPool(self.encoder, self.num_workers) as pool:
+      # Without a cache, tokenizing is certain: let the workers start while files are read.
+      if not self.cache.enabled and sum(os.path.getsize(p) for ps in paths for p in ps) \
+          >= encoding.MIN_BYTES_FOR_WORKERS:
+        pool.start()
+      files = [[sources.SourceFile.read(p) for p in ps] for ps in paths]
+      ds_lines = [sum(len(s) for s in srcs) for srcs in files]
+      for spec, n in zip(self.specs, ds_lines):
+        if n == 0:
+          raise DataError(f"dataset '{spec.name}': {spec.anno_path} holds no samples "
+                          "(every line is blank)")
+      occ_ds, occ_line = self._occurrences(ds_lines)
+      clock.lap("read")
+      # Unique lines this host needs; each is tokenized once however often it repeats.
+      key = occ_ds * (1 << 40) + occ_line
+      uniq, occ_uid = np.unique(key, return_inverse=True)
+      u_ds, u_line = uniq >> 40, uniq & ((1 << 40) - 1)
+      tokens, lengths, loss, images, bad = self._encode(pool, files, u_ds, u_line)
+    clock.lap("tokenize")
+    if bad and not self.skip_bad:
+      raise DataError(bad[0][1] + (f" (and {len(bad) - 1} more bad line(s); set "
+                                   "data.skip_bad_samples=True to skip them)"
+                                   if len(bad) > 1 else ""))
+    starts = np.cumsum(lengths) - lengths
+
+    # Truncation (per dataset limit) and bookkeeping per occurrence.
+    limits = np.array([min(s.sample_max_length or self.default_max_len, self.pack_len)
+                       for s in self.specs], np.int64)
+    full = lengths[occ_uid]
+    keep = full > 0                                   # bad lines are skipped
+    cut = np.minimum(full, limits[occ_ds])
+    truncated = keep & (full > cut)
+    occ_loss = loss[occ_uid]
+    if truncated.any():                               # labels left after the cut
+      first = starts[occ_uid[truncated]]
+      occ_loss[truncated] = encoding.range_sums(tokens >= encoding.TRAINED_BIT, first + 1,
+                                                first + cut[truncated])
+    dropped = self._image_drops(tokens, starts, occ_uid, cut, truncated & (images[occ_uid] > 0))
+    keep &= ~dropped
+    self._samples = occ_uid[keep]                     # packed sample -> unique sample
+    self._lengths = cut[keep]
+    self._sample_ds = occ_ds[keep]
+    self._tokens, self._starts = tokens, starts
+    self._images = np.bincount(occ_ds[keep & (images[occ_uid] > 0)], minlength=len(self.specs))
+    if self._images.any() and not self.allow_images:
+      names = [s.name for s, n in zip(self.specs, self._images) if n]
+      raise DataError(f"dataset(s) {names} hold samples with images; SFTData builds text "
+                      "batches and does not load pixels (that is the image pipeline's job).")
+    clock.lap("truncate")
+    self.plan = packing.make_plan(self.level, self._lengths, self.pack_len, self.buffer)
+    clock.lap("pack")
+    digest = hashlib.sha1(self.encoder.fingerprint.encode())
+    for arr in (self._samples, self._lengths, self.plan.sample, self.plan.length):
+      digest.update(np.ascontiguousarray(arr).tobytes())
+    self.data_hash = digest.hexdigest()[:16]
+    self._record_stats(files, ds_lines, occ_ds, keep, truncated, dropped, occ_loss, bad, u_ds)
+    clock.lap("stats")
+    self.stats["startup_seconds"] = clock.laps
+
+  def _occurrences(self, ds_lines: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(dataset, line) of this host's samples after sample_ratio, mixed with data.seed."""
+    occ_ds, occ_line = [], []
+    for d, spec in enumerate(self.specs):
+      sel = sources.ratio_indices(ds_lines[d], spec.sample_ratio, _rng(self.seed, d, 1))
+      if len(sel) == 0:
+        raise DataError(f"dataset '{spec.name}': sample_ratio {spec.sample_ratio} of "
+                        f"{ds_lines[d]} samples leaves none")
+      occ_ds.append(np.full(len(sel), d, np.int64))
+      occ_line.append(sel)
+    occ_ds, occ_line = np.concatenate(occ_ds), np.concatenate(occ_line)
+    order = _rng(self.seed, 0).permutation(len(occ_ds))
+    mine = order[self.process_index::self.process_count]
+    return occ_ds[mine], occ_line[mine]
+
+  def _encode(self, pool, files, u_ds, u_line):
+    """Tokens of the unique lines, in order: flat store, lengths, loss, images, bad list."""
+    slots, tasks = [], []
+    for d in np.unique(u_ds):
+      at = np.flatnonzero(u_ds == d)
+      bounds = np.cumsum([0] + [len(s) for s in files[d]])
+      f_of = np.searchsorted(bounds, u_line[at], side="right") - 1
+      job = encoding.EncodeJob(self.specs[d].chat_template, self.opts[d])
+      for f in np.unique(f_of):
+        src, pos = files[d][f], at[f_of == f]
+        local = u_line[pos] - bounds[f]
+        entry = self.cache.load(src, job)
+        if entry is not None and entry.covers(local):
+          slots.append((d, src, job, pos, local, entry, None))
+          continue
+        # With a cache, encode the whole file, so that any ratio, seed or host reuses it.
+        need = np.arange(len(src)) if self.cache.enabled else local
+        spans = np.stack([src.starts[need], src.ends[need]], axis=1)
+        chunk = max(256, min(2048, len(need) // (4 * self.num_workers) + 1))
+        first = len(tasks)
+        tasks.extend(encoding.split_tasks(job, src.path, spans, chunk))
+        slots.append((d, src, job, pos, local, need, (first, len(tasks))))
+    chunks = pool.run(tasks) if tasks else []
+
+    parts, bad = [], []
+    for d, src, job, pos, local, entry, task_range in slots:
+      if task_range is not None:
+        entry = cache_lib.entry_from_chunks(entry, chunks[task_range[0]:task_range[1]])
+        self.cache.store(src, job, entry)
+      parts.append(entry.select(local))
+      for p, l in zip(pos.tolist(), local.tolist()):
+        if l in entry.bad:
+          where = sources.where(src.path, int(src.lineno[l]), self.specs[d].name)
+          bad.append((p, f"{where}: {entry.bad[l]}"))
+    tokens = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+    lengths, loss, images = (np.concatenate([p[k] for p in parts]).astype(np.int64)
+                             for k in (1, 2, 3))
+    return tokens, lengths, loss, images, sorted(bad)
+
+  def _image_drops(self, tokens, starts, occ_uid, cut, candidates) -> np.ndarray:
+    """Truncated multimodal samples whose image tokens would be cut are dropped instead."""
+    dropped = np.zeros(len(occ_uid), bool)
+    img = self.encoder.added.get(templates.IMG_CONTEXT)
+    for k in np.flatnonzero(candidates):
+      u = occ_uid[k]
+      end = starts[u + 1] if u + 1 < len(starts) else len(tokens)
+      dropped[k] = bool(((tokens[starts[u] + cut[k]:end] & encoding.ID_MASK) == img).any())
+    return dropped
+
+  def _agree_steps(self, allgather) -> int:
+    local = self.plan.num_packs // self.rows
+    if self.process_count == 1:
+      return local
+    if allgather is None:
+      allgather = _jax_allgather(self.process_count)
+    return int(min(allgather(local)))
+
+  # ---------------------------------------------------------------- stats
+  def _record_stats(self, files, ds_lines, occ_ds, keep, truncated, dropped, occ_loss, bad,
+                    u_ds) -> None:
+    loss = occ_loss[keep]
+    per_ds = {}
+    for d, spec in enumerate(self.specs):
+      mask_ds = self._sample_ds == d
+      bad_ds = [m for p, m in bad if u_ds[p] == d]
+      entry = dict(
+          files=len(files[d]), lines=ds_lines[d], sample_ratio=spec.sample_ratio,
+          samples=int((occ_ds == d).sum()), packed_samples=int(mask_ds.sum()),
+          tokens=int(self._lengths[mask_ds].sum()), loss_tokens=int(loss[mask_ds].sum()),
+          truncated=int((truncated & (occ_ds == d)).sum()),
+          image_samples=int(self._images[d]),
+          dropped_image_cut=int((dropped & (occ_ds == d)).sum()),
+          bad=int(((~keep) & ~dropped & (occ_ds == d)).sum()), bad_lines=len(bad_ds),
+          bad_locations=bad_ds[:_SHOWN_LOCATIONS],
+          sample_max_length=int(min(spec.sample_max_length or self.default_max_len,
+                                    self.pack_len)))
+      per_ds[spec.name] = entry
+      if entry["truncated"]:
+        log.warning("dataset '%s': %d sample(s) longer than %d tokens were truncated",
+                    spec.name, entry["truncated"], entry["sample_max_length"])
+      if entry["dropped_image_cut"]:
+        log.warning("dataset '%s': %d multimodal sample(s) dropped: truncation would cut "
+                    "their image tokens", spec.name, entry["dropped_image_cut"])
+      if bad_ds:
+        log.warning("dataset '%s': skipped %d bad line(s) (skip_bad_samples=True), first: %s",
+                    spec.name, len(bad_ds), "; ".join(bad_ds[:_SHOWN_LOCATIONS]))
+    self.stats: dict[str, Any] = {"datasets": per_ds}
+
+  def _finish_stats(self) -> None:
+    tokens = int(self.plan.pack_tokens().sum())
+    packs = self.plan.num_packs
+    used = self.steps_per_epoch * self.rows
+    self.stats.update(
+        pack_level=self.level, pack_max_length=self.pack_len, packs=packs,
+        pack_efficiency=tokens / max(1, packs * self.pack_len),
+        steps_per_epoch=self.steps_per_epoch, rows_per_step=self.global_batch_size,
+        rows_per_host=self.rows, packs_dropped_per_epoch=packs - used,
+        process_index=self.process_index, process_count=self.process_count)
+    if packs - used:
+      log.info("data: %d pack(s) per epoch left out (the last incomplete batch of %d rows is "
+               "dropped; which ones changes every epoch)", packs - used, self.rows)
+    if self.steps_per_epoch == 0:
+      raise DataError(f"only {packs} pack(s) of {self.pack_len} tokens on this host but "
+                      f"{self.rows} rows per step: an epoch has no full batch. Add data, "
+                      "raise sample_ratio or lower global_batch_size / pack_max_length.")
+
+  # ---------------------------------------------------------------- iteration
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    return _rng(self.seed, 2, epoch).permutation(self.plan.num_packs)
+
+  def batch(self, epoch: int, step: int, order: np.ndarray | None = None) -> dict[str,
+                                                                                  np.ndarray]:
+    if not 0 <= step < self.steps_per_epoch:
+      raise IndexError(f"step {step} outside epoch of {self.steps_per_epoch} steps")
+    order = self.epoch_order(epoch) if order is None else order
+    packs = order[step * self.rows:(step + 1) * self.rows]
+    return packing.build_rows(self.plan, packs, self._tokens, self._starts[self._samples],
+                              self.pack_len, self.pad_id)
+
+  def grain_dataset(self, epoch: int) -> "grain.MapDataset":
+    """Epoch `epoch` as a random-access Grain dataset: element k is the batch of step k."""
+    import grain  # pylint: disable=import-outside-toplevel
+    order = self.epoch_order(epoch)
+    return grain.MapDataset.range(self.steps_per_epoch).map(
+        functools.partial(self._batch_at, epoch, order))
+
+  def _batch_at(self, epoch: int, order: np.ndarray, step: int) -> dict[str, np.ndarray]:
+    return self.batch(epoch, int(step), order)
+
+  def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """This host's rows of every global batch of `epoch`, from `start_step` on.
+
+    Batches are built ahead by a Grain prefetch thread (data.prefetch batches, default 2;
+    0 builds each one on demand), so the next batch is ready when the step ends.
+    """
+    if not 0 <= start_step <= self.steps_per_epoch:
+      raise IndexError(f"start_step {start_step} outside epoch of {self.steps_per_epoch} steps")
+    if start_step == self.steps_per_epoch:
+      return iter(())
+    if self.prefetch <= 0:
+      order = self.epoch_order(epoch)
+      return (self.batch(epoch, k, order) for k in range(start_step, self.steps_per_epoch))
+    import grain  # pylint: disable=import-outside-toplevel
+    ds = self.grain_dataset(epoch)[start_step:]
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                     prefetch_buffer_size=self.prefetch)))
+
+  def iterator(self, epoch: int = 0, step: int = 0) -> "DataIterator":
+    return DataIterator(self, epoch, step)
+
+  def signature(self) -> dict[str, Any]:
+    """What a checkpointed position is only valid for."""
+    return dict(seed=self.seed, packs=self.plan.num_packs, pack_max_length=self.pack_len,
+                pack_level=self.level, rows=self.rows, process_count=self.process_count,
+                steps_per_epoch=self.steps_per_epoch, data_hash=self.data_hash)
+
+
+class DataIterator:
+  """Endless iterator over epochs; its state (epoch, step) goes into the checkpoint."""
+
+  def __init__(self, data: SFTData, epoch: int = 0, step: int = 0):
+    self.data, self.epoch, self.step = data, epoch, step
+    self._it = None
+
+  def __iter__(self) -> "DataIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.step >= self.data.steps_per_epoch:
+      self.epoch, self.step, self._it = self.epoch + 1, 0, None
+    if self._it is None:
+      self._it = self.data.batches(self.epoch, self.step)
+    batch = next(self._it)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable: the position of the next batch and what it is valid for."""
+    return dict(epoch=self.epoch, step=self.step, **self.data.signature())
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    mine = self.data.signature()
+    diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+    if diff:
+      raise DataError("the checkpoint's data position does not match this data pipeline "
+                      f"(saved vs now: {diff}); resuming would not see the same batches. "
+                      "Use the same data, data config, tokenizer and host count.")
+    self.epoch, self.step, self._it = int(state["epoch"]), int(state["step"]), None
+
+
+class _Clock:
+  def __init__(self):
+    self.laps: dict[str, float] = {}
+    self._t = time.perf_counter()
+
+  def lap(self, name: str) -> None:
+    now = time.perf_counter()
+    self.laps[name] = round(now - self._t, 3)
+    self._t = now
+
+
+def _jax_allgather(count: int) -> Callable[[int], Sequence[int]]:
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  if jax.process_count() != count:
+    raise ValueError(f"process_count={count} but JAX runs {jax.process_count()} process(es); "
+                     "pass allgather= to agree on the epoch length without JAX")
+  return lambda n: [int(x) for x in np.asarray(
+      multihost_utils.process_allgather(np.asarray([n], np.int64))).reshape(-1)]

@@ -1,0 +1,237 @@
+"""JSONL sources: finding files, indexing lines, `sample_ratio`, and validating samples.
+
+A line is one sample: a list of OpenAI-style messages, an object with `messages` (optionally
+`id`, `tools`), or a pretraining line `{"content": "..."}` (`"text"` works too). Every problem
+is a `DataError` that names `file:line`, the dataset and what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+try:  # orjson parses ~3x faster; the standard library gives the same objects
+  from orjson import loads as _loads
+except ImportError:
+  from json import loads as _loads
+
+from jaxtune.data import images
+from jaxtune.data.templates import IMG_CONTEXT, ROLES, Message
+
+
+class DataError(ValueError):
+  """Bad training data; the message names the file, line and dataset."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  name: str
+  anno_path: str
+  sample_ratio: float = 1.0
+  media_root: str = ""
+  chat_template: str = "qwen3"
+  sample_max_length: int | None = None
+
+  @classmethod
+  def from_config(cls, entry: Any, index: int) -> "DatasetSpec":
+    entry = dict(entry)
+    if "anno_path" not in entry:
+      raise DataError(f"data.datasets[{index}] has no 'anno_path'")
+    return cls(name=str(entry.get("name") or f"dataset{index}"), anno_path=entry["anno_path"],
+               sample_ratio=float(entry.get("sample_ratio", 1.0)),
+               media_root=entry.get("media_root") or "",
+               chat_template=entry.get("chat_template") or "qwen3",
+               sample_max_length=entry.get("sample_max_length"))
+
+
+def list_jsonl(anno_path: str, dataset: str) -> list[str]:
+  """`anno_path` itself, or every *.jsonl below the folder (recursively, sorted)."""
+  if os.path.isfile(anno_path):
+    return [anno_path]
+  if not os.path.isdir(anno_path):
+    raise DataError(f"dataset '{dataset}': anno_path '{anno_path}' does not exist")
+  found = []
+  for root, dirs, files in os.walk(anno_path, followlinks=True):
+    dirs.sort()
+    found.extend(os.path.join(root, f) for f in files if f.endswith(".jsonl"))
+  if not found:
+    raise DataError(f"dataset '{dataset}': folder '{anno_path}' holds no *.jsonl file")
+  return sorted(found)
+
+
+@dataclasses.dataclass
+class SourceFile:
+  """A JSONL file's non-blank lines: byte spans and 1-based line numbers."""
+  path: str
+  data: bytes
+  starts: np.ndarray   # int64
+  ends: np.ndarray     # int64
+  lineno: np.ndarray   # int64, 1-based
+  content_hash: str | None = None
+
+  @classmethod
+  def read(cls, path: str) -> "SourceFile":
+    with open(path, "rb") as f:
+      data = f.read()
+    nl = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+    starts = np.concatenate([[0], nl + 1]).astype(np.int64)
+    ends = np.concatenate([nl, [len(data)]]).astype(np.int64)
+    # Blank lines are not samples; everything else is one, even if it fails to parse. Only
+    # lines that start with whitespace need a closer look.
+    raw = np.frombuffer(data, dtype=np.uint8)
+    keep = ends > starts
+    first = raw[np.minimum(starts, max(len(raw) - 1, 0))] if len(raw) else np.zeros(0, np.uint8)
+    unsure = keep & np.isin(first, np.frombuffer(b" \t\r\x0b\x0c", np.uint8))
+    for i in np.flatnonzero(unsure):
+      keep[i] = bool(data[starts[i]:ends[i]].strip())
+    return cls(path, data, starts[keep], ends[keep], np.flatnonzero(keep) + 1)
+
+  def __len__(self) -> int:
+    return len(self.starts)
+
+  def line(self, i: int) -> bytes:
+    return self.data[self.starts[i]:self.ends[i]]
+
+
+def ratio_indices(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+  """XTuner's sample_ratio: target int(n * ratio); the integer part repeats every sample, the
+  fractional remainder is a seeded subset without replacement (below 1 it subsamples)."""
+  target = int(n * ratio)
+  whole, rest = divmod(target, n) if n else (0, 0)
+  extra = np.sort(rng.choice(n, size=rest, replace=False)) if rest else np.zeros(0, np.int64)
+  return np.concatenate([np.tile(np.arange(n, dtype=np.int64), whole), extra.astype(np.int64)])
+
+
+@dataclasses.dataclass(frozen=True)
+class ParseOptions:
+  media_root: str = ""
+  min_dynamic_patch: int = 1
+  max_dynamic_patch: int = 12
+
+
+def _text_of(content: Any, what: str) -> tuple[str, list[dict]]:
+  """(text, image parts) of a message's content."""
+  if isinstance(content, str):
+    return content, []
+  if not isinstance(content, list):
+    raise ValueError(f"{what}: content must be a string or a list of parts, got "
+                     f"{type(content).__name__}")
+  texts, imgs = [], []
+  for k, part in enumerate(content):
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+      texts.append(part["text"])
+    elif kind == "image_url" and isinstance(part.get("image_url"), dict) \
+        and isinstance(part["image_url"].get("url"), str):
+      imgs.append(part["image_url"])
+    else:
+      raise ValueError(f"{what}: content part {k} must be {{'type': 'text', 'text': str}} or "
+                       f"{{'type': 'image_url', 'image_url': {{'url': str}}}}, got {part!r:.80}")
+  return "".join(texts), imgs
+
+
+def _tool_calls_text(calls: Any, what: str) -> str:
+  """Qwen3's rendering of an assistant's `tool_calls`."""
+  if not isinstance(calls, list):
+    raise ValueError(f"{what}: tool_calls must be a list")
+  out = []
+  for call in calls:
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+      raise ValueError(f"{what}: each tool call needs a function name, got {call!r:.80}")
+    args = fn.get("arguments", {})
+    args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    out.append(f'<tool_call>\n{{"name": "{fn["name"]}", "arguments": {args}}}\n</tool_call>')
+  return "\n".join(out)
+
+
+_PLAIN_ROLES = frozenset(ROLES)
+
+
+def parse_sample(obj: Any, opts: ParseOptions) -> tuple[list[Message], list | None]:
+  """Validated messages and tools of one decoded JSON line; ValueError says what is wrong."""
+  tools = None
+  if isinstance(obj, dict):
+    if "messages" in obj:
+      tools, obj = obj.get("tools"), obj["messages"]
+    elif isinstance(obj.get("content", obj.get("text")), str):
+      return [Message("pretrain", obj.get("content", obj.get("text")))], None
+    else:
+      raise ValueError("no 'messages' (and no pretraining 'content'): expected a list of "
+                       "messages, {\"messages\": [...]} or {\"content\": \"...\"}")
+  if not isinstance(obj, list) or not obj:
+    raise ValueError(f"messages must be a non-empty list, got {type(obj).__name__}")
+  if tools is not None and not isinstance(tools, list):
+    raise ValueError("'tools' must be a list of function schemas")
+
+  messages, image_refs, n_placeholders = [], [], []
+  for i, m in enumerate(obj):
+    if type(m) is dict and len(m) == 2 and type(m.get("content")) is str \
+        and m.get("role") in _PLAIN_ROLES:
+      # The common case (role + string content, nothing else): no further checks needed.
+      text = m["content"]
+      messages.append(Message(m["role"], text))
+      n_placeholders.append(text.count(IMG_CONTEXT) if IMG_CONTEXT in text else 0)
+      continue
+    if not isinstance(m, dict):
+      raise ValueError(f"message {i} must be an object with 'role' and 'content', got "
+                       f"{type(m).__name__}")
+    role = m.get("role")
+    what = f"message {i} ({role})"
+    if role not in ROLES:
+      raise ValueError(f"message {i}: unknown role {role!r}; expected one of {list(ROLES)}")
+    content = m.get("content")
+    if content is None and role == "assistant" and m.get("tool_calls"):
+      content = ""
+    text, imgs = _text_of(content, what)
+    if role == "assistant" and m.get("tool_calls"):
+      calls = _tool_calls_text(m["tool_calls"], what)
+      text = text + "\n" + calls if text else calls
+    loss = m.get("loss")
+    if loss is not None and not isinstance(loss, bool):
+      raise ValueError(f"{what}: 'loss' must be true or false, got {loss!r}")
+    image_refs.extend(imgs)
+    n_placeholders.append(text.count(IMG_CONTEXT))
+    messages.append(Message(role, text, loss))
+
+  total = sum(n_placeholders)
+  if total != len(image_refs):
+    raise ValueError(f"{total} {IMG_CONTEXT} placeholder(s) but {len(image_refs)} image(s); "
+                     "the text needs exactly one placeholder per image, in order")
+  if image_refs:
+    counts = _image_token_counts(image_refs, opts)
+    k = 0
+    for i, n in enumerate(n_placeholders):
+      if n:
+        messages[i] = messages[i]._replace(image_tokens=tuple(counts[k:k + n]))
+        k += n
+  return messages, tools
+
+
+def _image_token_counts(refs: list[dict], opts: ParseOptions) -> list[int]:
+  counts = []
+  for ref in refs:
+    wh = ref.get("image_wh")
+    if wh is None:
+      wh = images.image_size(os.path.join(opts.media_root, ref["url"]))
+    elif (not isinstance(wh, (list, tuple)) or len(wh) != 2
+          or not all(isinstance(v, int) and v > 0 for v in wh)):
+      raise ValueError(f"image '{ref['url']}': image_wh must be [width, height], got {wh!r}")
+    counts.append(images.image_tokens(wh[0], wh[1], len(refs), opts.min_dynamic_patch,
+                                      opts.max_dynamic_patch))
+  return counts
+
+
+def decode_line(raw: bytes) -> Any:
+  try:
+    return _loads(raw)
+  except (UnicodeDecodeError, ValueError) as e:  # orjson.JSONDecodeError is a ValueError
+    raise ValueError(f"not valid JSON ({e}): {raw[:80]!r}") from None
+
+
+def where(path: str, lineno: int, dataset: str) -> str:
+  return f"{path}:{lineno} (dataset '{dataset}')"

@@ -1,0 +1,188 @@
+"""Chat templates and the loss mask, as XTuner v1 renders them.
+
+Each message is rendered by the template into one piece of text, encoded on its own (no special
+tokens added) and the pieces are concatenated. A piece is trained or not as a whole:
+
+  qwen3      system     `<|im_start|>system\\n{system}<|im_end|>\\n`                      untrained
+             user       `<|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n`   untrained
+             assistant  `{assistant}<|im_end|>`                                          trained
+             separator  `\\n` after every assistant turn                                  untrained
+             tool       `<|im_start|>user\\n<tool_response>\\n{tool}\\n</tool_response>`
+                        `<|im_end|>\\n<|im_start|>assistant\\n` (Qwen3's tool turn)        untrained
+             pretrain   `{text}<|endoftext|>`                                            trained
+  intern-s1  the same, plus a default system prompt when the first message is not a system
+             one, and each `<IMG_CONTEXT>` placeholder expanded to
+             `<img>` + `<IMG_CONTEXT>` x N + `</img>` (N = 256 per image tile).
+
+A message's own `loss` field overrides its piece's default (never the separator's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+IMG_CONTEXT = "<IMG_CONTEXT>"
+ROLES = ("system", "user", "assistant", "tool", "pretrain")
+
+
+class Message(NamedTuple):
+  """One validated message. `image_tokens`: <IMG_CONTEXT> count for each image, in order."""
+  role: str
+  text: str
+  loss: bool | None = None
+  image_tokens: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+  name: str
+  system: tuple[str, str]     # (prefix, suffix) around the text
+  user: tuple[str, str]
+  assistant: tuple[str, str]
+  tool: tuple[str, str]
+  pretrain: tuple[str, str]
+  sep: str
+  default_system: str | None = None
+  image_start: str | None = None
+  image_end: str | None = None
+
+  def fingerprint(self) -> str:
+    """Changes whenever anything that shapes the rendered text changes (cache key)."""
+    return hashlib.sha256(repr(self).encode()).hexdigest()[:16]
+
+  def wrap(self, role: str, text: str) -> str:
+    prefix, suffix = getattr(self, role)
+    return prefix + text + suffix
+
+  def wraps(self) -> dict[str, tuple[str, str, bool]]:
+    """role -> (prefix, suffix, trained by default)."""
+    table = self.__dict__.get("_wraps")
+    if table is None:
+      table = {r: (*getattr(self, r), r in ("assistant", "pretrain")) for r in ROLES}
+      object.__setattr__(self, "_wraps", table)  # frozen dataclass: cache by hand
+    return table
+
+
+_CHATML = dict(
+    system=("<|im_start|>system\n", "<|im_end|>\n"),
+    user=("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"),
+    assistant=("", "<|im_end|>"),
+    tool=("<|im_start|>user\n<tool_response>\n",
+          "\n</tool_response><|im_end|>\n<|im_start|>assistant\n"),
+    pretrain=("", "<|endoftext|>"),
+    sep="\n",
+)
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    "qwen3": ChatTemplate(name="qwen3", **_CHATML),
+    "intern-s1": ChatTemplate(
+        name="intern-s1", **_CHATML,
+        default_system="你是书生大模型，英文名是Intern-S1，是由上海人工智能实验室开发的多模态大语言模型。",
+        image_start="<img>", image_end="</img>"),
+}
+
+
+def get_template(name: str) -> ChatTemplate:
+  if name not in TEMPLATES:
+    raise ValueError(f"unknown chat_template '{name}'; choose one of {sorted(TEMPLATES)}")
+  return TEMPLATES[name]
+
+
+# Qwen3's tool-use system prompt (its official chat template's wording).
+_TOOLS_HEAD = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+               "You are provided with function signatures within <tools></tools> XML tags:\n"
+               "<tools>")
+_TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name "
+               "and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+               '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+def tools_prompt(tools: Sequence[Any]) -> str:
+  return _TOOLS_HEAD + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools) + \
+      _TOOLS_TAIL
+
+
+class Piece(NamedTuple):
+  """A rendered piece: text to encode, or (for image tokens) ids given directly."""
+  text: str
+  trained: bool
+  image_tokens: tuple[int, ...] = ()  # when set, `text` holds <IMG_CONTEXT> placeholders
+
+
+def render(messages: Sequence[Message], template: ChatTemplate,
+           tools: Sequence[Any] | None = None) -> list[Piece]:
+  """The pieces of one sample, in order, each with its trained flag."""
+  messages = list(messages)
+  chat = any(m.role != "pretrain" for m in messages)
+  if tools:
+    if messages and messages[0].role == "system":
+      first = messages[0]
+      messages[0] = first._replace(text=first.text + "\n\n" + tools_prompt(tools))
+    elif template.default_system is not None:
+      messages.insert(0, Message("system", template.default_system + "\n\n" +
+                                 tools_prompt(tools), False))
+    else:
+      messages.insert(0, Message("system", tools_prompt(tools), False))
+  elif (chat and template.default_system is not None
+        and (not messages or messages[0].role != "system")):
+    messages.insert(0, Message("system", template.default_system, False))
+
+  wraps = template.wraps()
+  sep = Piece(template.sep, False)
+  pieces = []
+  for m in messages:
+    prefix, suffix, default = wraps[m.role]
+    pieces.append(Piece(prefix + m.text + suffix, default if m.loss is None else m.loss,
+                        m.image_tokens))
+    if m.role == "assistant":
+      pieces.append(sep)
+  return pieces
+
+
+def render_text(messages: Sequence[Message], template: ChatTemplate,
+                tools: Sequence[Any] | None = None) -> str:
+  return "".join(p.text for p in render(messages, template, tools))
+
+
+def encode(pieces: Sequence[Piece], template: ChatTemplate, encoder) -> tuple[list[int],
+                                                                               np.ndarray]:
+  """Token ids and the per-token trained mask (labels before shifting) of rendered pieces."""
+  ids: list[int] = []
+  lengths, flags = [], []
+  for piece in pieces:
+    start = len(ids)
+    if piece.image_tokens:
+      _encode_with_images(piece, template, encoder, ids)
+    else:
+      ids.extend(encoder.encode(piece.text))
+    lengths.append(len(ids) - start)
+    flags.append(piece.trained)
+  return ids, np.repeat(np.asarray(flags, dtype=bool), lengths)
+
+
+def _encode_with_images(piece: Piece, template: ChatTemplate, encoder, ids: list[int]) -> None:
+  """Encodes text around each placeholder and inserts <img> <IMG_CONTEXT> x N </img> ids."""
+  if template.image_start is None:
+    raise ValueError(f"chat_template '{template.name}' has no image tokens; use 'intern-s1' "
+                     "for samples with images")
+  context = encoder.token_id(IMG_CONTEXT)
+  start = encoder.token_id(template.image_start)
+  end = encoder.token_id(template.image_end)
+  parts = piece.text.split(IMG_CONTEXT)
+  for i, part in enumerate(parts):
+    if part:
+      ids.extend(encoder.encode(part))
+    if i < len(piece.image_tokens):
+      ids.append(start)
+      ids.extend([context] * piece.image_tokens[i])
+      ids.append(end)
+
+
+def tokenize(messages: Sequence[Message], template: ChatTemplate, encoder,
+             tools: Sequence[Any] | None = None) -> tuple[list[int], np.ndarray]:
+  return encode(render(messages, template, tools), template, encoder)

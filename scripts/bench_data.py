@@ -1,0 +1,196 @@
+"""Benchmarks the text data pipeline on this machine; prints one JSON object.
+
+  python scripts/bench_data.py [--samples 100000] [--workers 0] [--out bench.json]
+
+Measures, on synthetic but realistic chats (log-normal turn lengths, 1-6 turns, optional
+system prompt; ~565 tokens per sample on average, like XTuner's measurement set) and the real
+Qwen3 tokenizer:
+  - tokenizer_alone: the fast encoder on exactly the message texts the pipeline encodes (same
+    calls, same worker count): the floor for any pipeline;
+  - hf_tokenizer_alone: the HF fast tokenizer's encode_batch on the same texts (reference);
+  - end_to_end: SFTData start-up (read, parse, template, tokenize, truncate, soft-pack) plus
+    iterating every batch of one epoch, in tokens/s;
+  - cold vs cached start with data.cache_dir;
+  - soft-pack efficiency at pack_max_length 16384.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ml_collections import ConfigDict  # pylint: disable=wrong-import-position
+
+from jaxtune.config import dataset  # pylint: disable=wrong-import-position
+from jaxtune.data import encoding, sources, templates  # pylint: disable=wrong-import-position
+from jaxtune.data.pipeline import SFTData  # pylint: disable=wrong-import-position
+from jaxtune.data.tokenizer import (TokenEncoder, build_qwen_tokenizer,  # pylint: disable=wrong-import-position
+                                    load_tokenizer)
+
+WORDS = ("the of and to in is that for it as with was on be by at this are from or have an "
+         "they which one you had not but what all were when we there can been has more if "
+         "will would who so no model data training value function return result example "
+         "because between system through during without number people water during world "
+         "information important different following however another question answer simple "
+         "Python JSON token gradient learning rate batch sequence attention layer").split()
+PUNCT = [".", ",", "?", "!", ":", ";"]
+
+
+def _text(rng: np.random.Generator, n_words: int) -> str:
+  words = rng.choice(WORDS, size=n_words)
+  out = []
+  for k, w in enumerate(words):
+    out.append(w)
+    r = rng.random()
+    if r < 0.08:
+      out.append(PUNCT[int(rng.integers(len(PUNCT)))])
+    elif r < 0.1:
+      out.append(str(int(rng.integers(0, 10000))))
+    elif r < 0.11:
+      out.append("\n\n")
+  text = " ".join(out)
+  if rng.random() < 0.1:
+    text += "\n```python\ndef f(x):\n    return x * 2 + 1\n```\n"
+  return text
+
+
+def make_corpus(path: str, samples: int, seed: int = 0) -> None:
+  rng = np.random.default_rng(seed)
+  with open(path, "w", encoding="utf-8") as f:
+    for i in range(samples):
+      msgs = []
+      if rng.random() < 0.3:
+        msgs.append({"role": "system", "content": _text(rng, int(rng.integers(5, 40)))})
+      for _ in range(int(rng.integers(1, 4))):
+        msgs.append({"role": "user", "content": _text(rng, int(rng.lognormal(3.6, 0.9)) + 3)})
+        msgs.append({"role": "assistant",
+                     "content": _text(rng, int(rng.lognormal(4.72, 0.8)) + 3)})
+      f.write(json.dumps({"id": i, "messages": msgs}) + "\n")
+
+
+def _message_texts(path: str) -> list[list[str]]:
+  """The rendered pieces of every sample: what the pipeline hands to the encoder."""
+  tpl = templates.get_template("qwen3")
+  out = []
+  with open(path, "rb") as f:
+    for line in f:
+      messages, tools = sources.parse_sample(json.loads(line), sources.ParseOptions())
+      out.append([p.text for p in templates.render(messages, tpl, tools)])
+  return out
+
+
+def _encode_pieces(chunk: list[list[str]]) -> int:
+  """Raw tiktoken calls (no memo), one per piece: the tokenizer alone."""
+  enc = encoding._WORKER_ENCODER  # pylint: disable=protected-access
+  return sum(len(enc._encode_bytes(p)) for pieces in chunk for p in pieces) // 4  # pylint: disable=protected-access
+
+
+def tokenizer_alone(tok_dir: str, pieces: list[list[str]], workers: int) -> dict:
+  import concurrent.futures as cf  # pylint: disable=import-outside-toplevel
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+  enc = TokenEncoder(tok_dir)
+  chunks = [pieces[i:i + 2000] for i in range(0, len(pieces), 2000)]
+  ctx = multiprocessing.get_context("spawn")
+  with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=encoding._init_worker,  # pylint: disable=protected-access
+                              initargs=(enc,)) as pool:
+    list(pool.map(_encode_pieces, chunks[:workers]))   # warm the workers up
+    t0 = time.perf_counter()
+    tokens = sum(pool.map(_encode_pieces, chunks))
+    secs = time.perf_counter() - t0
+  return dict(tokens=tokens, seconds=round(secs, 3), tokens_per_sec=round(tokens / secs))
+
+
+def hf_alone(tok_dir: str, pieces: list[list[str]], limit: int = 20000) -> dict:
+  hf = load_tokenizer(tok_dir)
+  flat = [p for ps in pieces[:limit] for p in ps]
+  t0 = time.perf_counter()
+  ids = hf(flat, add_special_tokens=False)["input_ids"]
+  secs = time.perf_counter() - t0
+  tokens = sum(len(x) for x in ids)
+  return dict(samples=min(limit, len(pieces)), tokens=tokens, seconds=round(secs, 3),
+              tokens_per_sec=round(tokens / secs))
+
+
+def end_to_end(tok_dir: str, path: str, workers: int, cache_dir: str | None) -> dict:
+  cfg = ConfigDict(dict(datasets=[dataset("bench", path)], sample_max_length=16384,
+                        pack_max_length=16384, pack_level="soft", num_workers=workers,
+                        cache_dir=cache_dir, seed=42))
+  t0 = time.perf_counter()
+  data = SFTData(cfg, tok_dir, global_batch_size=8)
+  start = time.perf_counter() - t0
+  t1 = time.perf_counter()
+  rows = 0
+  for batch in data.batches(0):
+    rows += batch["input_ids"].shape[0]
+  iterate = time.perf_counter() - t1
+  tokens = data.stats["datasets"]["bench"]["tokens"]
+  return dict(start_seconds=round(start, 3), iterate_seconds=round(iterate, 3),
+              startup_breakdown=data.stats["startup_seconds"],
+              tokens=tokens, tokens_per_sec=round(tokens / (start + iterate)),
+              packs=data.stats["packs"], pack_efficiency=round(data.stats["pack_efficiency"], 4),
+              loss_token_fraction=round(data.stats["datasets"]["bench"]["loss_tokens"] / tokens,
+                                        3),
+              steps_per_epoch=data.steps_per_epoch, rows_iterated=rows,
+              cache_hits=data.cache.hits, cache_misses=data.cache.misses)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--samples", type=int, default=100_000)
+  parser.add_argument("--workers", type=int, default=0, help="0 = the CPUs available")
+  parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxtune-bench"))
+  parser.add_argument("--out", default=None, help="also write the JSON here")
+  args = parser.parse_args()
+  workers = encoding.resolve_workers(args.workers)
+  os.makedirs(args.workdir, exist_ok=True)
+  tok_dir = build_qwen_tokenizer(os.path.join(args.workdir, "qwen3-tokenizer"))
+  path = os.path.join(args.workdir, f"chats-{args.samples}.jsonl")
+  if not os.path.isfile(path):
+    make_corpus(path, args.samples)
+  cache_dir = tempfile.mkdtemp(dir=args.workdir, prefix="cache-")
+
+  # Grain's ~1 s import is a one-time process cost, not pipeline throughput: pay it up front.
+  importlib.import_module("grain")
+  pieces = _message_texts(path)
+  result = dict(samples=args.samples, cpus=encoding.available_cpus(), workers=workers,
+                file_mb=round(os.path.getsize(path) / 2**20, 1),
+                load_average_before=os.getloadavg()[0])
+  result["tokenizer_alone"] = tokenizer_alone(tok_dir, pieces, workers)
+  result["hf_tokenizer_alone"] = hf_alone(tok_dir, pieces)
+  del pieces
+  result["end_to_end"] = end_to_end(tok_dir, path, workers, None)
+  result["cold_start_with_cache"] = end_to_end(tok_dir, path, workers, cache_dir)
+  result["cached_start"] = end_to_end(tok_dir, path, workers, cache_dir)
+  shutil.rmtree(cache_dir, ignore_errors=True)
+  result["load_average_after"] = os.getloadavg()[0]
+  e2e, alone = result["end_to_end"]["tokens_per_sec"], result["tokenizer_alone"][
+      "tokens_per_sec"]
+  result["summary"] = dict(
+      end_to_end_mtok_per_sec=round(e2e / 1e6, 3),
+      tokenizer_alone_mtok_per_sec=round(alone / 1e6, 3),
+      pipeline_overhead=round(alone / e2e - 1, 3),
+      soft_pack_efficiency=result["end_to_end"]["pack_efficiency"],
+      cold_start_seconds=result["cold_start_with_cache"]["start_seconds"],
+      cached_start_seconds=result["cached_start"]["start_seconds"],
+      cached_speedup=round(result["cold_start_with_cache"]["start_seconds"]
+                           / result["cached_start"]["start_seconds"], 1))
+  text = json.dumps(result, indent=2)
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()
