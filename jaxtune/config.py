@@ -44,6 +44,11 @@ def base_config() -> ConfigDict:
   c.data.cache_dir = config_dict.placeholder(str)
   c.data.seed = 42
   c.data.micro_batch_size = 1          # packed rows per data-parallel rank per forward pass
+  c.data.skip_bad_samples = False      # True: skip malformed lines (counted, first few reported)
+  c.data.pack_buffer_size = 100        # soft packing's look-ahead buffer (XTuner: 100)
+  c.data.prefetch = 2                  # packed batches prepared ahead of the step
+  c.data.min_dynamic_patch = 1         # Intern-S1 image tiling: tiles per image, min and max
+  c.data.max_dynamic_patch = 12
 
   c.optim = ConfigDict(dict(lr=6e-5, weight_decay=0.01, betas=(0.9, 0.95), eps=1e-8,
                             max_grad_norm=1.0))
@@ -68,6 +73,13 @@ def base_config() -> ConfigDict:
   c.auto_resume = False
   c.log_interval = 1
   c.progress_bar = True
+  c.resume_from = config_dict.placeholder(str)  # checkpoint step dir, checkpoints dir or run dir
+  c.load_weights_only = False          # with resume_from: params only (new optimizer, schedule)
+  c.eval_datasets = []                 # `dataset(...)` dicts, packed like data.datasets
+  c.eval_interval = -1                 # eval loss every n steps; -1 = only at the end
+  c.max_consecutive_nonfinite = 10     # NaN/Inf steps in a row (each skipped) before stopping
+  c.tensorboard = True                 # TensorBoard event files in <run>/tensorboard
+  c.profile_steps = ()                 # (first, last): JAX profiler trace of those steps
   return c
 
 
@@ -194,8 +206,9 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     raise ConfigError("data.datasets is empty: add at least one "
                       "jaxtune.config.dataset(name=..., anno_path=...) to the recipe.")
   ds_keys = set(dataset("", "").keys())
-  for i, ds in enumerate(cfg.data.datasets):
-    where = f"data.datasets[{i}]"
+  listed = [(f"data.datasets[{i}]", ds) for i, ds in enumerate(cfg.data.datasets)]
+  listed += [(f"eval_datasets[{i}]", ds) for i, ds in enumerate(cfg.eval_datasets)]
+  for where, ds in listed:
     unknown = set(ds) - ds_keys
     if unknown or "anno_path" not in ds:
       raise ConfigError(f"{where} has unknown keys {sorted(unknown)} or no 'anno_path'; "
@@ -207,6 +220,8 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
       raise ConfigError(f"{where}.sample_ratio must be positive, got {ds['sample_ratio']}")
     if ds.get("chat_template", "qwen3") not in ("qwen3", "intern-s1"):
       raise ConfigError(f"{where}.chat_template must be 'qwen3' or 'intern-s1'")
+
+  _check_run_keys(cfg)
 
   if cfg.tokenizer_path is None:
     raise ConfigError("tokenizer_path is not set: point it at a directory holding tokenizer.json "
@@ -224,6 +239,34 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
                         f"data-parallel size x data.micro_batch_size ({dp} x "
                         f"{cfg.data.micro_batch_size} = {rows_per_pass}).")
   return cfg
+
+
+def _check_run_keys(cfg: ConfigDict) -> None:
+  """Checkpoint / export / eval schedules, resume options, the profiler window."""
+  for key in ("checkpoint_interval", "hf_interval", "eval_interval"):
+    if cfg[key] != -1 and cfg[key] <= 0:
+      raise ConfigError(f"config key '{key}' must be a positive step count or -1 (only at the "
+                        f"end), got {cfg[key]}")
+  if cfg.max_consecutive_nonfinite < 1:
+    raise ConfigError("config key 'max_consecutive_nonfinite' must be >= 1, got "
+                      f"{cfg.max_consecutive_nonfinite}")
+  names = [ds.get("name") for ds in cfg.eval_datasets]
+  if len(set(names)) != len(names) or not all(names):
+    raise ConfigError(f"eval_datasets need distinct, non-empty names (they become "
+                      f"eval_loss_<name>), got {names}")
+  steps = tuple(cfg.profile_steps)
+  if steps and (len(steps) != 2 or not all(isinstance(s, int) for s in steps)
+                or not 1 <= steps[0] <= steps[1]):
+    raise ConfigError(f"config key 'profile_steps' must be () or (first, last) with "
+                      f"1 <= first <= last, got {cfg.profile_steps!r}, e.g. "
+                      "--config.profile_steps=(5,7)")
+  if cfg.load_weights_only and not cfg.resume_from:
+    raise ConfigError("load_weights_only=True needs resume_from=<checkpoint> (the weights to "
+                      "load); to start from HF weights use load_from instead.")
+  if cfg.resume_from and not os.path.exists(cfg.resume_from):
+    raise ConfigError(f"resume_from '{cfg.resume_from}' does not exist. Point it at a "
+                      "checkpoint (<run>/checkpoints/<step>), a checkpoints directory or a run "
+                      "directory.")
 
 
 def _check_against_hf_config(cfg: ConfigDict) -> None:

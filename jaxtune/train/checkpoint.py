@@ -1,58 +1,170 @@
-"""Orbax checkpoints of the train state plus a JSON sidecar (progress, data position, config).
+"""Orbax checkpoints of a run: parameters, optimizer state, progress, data position, config.
 
-Orbax writes each step into a temporary directory and renames it when complete, so a crash
-while saving leaves no half-written checkpoint under a step's name. A checkpoint that still
-fails to restore (a damaged disk, files deleted by hand) is skipped with a warning and the
-next older one is tried.
+One checkpoint is `checkpoints/<step>/` with four items:
+  state      {"params": the model parameters} (each stored once; frozen ones included, they
+             have no optimizer state because `make_optimizer(mask=...)` gives them none);
+  optimizer  the optimizer state and the applied-update counter that drives the LR schedule;
+  progress   JSON: step, epoch, consumed tokens, seeds, the data iterator state;
+  config     JSON: the resolved recipe the run was started with.
+Keeping params apart from the optimizer lets a weights-only load read just the parameters.
+
+Saving is asynchronous: `save` returns once the arrays are copied to host memory and Orbax
+writes them in the background into `<step>.orbax-checkpoint-tmp`, renamed to `<step>` only when
+every item is on disk. So a crash while saving leaves no directory under the step's name, and
+the leftover temporary directory is ignored (and cleaned up by the next run). A step directory
+that still fails to restore (files damaged or deleted later) is skipped with a warning; after a
+successful restore of an older step, the broken newer ones are moved to `checkpoints-skipped/`
+so that the resumed run can save those steps again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
 
-class Checkpointer:
-  """Saves and restores (state pytree, meta dict) pairs keyed by optimizer step."""
+class Restored(NamedTuple):
+  step: int                  # the trainer step the checkpoint was taken after
+  params: Any                # nnx.State of the parameters, placed as the target asked
+  optimizer: Any | None      # {"opt_state": ..., "step": ...}; None for a weights-only load
+  progress: dict
+  config: dict | None
 
-  def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in a directory that should hold one could be restored."""
+
+
+def checkpoint_location(path: str) -> tuple[str, int | None]:
+  """`resume_from` -> (checkpoints directory, step or None for the newest).
+
+  Accepts a step directory (`.../checkpoints/12`), a checkpoints directory, or a run directory
+  holding `checkpoints/`.
+  """
+  path = os.path.abspath(path)
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(path):
+    return os.path.dirname(path), int(name)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints"), None
+  return path, None
+
+
+def complete_steps(directory: str) -> list[int]:
+  """Steps with a finished checkpoint directory (temporary ones excluded), oldest first."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+
+
+class Checkpointer:
+  """Saves and restores checkpoints of one run, keyed by trainer step.
+
+  read_only: open another run's checkpoints (`resume_from`): nothing is created or cleaned up
+  there, and `save` is never called on it.
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = -1, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep if max_to_keep > 0 else None,
         enable_async_checkpointing=async_save,
-        create=True,
+        create=not read_only,
+        # Leftovers of a crash during a save; never touched in a directory we only read from.
+        cleanup_tmp_directories=not read_only,
     )
-    self.directory = directory
-    self._manager = ocp.CheckpointManager(directory, options=options)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def save(self, step: int, state, meta: dict) -> None:
-    """Starts saving (asynchronously); meta must be JSON-serialisable."""
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)), force=True)
+  def save(self, step: int, state, progress: dict, config: dict) -> None:
+    """Starts saving `state` (a TrainState) after `step`; returns when arrays are on host."""
+    self._manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": state.params}),
+        optimizer=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step}),
+        progress=ocp.args.JsonSave(progress),
+        config=ocp.args.JsonSave(config)))
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
-    """Restores the newest checkpoint that loads; None when there is none.
+  def restore(self, step: int, abstract_state, *, weights_only: bool = False) -> Restored:
+    """Restores `step` into the shapes, dtypes and shardings of `abstract_state`.
 
-    abstract_state: the state's structure as jax.ShapeDtypeStruct with shardings, so every
-    array is read straight into its place on the mesh.
+    abstract_state: a TrainState of jax.ShapeDtypeStruct with shardings, so every array is
+    read straight into its place on the mesh. weights_only: read the params and progress only.
     """
-    for step in reversed(self.all_steps()):
+    items = dict(state=ocp.args.StandardRestore({"params": abstract_state.params}),
+                 progress=ocp.args.JsonRestore())
+    if not weights_only:
+      items.update(optimizer=ocp.args.StandardRestore(
+          {"opt_state": abstract_state.opt_state, "step": abstract_state.step}),
+          config=ocp.args.JsonRestore())
+    out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return Restored(step=step, params=out["state"]["params"], optimizer=out.get("optimizer"),
+                    progress=dict(out["progress"]),
+                    config=dict(out["config"]) if out.get("config") is not None else None)
+
+  def restore_latest(self, abstract_state, *, step: int | None = None,
+                     weights_only: bool = False, quarantine: bool = False) -> Restored | None:
+    """The newest checkpoint (at most `step`) that restores; None when there is none.
+
+    A checkpoint that fails to restore is skipped with a warning and the next older one is
+    tried. quarantine: move the skipped ones out of the way once an older one restored (only
+    for the run's own directory). When checkpoints exist but none restores, that is an error
+    (more likely a changed recipe than damage everywhere), never a silent fresh start.
+    """
+    steps = [s for s in self.all_steps() if step is None or s <= step]
+    if step is not None and step not in steps:
+      raise CheckpointError(f"{self.directory} has no complete checkpoint for step {step} "
+                            f"(complete: {self.all_steps()})")
+    failures = []
+    for candidate in reversed(steps):
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return step, restored["state"], dict(restored["meta"])
-      except Exception as e:  # pylint: disable=broad-except
+        restored = self.restore(candidate, abstract_state, weights_only=weights_only)
+      except Exception as e:  # pylint: disable=broad-except  (any damage: skip, report)
+        failures.append((candidate, e))
         log.warning("checkpoint %s/%d cannot be restored (%s: %s); trying an older one",
-                    self.directory, step, type(e).__name__, e)
+                    self.directory, candidate, type(e).__name__, _first_line(e))
+        continue
+      if failures and quarantine:
+        self._quarantine([s for s, _ in failures])
+      return restored
+    if failures:
+      listing = "; ".join(f"step {s}: {type(e).__name__}: {_first_line(e)}" for s, e in failures)
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} can be restored ({listing}). If the recipe's "
+          "model, optimizer or mesh changed since they were written, restore with the old "
+          "recipe, or start from the weights only with --config.resume_from=<step dir> "
+          "--config.load_weights_only=True.")
     return None
 
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves unrestorable step directories to `<directory>-skipped/` (kept for inspection)."""
+    target = self.directory + "-skipped"
+    if jax.process_index() == 0:
+      os.makedirs(target, exist_ok=True)
+      for step in steps:
+        dest = os.path.join(target, str(step))
+        suffix = 1
+        while os.path.exists(dest):
+          dest, suffix = os.path.join(target, f"{step}-{suffix}"), suffix + 1
+        shutil.move(os.path.join(self.directory, str(step)), dest)
+        log.warning("moved unrestorable checkpoint %d to %s", step, dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"jaxtune quarantine {self.directory}")
+    self._manager.reload()
+
   def wait(self) -> None:
+    """Blocks until the last save is complete on disk."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
@@ -60,7 +172,6 @@ class Checkpointer:
     self._manager.close()
 
 
-def abstract_like(tree):
-  """ShapeDtypeStructs (with shardings) of a pytree of arrays: the restore target."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      tree)
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else ""

@@ -1,9 +1,11 @@
-"""Step metrics: FLOP accounting for MFU, and the append-only `metrics.jsonl` writer."""
+"""Step metrics: FLOP accounting for MFU, memory figures, and the `metrics.jsonl` writer."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import resource
 
 import jax
 import numpy as np
@@ -68,8 +70,24 @@ def device_memory_gib() -> dict:
   return out
 
 
+def host_memory_gib() -> dict:
+  """Peak resident memory of this process (the CPU's "device memory" on a CPU run)."""
+  peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+  return {"host_mem_peak_gib": round(peak_kib / 1024 ** 2, 3)}
+
+
+def _finite_or_none(value):
+  """NaN / Inf -> null: strict JSON readers (jq, JavaScript) reject bare NaN tokens."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
 class MetricsWriter:
-  """Appends one JSON object per line and flushes, so a crash loses at most the current line."""
+  """Appends one JSON object per line and flushes, so a crash loses at most the current line.
+
+  Non-finite numbers (a skipped step's loss) are written as null.
+  """
 
   def __init__(self, path: str, enabled: bool = True):
     self.enabled = enabled
@@ -77,7 +95,8 @@ class MetricsWriter:
 
   def write(self, record: dict) -> None:
     if self._file is not None:
-      self._file.write(json.dumps(record, sort_keys=True) + "\n")
+      clean = {k: _finite_or_none(v) for k, v in record.items()}
+      self._file.write(json.dumps(clean, sort_keys=True, allow_nan=False) + "\n")
       self._file.flush()
 
   def close(self) -> None:
@@ -87,11 +106,21 @@ class MetricsWriter:
 
 
 def truncate_jsonl(path: str, after_step: int) -> None:
-  """Drops records of steps > after_step (a resumed run rewrites them); atomic replace."""
+  """Drops records of steps > after_step (a resumed run rewrites them); atomic replace.
+
+  A line cut short by a crash is dropped too.
+  """
   if not os.path.exists(path):
     return
+  kept = []
   with open(path, encoding="utf-8") as f:
-    kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    for line in f:
+      try:
+        step = json.loads(line).get("step", 0)
+      except ValueError:
+        continue
+      if step <= after_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.writelines(kept)

@@ -1,288 +1,346 @@
-"""The training loop: owns the run directory, logging, checkpoints and HF exports.
+"""The training loop: `Trainer(config).fit()`, the same from the command line and a notebook.
 
-Everything numeric happens in the jit-compiled `train_step`; this module feeds it batches,
-keeps count of steps and epochs, and decides when to save. `Trainer(config).fit()` works the
-same from the command line (jaxtune.main) and from a notebook.
+Everything numeric happens in the jit-compiled train step (jaxtune.train.step). The trainer
+builds what it needs (data, model, optimizer, state: fresh, from HF weights or restored from a
+checkpoint), then runs one loop that owns the schedule of everything around the step:
+
+  next batch -> step -> record -> [eval] -> log -> [checkpoint] -> [HF export] -> [stop?]
+
+The helpers each own one concern: `rundir` (where to write and start from, the config
+snapshot), `checkpoint` (Orbax), `hf_exports`, `eval`, `observability` (metrics.jsonl,
+TensorBoard, progress bar, profiler, summary), `nonfinite`, `preemption` (SIGTERM/SIGINT),
+`multihost` (the cross-process agreements). See docs/training.md.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
-import shutil
-import signal
-import subprocess
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
-from tqdm import tqdm
 
-import jaxtune
 from jaxtune import config as config_lib
 from jaxtune import models
 from jaxtune.data.pipeline import SFTData
-from jaxtune.data.tokenizer import load_tokenizer
-from jaxtune.hf.export import export_hf, read_hf_dtype
+from jaxtune.data.tokenizer import TokenEncoder
+from jaxtune.hf.export import read_hf_dtype
 from jaxtune.hf.load import load_hf_weights
 from jaxtune.parallel.mesh import make_mesh
 from jaxtune.parallel.sharding import batch_sharding
+from jaxtune.train import logs, multihost, rundir
 from jaxtune.train import metrics as metrics_lib
-from jaxtune.train.checkpoint import Checkpointer
+from jaxtune.train.checkpoint import CheckpointError, Checkpointer
+from jaxtune.train.eval import Evaluator
+from jaxtune.train.hf_exports import HFExporter
+from jaxtune.train.nonfinite import NonFiniteGuard
+from jaxtune.train.observability import Profiler, RunMonitor, log_summary
 from jaxtune.train.optim import lr_schedule, make_optimizer
+from jaxtune.train.preemption import StopRequest
 from jaxtune.train.prefetch import prefetch_to_device
 from jaxtune.train.state import abstract_train_state, new_train_state
-from jaxtune.train.step import BATCH_KEYS, compile_train_step
+from jaxtune.train.step import BATCH_KEYS, TrainState, compile_train_step
 
 log = logging.getLogger("jaxtune")
 
-_MAX_CONSECUTIVE_SKIPS = 10
+# Keys that may change between a checkpoint and its resumption without changing the run.
+_RESUME_NEUTRAL = ("work_dir", "auto_resume", "resume_from", "load_weights_only", "progress_bar",
+                   "log_interval", "tensorboard", "profile_steps", "checkpoint_interval",
+                   "checkpoint_maxkeep", "hf_interval", "hf_max_keep", "eval_interval",
+                   "eval_datasets", "max_consecutive_nonfinite", "data.num_workers",
+                   "data.cache_dir")
+
+
+class Position(NamedTuple):
+  step: int                 # trainer steps done (batches consumed, skipped ones included)
+  consumed_tokens: int
 
 
 class Trainer:
   """Fine-tunes `config.model` on `config.data`; `fit()` runs to the end and returns a summary."""
 
   def __init__(self, config: ConfigDict):
+    logs.quiet_libraries()  # before JAX starts its backends and Orbax its managers
     self.cfg = config_lib.validate(config, num_devices=jax.device_count())
     self.run_dir: str | None = None
-    self._stop_signal: int | None = None
+    self.started = 0.0
+
+  def fit(self) -> dict:
+    self.started = time.perf_counter()
+    start = rundir.choose_start(self.cfg)
+    self.run_dir = start.run_dir
+    is_main = jax.process_index() == 0
+    with logs.run_logging(self.run_dir, is_main=is_main,
+                          step_lines_on_console=not self.cfg.progress_bar):
+      if is_main:
+        rundir.write_snapshot(self.run_dir, self.cfg, start)
+      log.info("run directory: %s", self.run_dir)
+      mesh = make_mesh(config_lib.mesh_shape(self.cfg, jax.device_count()))
+      with jax.set_mesh(mesh):
+        return self._fit(mesh, start, is_main)
 
   # ---- set-up ------------------------------------------------------------------------------
 
-  def _make_run_dir(self) -> tuple[str, bool]:
-    """A new timestamped run dir, or with auto_resume the newest one holding a checkpoint."""
-    work_dir = os.path.abspath(self.cfg.work_dir)
-    if self.cfg.auto_resume and os.path.isdir(work_dir):
-      runs = sorted(d for d in os.listdir(work_dir)
-                    if os.path.isdir(os.path.join(work_dir, d, "checkpoints")))
-      if runs:
-        return os.path.join(work_dir, runs[-1]), True
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = os.path.join(work_dir, stamp)
-    suffix = 1
-    while os.path.exists(run_dir):
-      run_dir = os.path.join(work_dir, f"{stamp}-{suffix}")
-      suffix += 1
-    return run_dir, False
-
-  def _write_run_info(self) -> None:
-    with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config_lib.to_json(self.cfg))
-    try:
-      rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                           cwd=os.path.dirname(jaxtune.__file__), timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-      rev = ""
-    info = dict(jaxtune_version=jaxtune.__version__, git_revision=rev or None,
-                jax_version=jax.__version__, devices=[str(d) for d in jax.devices()],
-                process_count=jax.process_count(), started=datetime.datetime.now().isoformat())
-    with open(os.path.join(self.run_dir, "run_info.json"), "w", encoding="utf-8") as f:
-      json.dump(info, f, indent=2)
-
-  def _setup_logging(self) -> None:
-    handler = logging.FileHandler(os.path.join(self.run_dir, "train.log"))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    self._log_handler = handler
-
-  def _on_signal(self, signum, _frame) -> None:
-    log.warning("received %s: saving a checkpoint at the next step boundary, then stopping",
-                signal.Signals(signum).name)
-    self._stop_signal = signum
-
-  # ---- the run -----------------------------------------------------------------------------
-
-  def fit(self) -> dict:
+  def _fit(self, mesh, start: rundir.Start, is_main: bool) -> dict:
     cfg = self.cfg
-    self.run_dir, resuming = self._make_run_dir()
-    is_main = jax.process_index() == 0
-    os.makedirs(self.run_dir, exist_ok=True)
-    self._setup_logging()
-    if is_main:
-      self._write_run_info()
-    log.info("run directory: %s", self.run_dir)
-
-    mesh = make_mesh(config_lib.mesh_shape(cfg, jax.device_count()))
-    with jax.set_mesh(mesh):
-      return self._train(mesh, is_main, resuming)
-
-  def _train(self, mesh, is_main: bool, resuming: bool) -> dict:
-    cfg = self.cfg
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
-    data = SFTData(cfg.data, tokenizer, global_batch_size=cfg.global_batch_size,
+    encoder = TokenEncoder(cfg.tokenizer_path)
+    data = SFTData(cfg.data, encoder, global_batch_size=cfg.global_batch_size,
                    process_index=jax.process_index(), process_count=jax.process_count())
-    if data.steps_per_epoch < 1:
-      raise config_lib.ConfigError(
-          f"the data gives {data.stats.get('packs')} packed rows, fewer than global_batch_size "
-          f"({cfg.global_batch_size}): lower global_batch_size or add data.")
     total_steps = cfg.total_steps or cfg.epoch_num * data.steps_per_epoch
     dp = config_lib.data_parallel_size(cfg, jax.device_count())
     num_micro = cfg.global_batch_size // (dp * cfg.data.micro_batch_size)
-
     schedule = lr_schedule(cfg.lr, cfg.optim.lr, total_steps)
     optimizer = make_optimizer(cfg.optim, schedule)
+
     model_kwargs = dict(param_dtype=jnp.dtype(cfg.param_dtype),
                         compute_dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
-                        attention=cfg.attention)
+                        attention=cfg.attention, seed=cfg.seed)
+    graphdef, abstract_params = nnx.split(models.abstract_model(cfg.model, mesh, **model_kwargs))
     checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"),
                                 max_to_keep=cfg.checkpoint_maxkeep)
-
-    abstract = models.abstract_model(cfg.model, mesh, seed=cfg.seed, **model_kwargs)
-    graphdef, abstract_params = nnx.split(abstract)
-    restored = (checkpointer.restore_latest(abstract_train_state(abstract_params, optimizer,
-                                                                 mesh))
-                if resuming else None)
-    if restored is not None:
-      start_step, state, meta = restored
-      epoch, step_in_epoch = meta["epoch"], meta["step_in_epoch"]
-      consumed_tokens = meta["consumed_tokens"]
-      log.info("resumed from checkpoint at step %d (epoch %d, step %d in epoch)",
-               start_step, epoch + 1, step_in_epoch)
-    else:
-      start_step, epoch, step_in_epoch, consumed_tokens = 0, 0, 0, 0
-      if cfg.load_from:
-        model = load_hf_weights(abstract, cfg.load_from)
-        log.info("loaded weights from %s", cfg.load_from)
-      else:
-        model = models.create_model(cfg.model, mesh, seed=cfg.seed, **model_kwargs)
-      graphdef, params = nnx.split(model)
-      state = new_train_state(params, optimizer, mesh)
-      del model
-    step_fn = compile_train_step(state, graphdef=graphdef, loss_cfg=cfg.loss,
-                                 optimizer=optimizer, schedule=schedule, num_micro=num_micro,
-                                 batch_sharding=batch_sharding(mesh))
-
-    metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
-    if is_main:
-      metrics_lib.truncate_jsonl(metrics_path, start_step)
-    writer = metrics_lib.MetricsWriter(metrics_path, enabled=is_main)
-    hf_dtype = read_hf_dtype(cfg.load_from) if cfg.load_from else cfg.param_dtype
-    n_params = models.param_count(cfg.model)
-    peak = metrics_lib.peak_flops_per_device()
-    n_dev = jax.device_count()
-    log.info("model %s: %.3fM parameters; %d devices, mesh %s; %d steps (%d per epoch), "
-             "%d micro-batches per step; %d tokens per row", cfg.model.type, n_params / 1e6,
-             n_dev, dict(mesh.shape), total_steps, data.steps_per_epoch, num_micro,
-             cfg.data.pack_max_length)
-
-    previous_handlers = {s: signal.signal(s, self._on_signal)
-                         for s in (signal.SIGTERM, signal.SIGINT)}
-    step = start_step
-    totals = dict(tokens=0, time=0.0, mfu=0.0, steps=0)
-    skipped_in_a_row = 0
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (cfg.progress_bar and is_main),
-               dynamic_ncols=True, desc="train")
-
-    def save_checkpoint():
-      checkpointer.save(step, state, dict(epoch=epoch, step_in_epoch=step_in_epoch,
-                                          consumed_tokens=consumed_tokens))
-
     try:
-      while step < total_steps and self._stop_signal is None:
-        host_batches = ({k: b[k] for k in BATCH_KEYS}
-                        for b in data.batches(epoch, start_step=step_in_epoch))
-        batches = prefetch_to_device(host_batches, batch_sharding(mesh))
-        for batch, host_batch in batches:
-          t0 = time.perf_counter()
-          state, out = step_fn(state, batch)
-          out = jax.device_get(out)
-          step_time = time.perf_counter() - t0
-          step += 1
-          step_in_epoch += 1
-          tokens = int(out["tokens"])
-          consumed_tokens += tokens
-          flops = metrics_lib.train_flops(
-              cfg.model, tokens,
-              metrics_lib.sum_sq_segment_lengths(host_batch["segment_ids"]) * jax.process_count())
-          record = dict(step=step, epoch=epoch + 1, loss=float(out["loss"]),
-                        loss_tokens=int(out["loss_tokens"]), tokens=tokens, lr=float(out["lr"]),
-                        grad_norm=float(out["grad_norm"]), step_time=step_time,
-                        tokens_per_sec=tokens / step_time,
-                        tokens_per_sec_per_device=tokens / step_time / n_dev,
-                        mfu=flops / step_time / (peak * n_dev),
-                        consumed_tokens=consumed_tokens, skipped=bool(out["skipped"]),
-                        **metrics_lib.device_memory_gib())
-          writer.write(record)
-          if step > start_step + 1:  # the first step includes compilation
-            totals["tokens"] += tokens
-            totals["time"] += step_time
-            totals["mfu"] += record["mfu"]
-            totals["steps"] += 1
-          skipped_in_a_row = skipped_in_a_row + 1 if record["skipped"] else 0
-          if record["skipped"]:
-            log.warning("step %d: loss %s / grad norm %s not finite; update skipped", step,
-                        record["loss"], record["grad_norm"])
-          if skipped_in_a_row >= _MAX_CONSECUTIVE_SKIPS:
-            raise FloatingPointError(
-                f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (last: "
-                f"step {step}); stopping. Lower optim.lr or check the data.")
-          bar.update(1)
-          bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                          tok_s=f"{record['tokens_per_sec']:.0f}")
-          if step % cfg.log_interval == 0:
-            log.info("step %d/%d epoch %d loss %.4f grad_norm %.3f lr %.3e tokens/s %.0f "
-                     "mfu %.3f", step, total_steps, epoch + 1, record["loss"],
-                     record["grad_norm"], record["lr"], record["tokens_per_sec"], record["mfu"])
-          if step_in_epoch >= data.steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-          if step >= total_steps or self._stop_signal is not None:
-            break
-          if cfg.checkpoint_interval > 0 and step % cfg.checkpoint_interval == 0:
-            save_checkpoint()
-          if cfg.hf_interval > 0 and step % cfg.hf_interval == 0:
-            self._export(graphdef, state, step, hf_dtype)
-          if step_in_epoch == 0:
-            break  # next epoch: a new shuffle
-        batches.close()
-      if step > start_step or restored is None:
-        save_checkpoint()
-      checkpointer.wait()
-      if self._stop_signal is None:
-        export_dir = self._export(graphdef, state, step, hf_dtype)
-      else:
-        export_dir = None
-        log.warning("stopped by signal at step %d; checkpoint saved. Resume with "
-                    "--config.auto_resume=True and the same work_dir (%s).", step, cfg.work_dir)
+      state, position = self._initial_state(start, checkpointer, data, abstract_params,
+                                             optimizer, mesh, model_kwargs)
+      log.info("model %s: %.3fM parameters; %d device(s), mesh %s; %d steps (%d per epoch), "
+               "%d micro-batch(es) per step, %d tokens per row", cfg.model.type,
+               models.param_count(cfg.model) / 1e6, jax.device_count(), dict(mesh.shape),
+               total_steps, data.steps_per_epoch, num_micro, cfg.data.pack_max_length)
+      if position.step >= total_steps:
+        log.info("the run is already complete (step %d of %d): nothing to do", position.step,
+                 total_steps)
+      loop = _Loop(self, mesh, data, encoder, graphdef, optimizer, schedule, num_micro,
+                   total_steps, checkpointer, is_main)
+      return loop.run(state, position, resumed_from=start.checkpoint_dir)
     finally:
-      bar.close()
-      writer.close()
       checkpointer.close()
-      for s, h in previous_handlers.items():
-        signal.signal(s, h)
 
-    summary = dict(
-        run_dir=self.run_dir, steps=step, total_steps=total_steps, epochs=epoch + (step_in_epoch > 0),
-        consumed_tokens=consumed_tokens, train_time_s=round(totals["time"], 3),
-        tokens_per_sec_per_device=(totals["tokens"] / totals["time"] / n_dev
-                                   if totals["time"] else None),
-        mean_mfu=totals["mfu"] / totals["steps"] if totals["steps"] else None,
-        hf_export=export_dir, stopped_by_signal=self._stop_signal is not None)
-    log.info("summary: %s", json.dumps(summary))
-    log.removeHandler(self._log_handler)
-    self._log_handler.close()
+  def _initial_state(self, start: rundir.Start, checkpointer: Checkpointer, data: SFTData,
+                     abstract_params, optimizer, mesh, model_kwargs
+                     ) -> tuple[TrainState, Position]:
+    """Restored from a checkpoint (all of it or the weights), from HF weights, or random."""
+    cfg = self.cfg
+    if start.checkpoint_dir is not None:
+      abstract = abstract_train_state(abstract_params, optimizer, mesh)
+      if start.own:  # auto_resume: damaged newer checkpoints of this run are moved aside
+        restored = checkpointer.restore_latest(abstract, quarantine=True)
+      else:
+        source = Checkpointer(start.checkpoint_dir, read_only=True)
+        try:
+          restored = source.restore_latest(abstract, step=start.step,
+                                           weights_only=start.weights_only)
+        finally:
+          source.close()
+      if restored is None:
+        raise CheckpointError(f"{start.checkpoint_dir} holds no complete checkpoint")
+      where = f"{start.checkpoint_dir}/{restored.step}"
+      if start.weights_only:
+        log.info("loaded the weights of %s (new optimizer state, schedule and data order)",
+                 where)
+        return new_train_state(restored.params, optimizer, mesh), Position(0, 0)
+      _warn_config_changes(restored.config, cfg)
+      # Exact resume needs the same batches: this raises if the data pipeline differs.
+      data.iterator().set_state(_data_state_of_this_process(restored.progress))
+      state = TrainState(params=restored.params, opt_state=restored.optimizer["opt_state"],
+                         step=restored.optimizer["step"])
+      log.info("resumed from %s (step %d, epoch %d, step %d in that epoch)", where,
+               restored.step, restored.progress["epoch"] + 1, restored.progress["step_in_epoch"])
+      return state, Position(restored.step, int(restored.progress["consumed_tokens"]))
+    if cfg.load_from:
+      model = load_hf_weights(models.abstract_model(cfg.model, mesh, **model_kwargs),
+                              cfg.load_from)
+      log.info("loaded weights from %s", cfg.load_from)
+    else:
+      model = models.create_model(cfg.model, mesh, **model_kwargs)
+    _, params = nnx.split(model)
+    return new_train_state(params, optimizer, mesh), Position(0, 0)
+
+
+class _Loop:
+  """One training session: the loop and the schedule of everything around the step."""
+
+  def __init__(self, trainer: Trainer, mesh, data: SFTData, encoder: TokenEncoder, graphdef,
+               optimizer, schedule, num_micro: int, total_steps: int,
+               checkpointer: Checkpointer, is_main: bool):
+    self.cfg, self.run_dir, self.started = trainer.cfg, trainer.run_dir, trainer.started
+    self.mesh, self.data, self.encoder, self.graphdef = mesh, data, encoder, graphdef
+    self.optimizer, self.schedule, self.num_micro = optimizer, schedule, num_micro
+    self.total_steps, self.checkpointer, self.is_main = total_steps, checkpointer, is_main
+    self.n_devices = jax.device_count()
+    self.peak_flops = metrics_lib.peak_flops_per_device()
+    cfg = self.cfg
+    self.exporter = HFExporter(
+        self.run_dir, cfg.model, tokenizer_path=cfg.tokenizer_path, max_keep=cfg.hf_max_keep,
+        dtype=read_hf_dtype(cfg.load_from) if cfg.load_from else cfg.param_dtype)
+    self.compile_time = 0.0
+
+  def _due(self, interval: int, step: int) -> bool:
+    return step == self.total_steps or (interval > 0 and step % interval == 0)
+
+  def run(self, state: TrainState, position: Position, resumed_from: str | None) -> dict:
+    cfg = self.cfg
+    monitor = RunMonitor(self.run_dir, total_steps=self.total_steps, start_step=position.step,
+                         n_devices=self.n_devices, is_main=self.is_main,
+                         progress_bar=cfg.progress_bar, tensorboard=cfg.tensorboard,
+                         log_interval=cfg.log_interval, started=self.started)
+    stop = StopRequest()
+    try:
+      with stop:
+        if position.step < self.total_steps:
+          state, position = self._train(state, position, monitor, stop)
+      step, tokens = position
+      if step == self.total_steps and not os.path.isdir(
+          os.path.join(self.run_dir, f"hf-{step}")):  # complete, but stopped before exporting
+        self.exporter.export(self.graphdef, state.params, step)
+      self.checkpointer.wait()
+    finally:
+      monitor.close()
+
+    stopped = stop.signal_name is not None and step < self.total_steps
+    if stopped:
+      log.warning("stopped by %s after step %d of %d; checkpoint %s/%d is complete. To "
+                  "continue, run the same command with --config.auto_resume=True (same "
+                  "work_dir: %s), or with --config.resume_from=%s/%d.", stop.signal_name,
+                  step, self.total_steps, self.checkpointer.directory, step,
+                  os.path.dirname(self.run_dir), self.checkpointer.directory, step)
+    saved = self.checkpointer.all_steps()
+    latest = os.path.join(self.run_dir, "hf-latest")
+    summary = monitor.summary(
+        run_dir=self.run_dir, steps=step, total_steps=self.total_steps,
+        epochs=-(-step // self.data.steps_per_epoch), consumed_tokens=tokens,
+        compile_time_s=round(self.compile_time, 3),
+        checkpoint=os.path.join(self.checkpointer.directory, str(saved[-1])) if saved else None,
+        hf_export=os.path.realpath(latest) if os.path.lexists(latest) else None,
+        resumed_from=resumed_from, stopped_by_signal=stopped)
+    log_summary(summary)
     return summary
 
-  def _export(self, graphdef, state, step: int, dtype: str) -> str:
-    """Writes hf-<step>/, re-points hf-latest at it, and prunes beyond hf_max_keep."""
-    out_dir = os.path.join(self.run_dir, f"hf-{step}")
-    model = nnx.merge(graphdef, state.params)
-    export_hf(model, self.cfg.model, out_dir, dtype=dtype, tokenizer_path=self.cfg.tokenizer_path)
-    if jax.process_index() == 0:
-      link = os.path.join(self.run_dir, "hf-latest")
-      tmp = link + ".tmp"
-      if os.path.lexists(tmp):
-        os.remove(tmp)
-      os.symlink(os.path.basename(out_dir), tmp)
-      os.replace(tmp, link)
-      exports = sorted((d for d in os.listdir(self.run_dir)
-                        if d.startswith("hf-") and d[3:].isdigit()), key=lambda d: int(d[3:]))
-      for old in exports[:-self.cfg.hf_max_keep] if self.cfg.hf_max_keep > 0 else []:
-        shutil.rmtree(os.path.join(self.run_dir, old), ignore_errors=True)
-    log.info("HF export written to %s", out_dir)
-    return out_dir
+  def _compile(self, state: TrainState):
+    """The train step compiled ahead of time, so that step 1's time is its own."""
+    t0 = time.perf_counter()
+    sharding = batch_sharding(self.mesh)
+    step_fn = compile_train_step(state, graphdef=self.graphdef, loss_cfg=self.cfg.loss,
+                                 optimizer=self.optimizer, schedule=self.schedule,
+                                 num_micro=self.num_micro, batch_sharding=sharding)
+    shape = (self.cfg.global_batch_size, self.cfg.data.pack_max_length)
+    abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+                      for k in BATCH_KEYS}
+    compiled = step_fn.lower(state, abstract_batch).compile()
+    self.compile_time = time.perf_counter() - t0
+    log.info("train step compiled in %.1f s", self.compile_time)
+    return compiled
+
+  def _train(self, state: TrainState, position: Position, monitor: RunMonitor,
+             stop: StopRequest) -> tuple[TrainState, Position]:
+    """Steps from `position` to the end or to a stop request; returns the state and where."""
+    cfg = self.cfg
+    step_fn = self._compile(state)
+    evaluator = (Evaluator(cfg, self.mesh, self.graphdef, tokenizer=self.encoder,
+                           data_parallel=config_lib.data_parallel_size(cfg, self.n_devices))
+                 if cfg.eval_datasets else None)
+    guard = NonFiniteGuard(cfg.max_consecutive_nonfinite)
+    profiler = Profiler(self.run_dir, tuple(cfg.profile_steps))
+    step, tokens = position
+    epoch, in_epoch = divmod(step, self.data.steps_per_epoch)
+    host_batches = ({k: b[k] for k in BATCH_KEYS} for b in self.data.iterator(epoch, in_epoch))
+    batches = prefetch_to_device(host_batches, batch_sharding(self.mesh))
+    monitor.start()
+    try:
+      while step < self.total_steps:
+        t_data = time.perf_counter()
+        batch, host = next(batches)
+        data_time = time.perf_counter() - t_data
+        step += 1
+        profiler.before_step(step)
+        t_step = time.perf_counter()
+        state, out = step_fn(state, batch)
+        out = jax.device_get(out)
+        step_time = time.perf_counter() - t_step
+        profiler.after_step(step)
+        tokens += int(out["tokens"])
+        record = self._record(step, out, host, step_time, data_time, tokens)
+        if evaluator is not None and self._due(cfg.eval_interval, step):
+          t_eval = time.perf_counter()
+          record.update(evaluator.evaluate(state.params))
+          record["eval_time"] = time.perf_counter() - t_eval
+        monitor.log_step(record)
+        guard.check(record)  # raises after too many non-finite steps in a row
+        stopping = stop.should_stop()
+        if self._due(cfg.checkpoint_interval, step) or stopping:
+          self._save(step, state, tokens, guard.total)
+        # On the way out after a signal only the checkpoint matters (the grace period is
+        # short), unless this was the last step: then the run is complete and exports.
+        if self._due(cfg.hf_interval, step) and (not stopping or step == self.total_steps):
+          self.exporter.export(self.graphdef, state.params, step)
+        if stopping:
+          break
+    finally:
+      profiler.stop()
+      batches.close()
+    return state, Position(step, tokens)
+
+  def _record(self, step: int, out: dict, host: dict, step_time: float, data_time: float,
+              consumed_tokens: int) -> dict:
+    """One metrics.jsonl line: the contract-4 fields first, then extras."""
+    tokens = int(out["tokens"])
+    sum_sq = metrics_lib.sum_sq_segment_lengths(host["segment_ids"]) * jax.process_count()
+    flops = metrics_lib.train_flops(self.cfg.model, tokens, sum_sq)
+    return dict(
+        step=step, epoch=(step - 1) // self.data.steps_per_epoch + 1, loss=float(out["loss"]),
+        loss_tokens=int(out["loss_tokens"]), tokens=tokens, lr=float(out["lr"]),
+        grad_norm=float(out["grad_norm"]), step_time=step_time,
+        tokens_per_sec=tokens / step_time,
+        tokens_per_sec_per_device=tokens / step_time / self.n_devices,
+        mfu=flops / step_time / (self.peak_flops * self.n_devices),
+        data_time=data_time, consumed_tokens=consumed_tokens, skipped=bool(out["skipped"]),
+        **metrics_lib.device_memory_gib(), **metrics_lib.host_memory_gib())
+
+  def _save(self, step: int, state: TrainState, consumed_tokens: int, skipped: int) -> None:
+    epoch, in_epoch = divmod(step, self.data.steps_per_epoch)
+    data_state = self.data.iterator(epoch, in_epoch).get_state()
+    # Process 0 writes the JSON; each host's share of the data has its own hash.
+    hashes = multihost.allgather_text(str(data_state.get("data_hash", "")))
+    progress = dict(step=step, epoch=epoch, step_in_epoch=in_epoch,
+                    consumed_tokens=consumed_tokens, total_steps=self.total_steps,
+                    skipped_steps=skipped, seed=self.cfg.seed, data_seed=self.cfg.data.seed,
+                    data=data_state, data_hash_per_process=hashes)
+    self.checkpointer.save(step, state, progress, self.cfg.to_dict())
+
+
+def _data_state_of_this_process(progress: dict) -> dict:
+  """The saved data position, with this process's own data hash."""
+  state, hashes = dict(progress["data"]), progress.get("data_hash_per_process") or []
+  if jax.process_index() < len(hashes):
+    state["data_hash"] = hashes[jax.process_index()]
+  return state
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _warn_config_changes(saved: dict | None, cfg: ConfigDict) -> None:
+  """Logs the recipe keys that differ from the checkpoint's (the run may then not be exact)."""
+  if saved is None:
+    return
+  before, now = _flatten(saved), _flatten(json_roundtrip(cfg.to_dict()))
+  changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
+                   and not any(k == n or k.startswith(n + ".") for n in _RESUME_NEUTRAL))
+  if changed:
+    log.warning("the recipe differs from the checkpoint's in: %s",
+                ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed))
+
+
+def json_roundtrip(tree: dict) -> dict:
+  """What a dict looks like after a JSON save and load (tuples become lists)."""
+  return json.loads(json.dumps(tree, default=str))
