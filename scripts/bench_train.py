@@ -1,6 +1,6 @@
 """Step time, tokens/s and MFU of the compiled train step on synthetic packed batches (JSON out).
 
-  python scripts/bench_train.py --preset=qwen3_0_6b --pack=8192 --batch=1 --steps=10
+  python scripts/bench_train.py --preset=qwen3_0_6b --pack=8192 --batch=1 --steps=10  # attention: auto
   python scripts/bench_train.py --preset=qwen3_tiny --pack=512 --batch=4   # CPU smoke run
 
 Random-init weights and random tokens packed as samples of mixed lengths: the model, the
@@ -57,7 +57,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=1, help="global batch (packed rows per step)")
   p.add_argument("--micro", type=int, default=1, help="rows per rank per forward pass")
   p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--attention", default="xla")
+  p.add_argument("--attention", default="auto")
   p.add_argument("--remat", default="full")
   p.add_argument("--loss_mode", default="chunk")
   p.add_argument("--chunk", type=int, default=1024)
