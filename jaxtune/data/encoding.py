@@ -10,12 +10,17 @@ trained flag in bit 31, plus each sample's length.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import logging
 import mmap
 import multiprocessing
 import os
+import pickle
+import shutil
 import sys
+import tempfile
+import threading
 import types
 from typing import Sequence
 
@@ -46,11 +51,14 @@ class EncodedChunk:
   loss: np.ndarray            # int64 per line: trained tokens after the first (label count)
   images: np.ndarray          # int64 per line: <IMG_CONTEXT> tokens
   bad: list[tuple[int, str]]  # (position in the chunk, what is wrong)
+  spilled: str | None = None  # a worker's ids, in this file instead of `tokens`
 
   @classmethod
-  def build(cls, tokens: np.ndarray, lengths: np.ndarray, bad, image_id: int | None):
+  def build(cls, tokens: np.ndarray, lengths: np.ndarray, bad, image_id: int | None,
+            loss: np.ndarray | None = None):
     starts = np.cumsum(lengths) - lengths
-    loss = range_sums(tokens >= TRAINED_BIT, starts + 1, starts + lengths)
+    if loss is None:
+      loss = range_sums(tokens >= TRAINED_BIT, starts + 1, starts + lengths)
     images = (range_sums((tokens & ID_MASK) == image_id, starts, starts + lengths)
               if image_id is not None else np.zeros(len(lengths), np.int64))
     return cls(tokens, lengths, loss, images, bad)
@@ -75,49 +83,175 @@ def encode_lines(encoder: TokenEncoder, job: EncodeJob, path: str,
   (the caller decides, so the first bad line in file order is the one reported)."""
   template = templates.get_template(job.template)
   lengths, bad = np.zeros(len(spans), np.int64), []
-  chunks, flags, sizes = [], [], []   # every piece of the chunk, joined once at the end
+  chunks, flags, sizes = [], [], []   # id bytes of every piece, its flag and token count
   image_id = encoder.added.get(templates.IMG_CONTEXT)
   if len(spans) == 0:
     return EncodedChunk.build(np.zeros(0, np.uint32), lengths, bad, image_id)
-  parse, render, encode = sources.parse_sample, templates.render, encoder.encode_bytes
-  opts = job.opts
+  table = templates.splice_table(template, encoder)
+  fast = _Spliced(template, encoder, table) if table is not None else None
+  decode, opts = sources.decode_line, job.opts
+  marks = np.zeros(len(spans), np.int64)   # pieces appended once each line is done
   with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
     for k, (start, end) in enumerate(spans.tolist()):
+      at_chunk, at_piece = len(chunks), len(sizes)
       try:
-        messages, tools = parse(sources.decode_line(data[start:end]), opts)
-        pieces = render(messages, template, tools)
-        encoded = [encode(p.text) if not p.image_tokens else
-                   np.asarray(templates.encode([p], template, encoder)[0], np.uint32).tobytes()
-                   for p in pieces]
+        obj = decode(data[start:end])
+        n = fast(obj, chunks, flags, sizes) if fast is not None else None
+        if n is None:
+          n = _encode_general(obj, opts, template, encoder, chunks, flags, sizes)
       except (ValueError, KeyError) as e:
         bad.append((k, str(e)))
-        continue
-      piece_sizes = [len(b) >> 2 for b in encoded]
-      n = sum(piece_sizes)
-      if n == 0:
-        bad.append((k, "the sample renders to no tokens"))
-        continue
-      chunks.extend(encoded)
-      flags.extend([p.trained for p in pieces])
-      sizes.extend(piece_sizes)
-      lengths[k] = n
-  tokens = np.frombuffer(b"".join(chunks), dtype=np.uint32).copy()
+        del chunks[at_chunk:], flags[at_piece:], sizes[at_piece:]
+      else:
+        if n == 0:
+          bad.append((k, "the sample renders to no tokens"))
+        lengths[k] = n
+      marks[k] = len(sizes)
+  buf = bytearray().join(chunks)          # writable: the flags are or-ed in place
+  tokens = np.frombuffer(buf, dtype=np.uint32) if buf else np.zeros(0, np.uint32)
+  sizes_a, flags_a = np.asarray(sizes, np.int64), np.asarray(flags, bool)
   if len(tokens):
-    tokens |= np.repeat(np.where(flags, TRAINED_BIT, np.uint32(0)), sizes)
-  return EncodedChunk.build(tokens, lengths, bad, image_id)
+    tokens |= np.repeat(np.where(flags_a, TRAINED_BIT, np.uint32(0)), sizes_a)
+  return EncodedChunk.build(tokens, lengths, bad, image_id,
+                            _label_counts(sizes_a, flags_a, marks))
+
+
+def _label_counts(sizes: np.ndarray, flags: np.ndarray, marks: np.ndarray) -> np.ndarray:
+  """Per line: trained tokens after its first, from its pieces' sizes and trained flags."""
+  line = np.repeat(np.arange(len(marks)), np.diff(marks, prepend=0))
+  trained = np.bincount(line, weights=sizes * flags, minlength=len(marks)).astype(np.int64)
+  nonempty = np.flatnonzero(sizes > 0)
+  lines, first = np.unique(line[nonempty], return_index=True)
+  trained[lines] -= flags[nonempty[first]]   # the first token has no label
+  return trained
+
+
+def _encode_general(obj, opts: sources.ParseOptions, template: templates.ChatTemplate,
+                    encoder: TokenEncoder, chunks: list, flags: list, sizes: list) -> int:
+  """Any sample: validate, render into pieces, encode each; appends only on success."""
+  messages, tools = sources.parse_sample(obj, opts)
+  pieces = templates.render(messages, template, tools)
+  encoded = [encoder.encode_bytes(p.text) if not p.image_tokens else
+             np.asarray(templates.encode([p], template, encoder)[0], np.uint32).tobytes()
+             for p in pieces]
+  piece_sizes = [len(b) >> 2 for b in encoded]
+  chunks.extend(encoded)
+  flags.extend([p.trained for p in pieces])
+  sizes.extend(piece_sizes)
+  return sum(piece_sizes)
+
+
+class _Spliced:
+  """The common sample (string contents; no tools, tool calls or images) encoded straight from
+  the decoded JSON: no Message or Piece objects, and each message's constant template ids
+  spliced around its encoded text (templates.splice_table). Gives exactly the general path's
+  ids and flags; returns None, having appended nothing, for any other sample."""
+
+  def __init__(self, template: templates.ChatTemplate, encoder: TokenEncoder,
+               table: dict[str, templates.Splice]):
+    self.table, self.encode = table, encoder.encode_bytes
+    self.sep = bytes(encoder.encode_bytes(template.sep))
+    self.system = None   # the default system piece, for templates that add one
+    if template.default_system is not None:
+      self.system = bytes(encoder.encode_bytes(template.wrap("system", template.default_system)))
+
+  def __call__(self, obj, chunks: list, flags: list, sizes: list) -> int | None:
+    table = self.table
+    if type(obj) is dict:
+      if "messages" not in obj:
+        text = obj.get("content", obj.get("text"))
+        if type(text) is not str:
+          return None
+        msgs = ({"role": "pretrain", "content": text},)
+      elif obj.get("tools") is not None:
+        return None
+      else:
+        msgs = obj["messages"]
+    else:
+      msgs = obj
+    if type(msgs) not in (list, tuple) or not msgs:
+      return None
+    chat = False
+    for m in msgs:
+      if type(m) is not dict:
+        return None
+      role, text = m.get("role"), m.get("content")
+      if type(role) is not str or role not in table or type(text) is not str \
+          or templates.IMG_CONTEXT in text:
+        return None
+      if len(m) > 2 and (m.get("tool_calls") or type(m.get("loss")) not in (bool, type(None))):
+        return None
+      chat = chat or role != "pretrain"
+    n = 0
+    if self.system is not None and chat and msgs[0]["role"] != "system":
+      chunks.append(self.system)
+      flags.append(False)
+      sizes.append(len(self.system) >> 2)
+      n += len(self.system) >> 2
+    encode, sep, sep_n = self.encode, self.sep, len(self.sep) >> 2
+    for m in msgs:
+      role = m["role"]
+      s = table[role]
+      body = encode(s.pre + m["content"] + s.post)
+      size = s.fixed + (len(body) >> 2)
+      chunks += (s.head, body, s.tail)
+      loss = m.get("loss")
+      flags.append(s.trained if loss is None else loss)
+      sizes.append(size)
+      n += size
+      if role == "assistant":
+        chunks.append(sep)
+        flags.append(False)
+        sizes.append(sep_n)
+        n += sep_n
+    return n
 
 
 _WORKER_ENCODER: TokenEncoder | None = None
 
 
-def _init_worker(encoder: TokenEncoder) -> None:
+def _init_worker(encoder: TokenEncoder | str) -> None:
+  """`encoder` itself, or the path of a file holding it pickled (see EncoderPool.start)."""
   global _WORKER_ENCODER  # pylint: disable=global-statement
+  if isinstance(encoder, str):
+    with open(encoder, "rb") as f:
+      encoder = pickle.load(f)
   _WORKER_ENCODER = encoder
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _work(args) -> EncodedChunk:
-  return encode_lines(_WORKER_ENCODER, *args)
+def _work(job: EncodeJob, path: str, spans: np.ndarray, spill: str | None) -> EncodedChunk:
+  """Encodes in a worker. With `spill`, the ids go back through a file in that folder: ~3
+  fewer copies of them than pickling them through the result pipe, and no unpickling in the
+  parent (whose main thread is tokenizing too)."""
+  chunk = encode_lines(_WORKER_ENCODER, job, path, spans)
+  if spill is not None and chunk.tokens.nbytes:
+    fd, name = tempfile.mkstemp(dir=spill, suffix=".u32")
+    with os.fdopen(fd, "wb") as f:
+      f.write(chunk.tokens.data)
+    chunk.tokens, chunk.spilled = np.zeros(0, np.uint32), name
+  return chunk
+
+
+def _unspill(chunk: EncodedChunk) -> EncodedChunk:
+  """The ids of a chunk a worker spilled: mapped from the page cache (no copy), and the file
+  unlinked at once (the mapping keeps them readable)."""
+  if chunk.spilled is not None:
+    chunk.tokens = np.asarray(np.memmap(chunk.spilled, np.uint32, mode="r"))
+    with contextlib.suppress(OSError):
+      os.unlink(chunk.spilled)
+    chunk.spilled = None
+  return chunk
+
+
+def _close(pool: cf.ProcessPoolExecutor | None, state: str | None, spill: str | None) -> None:
+  if pool is not None:
+    pool.shutdown(wait=True, cancel_futures=True)
+  if state is not None:
+    with contextlib.suppress(OSError):
+      os.unlink(state)
+  if spill is not None:
+    shutil.rmtree(spill, ignore_errors=True)
 
 
 def available_cpus() -> int:
@@ -156,21 +290,40 @@ class EncoderPool:
   def __init__(self, encoder: TokenEncoder, num_workers: int):
     self.encoder, self.num_workers = encoder, num_workers
     self._pool: cf.ProcessPoolExecutor | None = None
+    self._state: str | None = None   # the pickled encoder, for workers to start from
+    self._spill: str | None = None   # a folder for the workers' ids
 
   def __enter__(self) -> "EncoderPool":
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._pool is not None:
-      self._pool.shutdown(wait=True, cancel_futures=True)
-      self._pool = None
+    # Joining the workers takes ~0.1 s and the encoder file must outlive their start-up: both
+    # happen in the background.
+    if self._pool is not None or self._state is not None or self._spill is not None:
+      threading.Thread(target=_close, args=(self._pool, self._state, self._spill),
+                       name="jaxtune-encoder-pool-close").start()
+    self._pool = self._state = self._spill = None
+
+  def _encoder_arg(self) -> TokenEncoder | str:
+    """The encoder (~2 MB pickled) goes through a file: handed to a spawned worker directly,
+    it would be written into the worker's start-up pipe, which blocks this process until the
+    worker has started Python and reads it (~0.2 s)."""
+    try:
+      fd, self._state = tempfile.mkstemp(prefix="jaxtune-encoder-", suffix=".pkl")
+      with os.fdopen(fd, "wb") as f:
+        pickle.dump(self.encoder, f, protocol=pickle.HIGHEST_PROTOCOL)
+      return self._state
+    except OSError:
+      return self.encoder
 
   def start(self) -> None:
     if self._pool is not None or self.num_workers <= 1:
       return
     spawned = self.num_workers - 1   # this process is the last worker
+    with contextlib.suppress(OSError):
+      self._spill = tempfile.mkdtemp(prefix="jaxtune-tokens-")
     pool = cf.ProcessPoolExecutor(spawned, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_init_worker, initargs=(self.encoder,))
+                                  initializer=_init_worker, initargs=(self._encoder_arg(),))
     main = sys.modules["__main__"]
     # A spawned child re-imports the parent's __main__ unless it has neither __spec__ nor
     # __file__. Each submit below starts one worker now, while a bare stand-in is in place.
@@ -188,7 +341,7 @@ class EncoderPool:
     if self._pool is None and (self.num_workers <= 1 or lines < MIN_LINES_FOR_WORKERS):
       return [encode_lines(self.encoder, t.job, t.path, t.spans) for t in tasks]
     self.start()
-    futures = [self._pool.submit(_work, (t.job, t.path, t.spans)) for t in tasks]
+    futures = [self._pool.submit(_work, t.job, t.path, t.spans, self._spill) for t in tasks]
     results: list[EncodedChunk | None] = [None] * len(tasks)
     # Meanwhile this process works from the other end on tasks no worker has taken yet, so it
     # is busy from the first second (a spawned worker needs ~1 s to start).
@@ -199,7 +352,7 @@ class EncoderPool:
     try:
       for i, future in enumerate(futures):
         if results[i] is None:
-          results[i] = future.result()
+          results[i] = _unspill(future.result())
     except cf.process.BrokenProcessPool as e:
       # A worker died (e.g. killed for memory): slower, but correct.
       log.warning("data: tokenizer worker processes failed (%s); tokenizing in this process "

@@ -24,6 +24,7 @@ from jaxtune.data.encoding import ID_MASK
 
 IGNORE = -100
 LEVELS = ("soft", "hard", "none")
+_LOOP_SPAN = 64   # tokens: spans longer on average are copied one by one when building rows
 
 
 @dataclasses.dataclass
@@ -130,32 +131,52 @@ def build_rows(plan: PackPlan, packs: np.ndarray, tokens: np.ndarray, starts: np
   """Rows [len(packs), pack_len] of input_ids, labels, segment_ids, positions (int32).
 
   `tokens` holds every sample's ids (trained flag in bit 31); sample i starts at `starts[i]`.
+  The rows are built at once, laid end to end: each span's tokens are copied to their place,
+  the rest is a few numpy passes per batch (not per row).
   """
-  rows = len(packs)
-  out = {
-      "input_ids": np.full((rows, pack_len), pad_id, np.int32),
-      "labels": np.full((rows, pack_len), IGNORE, np.int32),
-      "segment_ids": np.zeros((rows, pack_len), np.int32),
-      "positions": np.zeros((rows, pack_len), np.int32),
-  }
-  for r, p in enumerate(packs):
-    lo, hi = plan.bounds[p], plan.bounds[p + 1]
-    first = starts[plan.sample[lo:hi]] + plan.offset[lo:hi]
-    lens = plan.length[lo:hi]
-    n = int(lens.sum())
-    if n == 0:
-      continue
-    idx = np.repeat(first - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(n)
-    raw = tokens[idx]
-    ids = (raw & ID_MASK).astype(np.int32)
-    trained = raw >= np.uint32(1 << 31)
-    span_start = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    labels = np.full(n, IGNORE, np.int32)
-    labels[:-1] = np.where(trained[1:], ids[1:], IGNORE)
-    labels[span_start[1:] - 1] = IGNORE   # last token of every span but the final one
-    labels[n - 1] = IGNORE
-    out["input_ids"][r, :n] = ids
-    out["labels"][r, :n] = labels
-    out["segment_ids"][r, :n] = np.repeat(np.arange(1, len(lens) + 1, dtype=np.int32), lens)
-    out["positions"][r, :n] = np.arange(n, dtype=np.int32) - np.repeat(span_start, lens)
-  return out
+  tokens = np.asarray(tokens)   # a memory-mapped cache: plain slices are cheaper
+  packs = np.asarray(packs, np.int64)
+  rows, size = len(packs), len(packs) * pack_len
+  lo, hi = plan.bounds[packs], plan.bounds[packs + 1]
+  counts = hi - lo                                     # spans per row
+  row_first = np.cumsum(counts) - counts               # each row's first span
+  span = np.repeat(lo - row_first, counts) + np.arange(int(counts.sum()))
+  lens = plan.length[span]
+  first = starts[plan.sample[span]] + plan.offset[span]
+  cum = np.concatenate([[0], np.cumsum(lens)])         # spans end to end (no padding)
+  row_lo, row_hi = cum[row_first], cum[row_first + counts]
+  row = np.repeat(np.arange(rows), counts)
+  dest = row * pack_len + cum[:-1] - row_lo[row]       # where each span starts in the rows
+
+  raw = np.empty(size, np.uint32)
+  if len(span) * _LOOP_SPAN <= cum[-1]:                # long spans: copy each one
+    for d, f, n in zip(dest.tolist(), first.tolist(), lens.tolist()):
+      raw[d:d + n] = tokens[f:f + n]
+  else:                                                # many short spans: one gather
+    stream = tokens[np.repeat(first - cum[:-1], lens) + np.arange(int(cum[-1]))]
+    for r, (a, b) in enumerate(zip(row_lo.tolist(), row_hi.tolist())):
+      raw[r * pack_len:r * pack_len + b - a] = stream[a:b]
+  fill = (row_hi - row_lo).tolist()                    # tokens per row; the rest is padding
+  for r, n in enumerate(fill):
+    raw[r * pack_len + n:(r + 1) * pack_len] = pad_id
+
+  signed = raw.view(np.int32)
+  ids = signed & np.int32(ID_MASK)
+  target = np.where(signed < 0, ids, np.int32(IGNORE))  # what predicting each token scores
+  labels = np.empty(size, np.int32)
+  labels[:-1] = target[1:]
+  labels[pack_len - 1::pack_len] = IGNORE             # a row's last column: next is another row
+  labels[dest + lens - 1] = IGNORE                     # last token of every span: no target
+  # Segment ids and positions: each row's padding is one more span, of segment 0.
+  after = row_first + counts                           # where each row's padding goes
+  pad = pack_len - np.asarray(fill, np.int64)
+  all_lens = np.insert(lens, after, pad)
+  all_seg = np.insert(np.arange(1, len(span) + 1) - row_first[row], after, 0)
+  segment_ids = np.repeat(all_seg.astype(np.int32), all_lens)
+  begin = (np.cumsum(all_lens) - all_lens).astype(np.int32)
+  positions = np.arange(size, dtype=np.int32) - np.repeat(begin, all_lens)
+  for r, n in enumerate(fill):
+    positions[r * pack_len + n:(r + 1) * pack_len] = 0
+  return {"input_ids": ids.reshape(rows, pack_len), "labels": labels.reshape(rows, pack_len),
+          "segment_ids": segment_ids.reshape(rows, pack_len),
+          "positions": positions.reshape(rows, pack_len)}

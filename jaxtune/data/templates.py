@@ -144,6 +144,57 @@ def render(messages: Sequence[Message], template: ChatTemplate,
   return pieces
 
 
+class Splice(NamedTuple):
+  """A role's piece encoded as `head + encode(pre + text + post) + tail` (ids as uint32 bytes)."""
+  head: bytes
+  pre: str
+  post: str
+  tail: bytes
+  fixed: int       # tokens in head + tail
+  trained: bool
+
+
+# Texts on which every splice must reproduce the whole piece's ids (whitespace at the edges,
+# a special token, non-ASCII), else the template is rendered whole.
+_PROBES = ("", "x", " x ", "\n\nx\n", "\tx", "x<|im_end|>y", "<|endoftext|>", "é\u0301")
+
+
+def splice_table(template: ChatTemplate, encoder) -> dict[str, Splice] | None:
+  """Each role's constant ids, split off the prefix at its last special token and off the
+  suffix at its first one.
+
+  The encoder encodes the text between special tokens independently, so those parts encode to
+  the same ids whatever the message: they are encoded once here and spliced around each
+  message's encoded text, which saves encoding them per message. None (render whole pieces)
+  when the encoder cannot tell where special tokens are or a probe text's ids differ.
+  """
+  key = ("splice", template)
+  if key not in encoder.derived:
+    pattern = getattr(encoder, "special_pattern", None)
+    table = {} if pattern is not None else None
+    for role, (prefix, suffix, trained) in template.wraps().items() if table is not None else ():
+      splice = _splice(prefix, suffix, trained, pattern, encoder)
+      if splice is None:
+        table = None
+        break
+      table[role] = splice
+    encoder.derived[key] = table
+  return encoder.derived[key]
+
+
+def _splice(prefix: str, suffix: str, trained: bool, pattern, encoder) -> Splice | None:
+  ids = lambda text: bytes(encoder.encode_bytes(text))
+  cut = max((m.end() for m in pattern.finditer(prefix)), default=0)
+  first = pattern.search(suffix)
+  cut2 = first.start() if first else len(suffix)
+  head, tail = ids(prefix[:cut]), ids(suffix[cut2:])
+  splice = Splice(head, prefix[cut:], suffix[:cut2], tail, (len(head) + len(tail)) >> 2, trained)
+  for probe in _PROBES:
+    if ids(prefix + probe + suffix) != head + ids(splice.pre + probe + splice.post) + tail:
+      return None
+  return splice
+
+
 def render_text(messages: Sequence[Message], template: ChatTemplate,
                 tools: Sequence[Any] | None = None) -> str:
   return "".join(p.text for p in render(messages, template, tools))

@@ -23,6 +23,11 @@ from typing import Any
 
 import numpy as np
 
+try:  # orjson parses the ~7 MB tokenizer.json ~3x faster; the standard library gives the same
+  from orjson import loads as _loads
+except ImportError:
+  from json import loads as _loads
+
 # Qwen's pre-tokenizer: letters, single digits, punctuation runs, newlines, spaces.
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -45,6 +50,7 @@ QWEN3_ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = (
 )
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 _MEMO_CHARS, _MEMO_ENTRIES = 200, 1 << 16   # TokenEncoder.encode_bytes memo limits
+_NO_SPECIALS: frozenset = frozenset()
 
 # A ChatML template matching jaxtune's `qwen3` training template (no <think> injection), so an
 # exported model's tokenizer renders prompts the way it was trained.
@@ -84,6 +90,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     else:
       table[b] = chr(256 + extra)
       extra += 1
+  return table
+
+
+def _byte_table() -> dict[int, str]:
+  """A str.translate table: byte-level character -> the byte it stands for (as a latin-1
+  character); every other character below U+0144 -> U+FFFF, which latin-1 cannot encode."""
+  table = {c: "\uffff" for c in range(0x144)}
+  table.update({ord(c): chr(b) for b, c in _bytes_to_unicode().items()})
   return table
 
 
@@ -216,15 +230,16 @@ class TokenEncoder:
     with open(os.path.join(path, "tokenizer.json"), "rb") as f:
       raw = f.read()
     self.fingerprint = hashlib.sha256(raw).hexdigest()[:16]
-    spec = json.loads(raw)
+    spec = _loads(raw)
     self.added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
     self._nfc = (spec.get("normalizer") or {}).get("type") == "NFC"
     self._special_re = _alternation(self.added)
-    self._core = self._buffer = None
+    self._core = self._buffer = self.special_pattern = None
     self._memo: dict[str, bytes] = {}
     self._tiktoken = self._build_tiktoken(spec) if allow_tiktoken else None
     self._hf = None if self._tiktoken is not None else load_tokenizer(path)
     self.backend = "tiktoken" if self._tiktoken is not None else "hf"
+    self.derived: dict[Any, Any] = {}   # tables built from this encoder (e.g. template splices)
 
   def __getstate__(self):
     state = {"path": self.path, "allow_tiktoken": self.allow_tiktoken}
@@ -244,7 +259,7 @@ class TokenEncoder:
     self.fingerprint, self.added, self._nfc = state["fingerprint"], state["added"], state["nfc"]
     self._special_re = _alternation(self.added)
     self._tiktoken = self._make_tiktoken(state["pattern"], state["ranks"], state["specials"])
-    self._hf, self.backend, self._memo = None, "tiktoken", {}
+    self._hf, self.backend, self._memo, self.derived = None, "tiktoken", {}, {}
 
   def _build_tiktoken(self, spec: dict[str, Any]):
     """A tiktoken Encoding with the same ids, or None when tiktoken cannot match HF exactly."""
@@ -260,19 +275,18 @@ class TokenEncoder:
       return None
     if importlib.util.find_spec("tiktoken") is None:
       return None
-    char_byte = {c: b for b, c in _bytes_to_unicode().items()}
     vocab = model["vocab"]
-    ranks = {bytes(char_byte[c] for c in tok): i for tok, i in vocab.items()}
+    table = _byte_table()
+    try:
+      ranks = {tok.translate(table).encode("latin-1"): i for tok, i in vocab.items()}
+    except UnicodeEncodeError:   # a character that is not byte-level: not a byte-level BPE
+      return None
     # tiktoken merges by the rank of the joined token; that equals HF's merge order only when
     # every merge's result id grows with its position in the merge list.
-    merges = model.get("merges", [])
-    last = -1
-    for merge in merges:
-      left, right = merge.split(" ") if isinstance(merge, str) else merge
-      rid = vocab.get(left + right)
-      if rid is None or rid <= last:
-        return None
-      last = rid
+    rids = [vocab.get(m.replace(" ", "", 1) if isinstance(m, str) else m[0] + m[1])
+            for m in model.get("merges", [])]
+    if None in rids or np.any(np.diff(np.asarray(rids, np.int64)) <= 0):
+      return None
     specials = {c: i for c, i in self.added.items() if c not in vocab}
     return self._make_tiktoken(pattern, ranks, specials)
 
@@ -281,6 +295,10 @@ class TokenEncoder:
     enc = tiktoken.Encoding(f"jaxtune-{self.fingerprint}", pat_str=pattern,
                             mergeable_ranks=ranks, special_tokens=specials)
     self._allowed = frozenset(specials)
+    # Text holding none of these characters holds no special token: tiktoken then need not be
+    # handed (and convert, per call) the set of allowed specials.
+    self._special_starts = tuple(sorted({s[0] for s in specials if s}))
+    self.special_pattern = _alternation(specials) if specials else None
     self._core = getattr(enc, "_core_bpe", None)
     self._buffer = getattr(self._core, "encode_to_tiktoken_buffer", None)
     return enc
@@ -293,7 +311,7 @@ class TokenEncoder:
       text = self._nfc_between_specials(text)
     if self._core is not None:
       try:
-        return self._core.encode(text, self._allowed)
+        return self._core.encode(text, self._allowed_for(text))
       except UnicodeEncodeError:  # lone surrogates: let tiktoken's wrapper fix them up
         pass
     return self._tiktoken.encode(text, allowed_special=self._allowed)
@@ -305,7 +323,7 @@ class TokenEncoder:
     if self._nfc and not text.isascii() and not unicodedata.is_normalized("NFC", text):
       text = self._nfc_between_specials(text)
     try:
-      return np.frombuffer(self._buffer(text, self._allowed), dtype=np.uint32)
+      return np.frombuffer(self._buffer(text, self._allowed_for(text)), dtype=np.uint32)
     except UnicodeEncodeError:
       return np.asarray(self.encode(text), dtype=np.uint32)
 
@@ -329,10 +347,16 @@ class TokenEncoder:
       if self._nfc and not text.isascii() and not unicodedata.is_normalized("NFC", text):
         text = self._nfc_between_specials(text)
       try:
-        return memoryview(self._buffer(text, self._allowed)).cast("B")
+        return memoryview(self._buffer(text, self._allowed_for(text))).cast("B")
       except UnicodeEncodeError:
         pass
     return np.asarray(self.encode(text), dtype=np.uint32).tobytes()
+
+  def _allowed_for(self, text: str) -> frozenset:
+    for c in self._special_starts:
+      if c in text:
+        return self._allowed
+    return _NO_SPECIALS
 
   def _nfc_between_specials(self, text: str) -> str:
     out, pos = [], 0
