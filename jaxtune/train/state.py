@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune.train.step import TrainState
@@ -56,8 +55,3 @@ def abstract_train_state(abstract_params, optimizer, mesh) -> TrainState:
       params=abstract_params,
       opt_state=jax.tree.map(with_sharding, abstract_opt, opt_shardings),
       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec())))
-
-
-def split_params(model: nnx.Module):
-  """(graphdef, params): the static structure and the parameter arrays of a model."""
-  return nnx.split(model)
