@@ -128,27 +128,52 @@ def test_bad_line_in_the_middle_leaves_no_partial_pieces(fast, tmp_path):
 
 
 def test_worker_results_come_back_identical(fast, jsonl):
-  """A worker's ids come back through a spill file; the file and folder are then removed."""
+  """Both processes append their ids to one store file, in whatever order they finish; the
+  store is then mapped and each line found through its start. The file is removed."""
   src = sources.SourceFile.read(jsonl)
   job = encoding.EncodeJob("qwen3", sources.ParseOptions())
-  tasks = encoding.split_tasks(job, jsonl, np.stack([src.starts, src.ends], 1), 5)
+  tasks = encoding.split_tasks(job, jsonl, np.stack([src.starts, src.ends], 1), 5) * 300
   with encoding.EncoderPool(fast, 2) as pool:
     pool.start()
-    spill = pool._spill  # pylint: disable=protected-access
-    assert spill is not None and os.path.isdir(spill)
-    work = lambda t: pool._pool.submit(  # pylint: disable=protected-access
-        encoding._work, t.job, t.path, t.spans, spill)  # pylint: disable=protected-access
-    got = [encoding._unspill(work(t).result()) for t in tasks]  # pylint: disable=protected-access
-  for t, chunk in zip(tasks, got):
-    want = encoding.encode_lines(fast, t.job, t.path, t.spans)
-    np.testing.assert_array_equal(chunk.tokens, want.tokens)
-    np.testing.assert_array_equal(chunk.lengths, want.lengths)
-    np.testing.assert_array_equal(chunk.loss, want.loss)
-    assert chunk.bad == want.bad and chunk.spilled is None
-  for thread in threading.enumerate():
-    if thread.name == "jaxtune-encoder-pool-close":
-      thread.join(timeout=60)
-  assert not os.path.exists(spill)
+    path = pool._store  # pylint: disable=protected-access
+    assert path is not None and os.path.isfile(path)
+    chunks = pool.run(tasks)
+    store = pool.mapped_store()
+  assert not os.path.exists(path)
+  wants = [encoding.encode_lines(fast, t.job, t.path, t.spans) for t in tasks]
+  assert all(c.stored_at is not None for c, w in zip(chunks, wants) if w.tokens.nbytes)
+  offsets = np.array([c.stored_at for c in chunks if c.stored_at is not None])
+  assert (np.diff(offsets) < 0).any(), "the store should not be in line order here"
+  tokens, starts = encoding.join_tokens(chunks, store)
+  assert tokens is store                                   # nothing copied
+  got = [tokens[s:s + n] for s, n in zip(starts, np.concatenate([c.lengths for c in chunks]))]
+  want = [x for w in wants for x in np.split(w.tokens, np.cumsum(w.lengths)[:-1])]
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+  for chunk, w in zip(chunks, wants):
+    np.testing.assert_array_equal(chunk.lengths, w.lengths)
+    np.testing.assert_array_equal(chunk.loss, w.loss)
+    assert chunk.bad == w.bad
+
+
+def test_join_tokens_copies_in_line_order_when_chunks_are_mixed(fast, jsonl):
+  """A chunk kept in memory (a worker failed mid-way) among stored ones: all ids are copied,
+  in line order, into one array."""
+  src = sources.SourceFile.read(jsonl)
+  job = encoding.EncodeJob("qwen3", sources.ParseOptions())
+  tasks = encoding.split_tasks(job, jsonl, np.stack([src.starts, src.ends], 1), 3)
+  chunks = [encoding.encode_lines(fast, t.job, t.path, t.spans) for t in tasks]
+  want = np.concatenate([c.tokens for c in chunks])
+  fd, path = tempfile.mkstemp()
+  os.close(fd)
+  for chunk in reversed(chunks[1:]):           # stored out of order, the first one not at all
+    encoding.store_chunk(chunk, path)
+  encoding._forget_store(path)  # pylint: disable=protected-access
+  tokens, starts = encoding.join_tokens(chunks, encoding.map_store(path))
+  np.testing.assert_array_equal(tokens, want)
+  np.testing.assert_array_equal(starts, np.cumsum([n for c in chunks for n in c.lengths])
+                                - np.concatenate([c.lengths for c in chunks]))
 
 
 @pytest.mark.parametrize("kind", ["long", "short", "blank", "empty"])

@@ -170,11 +170,19 @@ def test_two_hosts_partition_the_epoch(corpus, enc):
             allgather=lambda n: [n, n])
 
 
-def test_worker_processes_give_the_same_batches(corpus, tok, monkeypatch):
+def test_worker_processes_give_the_same_batches(corpus, tok, monkeypatch, tmp_path):
+  """With workers, both datasets' ids share one store file in the order tasks finish; with a
+  cache, each file's entry is written back in line order and read back from there."""
   inline = SFTData(cfg_for(corpus), tok, global_batch_size=2)
   monkeypatch.setattr(encoding, "MIN_LINES_FOR_WORKERS", 0)
   pooled = SFTData(cfg_for(corpus, num_workers=2), tok, global_batch_size=2)
   assert all(same(a, b) for a, b in zip(inline.batches(0), pooled.batches(0)))
+  cache = str(tmp_path / "cache")
+  cold = SFTData(cfg_for(corpus, num_workers=2, cache_dir=cache), tok, global_batch_size=2)
+  warm = SFTData(cfg_for(corpus, num_workers=2, cache_dir=cache), tok, global_batch_size=2)
+  assert (warm.cache.hits, warm.cache.misses) == (2, 0)
+  for data in (cold, warm):
+    assert all(same(a, b) for a, b in zip(inline.batches(0), data.batches(0)))
 
 
 def test_cache_skips_tokenizing_and_invalidates_exactly(corpus, tok, tmp_path):

@@ -21,7 +21,7 @@ import tempfile
 import numpy as np
 
 from jaxtune.data import templates
-from jaxtune.data.encoding import EncodedChunk, EncodeJob
+from jaxtune.data.encoding import EncodedChunk, EncodeJob, join_tokens
 from jaxtune.data.sources import SourceFile
 
 # Bump when parsing, rendering or encoding changes the tokens produced for the same input.
@@ -31,10 +31,11 @@ ENCODING_VERSION = 2
 @dataclasses.dataclass
 class Entry:
   lines: np.ndarray     # int64, sorted: indices of the file's lines held here
+  starts: np.ndarray    # int64 per held line: where its ids begin in `tokens`
   lengths: np.ndarray   # int64 per held line; 0 = bad line
   loss: np.ndarray      # int64 per held line: labels that carry loss
   images: np.ndarray    # int64 per held line: <IMG_CONTEXT> tokens
-  tokens: np.ndarray    # uint32, held lines back to back
+  tokens: np.ndarray    # uint32: the ids (may be shared with other entries, in any order)
   bad: dict[int, str]   # line index -> what is wrong
 
   def covers(self, local: np.ndarray) -> bool:
@@ -42,29 +43,35 @@ class Entry:
     return bool(np.all(at < len(self.lines)) and np.all(self.lines[np.minimum(
         at, len(self.lines) - 1)] == local)) if len(self.lines) else len(local) == 0
 
-  def select(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+  def select(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                                                 np.ndarray]:
-    """(tokens, lengths, loss, images) of lines `local` (sorted), back to back."""
+    """(tokens, starts, lengths, loss, images) of lines `local` (sorted); no ids are copied."""
     if len(local) == len(self.lines):
-      return self.tokens, self.lengths, self.loss, self.images
+      return self.tokens, self.starts, self.lengths, self.loss, self.images
     at = np.searchsorted(self.lines, local)
-    lens = self.lengths[at]
-    offs = np.concatenate([[0], np.cumsum(self.lengths)])[at]
-    out_start = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    idx = np.repeat(offs - out_start, lens) + np.arange(int(lens.sum()))
-    return np.asarray(self.tokens)[idx], lens, self.loss[at], self.images[at]
+    return self.tokens, self.starts[at], self.lengths[at], self.loss[at], self.images[at]
+
+  def compact(self) -> tuple[np.ndarray, np.ndarray]:
+    """(ids of the held lines back to back, their starts in that array): what is stored."""
+    starts = np.cumsum(self.lengths) - self.lengths
+    total = int(self.lengths.sum())
+    if len(self.tokens) == total and np.array_equal(starts, self.starts):
+      return np.asarray(self.tokens), starts
+    idx = np.repeat(self.starts - starts, self.lengths) + np.arange(total)
+    return np.asarray(self.tokens)[idx], starts
 
 
-def entry_from_chunks(need: np.ndarray, chunks: list[EncodedChunk]) -> Entry:
+def entry_from_chunks(need: np.ndarray, chunks: list[EncodedChunk],
+                      store: np.ndarray | None) -> Entry:
   cat = lambda name: np.concatenate([getattr(c, name) for c in chunks]).astype(np.int64)
-  tokens = chunks[0].tokens if len(chunks) == 1 else np.concatenate([c.tokens for c in chunks])
+  tokens, starts = join_tokens(chunks, store)
   bad, base = {}, 0
   for c in chunks:
     for k, what in c.bad:
       bad[int(need[base + k])] = what
     base += len(c.lengths)
-  return Entry(np.asarray(need, np.int64), cat("lengths"), cat("loss"), cat("images"), tokens,
-               bad)
+  return Entry(np.asarray(need, np.int64), starts, cat("lengths"), cat("loss"), cat("images"),
+               tokens, bad)
 
 
 class TokenCache:
@@ -97,8 +104,10 @@ class TokenCache:
       with open(os.path.join(path, "bad.json")) as f:
         bad = {int(k): v for k, v in json.load(f).items()}
       arrays = np.load(os.path.join(path, "lines.npz"))
-      entry = Entry(arrays["lines"], arrays["lengths"], arrays["loss"], arrays["images"],
-                    np.load(os.path.join(path, "tokens.npy"), mmap_mode="r"), bad)
+      lengths = arrays["lengths"]
+      entry = Entry(arrays["lines"], np.cumsum(lengths) - lengths, lengths, arrays["loss"],
+                    arrays["images"], np.load(os.path.join(path, "tokens.npy"), mmap_mode="r"),
+                    bad)
     except (OSError, ValueError, KeyError):   # absent, partial or from an older version
       self.misses += 1
       return None
@@ -114,7 +123,7 @@ class TokenCache:
     try:
       np.savez(os.path.join(tmp, "lines.npz"), lines=entry.lines, lengths=entry.lengths,
                loss=entry.loss, images=entry.images)
-      np.save(os.path.join(tmp, "tokens.npy"), np.asarray(entry.tokens))
+      np.save(os.path.join(tmp, "tokens.npy"), entry.compact()[0])
       with open(os.path.join(tmp, "bad.json"), "w") as f:
         json.dump({str(k): v for k, v in entry.bad.items()}, f)
       if os.path.isdir(final):          # a smaller entry for the same key: replace it

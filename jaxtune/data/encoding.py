@@ -4,7 +4,10 @@ One pass: parse, validate, render the template, encode, keep the ids (XTuner cou
 one pass, throws the ids away and tokenizes again while training; jaxtune tokenizes once).
 
 Results are compact: one flat uint32 array per chunk holding every sample's ids with the
-trained flag in bit 31, plus each sample's length.
+trained flag in bit 31, plus each sample's length. With worker processes, every process appends
+its chunks' ids to one shared file (the store) instead: the parent then maps that file and holds
+every id once, with no copy to join them (the chunks land in the order they finish, so each
+line's ids are found through its start, not by position).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import mmap
 import multiprocessing
 import os
 import pickle
-import shutil
 import sys
 import tempfile
 import threading
@@ -51,7 +53,7 @@ class EncodedChunk:
   loss: np.ndarray            # int64 per line: trained tokens after the first (label count)
   images: np.ndarray          # int64 per line: <IMG_CONTEXT> tokens
   bad: list[tuple[int, str]]  # (position in the chunk, what is wrong)
-  spilled: str | None = None  # a worker's ids, in this file instead of `tokens`
+  stored_at: int | None = None  # where the ids went in the pool's store (then `tokens` is empty)
 
   @classmethod
   def build(cls, tokens: np.ndarray, lengths: np.ndarray, bad, image_id: int | None,
@@ -208,6 +210,7 @@ class _Spliced:
 
 
 _WORKER_ENCODER: TokenEncoder | None = None
+_STORE_FDS: dict[str, int] = {}   # store path -> this process's append descriptor
 
 
 def _init_worker(encoder: TokenEncoder | str) -> None:
@@ -220,38 +223,77 @@ def _init_worker(encoder: TokenEncoder | str) -> None:
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _work(job: EncodeJob, path: str, spans: np.ndarray, spill: str | None) -> EncodedChunk:
-  """Encodes in a worker. With `spill`, the ids go back through a file in that folder: ~3
-  fewer copies of them than pickling them through the result pipe, and no unpickling in the
-  parent (whose main thread is tokenizing too)."""
+def store_chunk(chunk: EncodedChunk, store: str) -> EncodedChunk:
+  """Appends the chunk's ids to the store file and records where they went.
+
+  Every process opens the file with O_APPEND: each write lands whole at the end of the file,
+  and this descriptor's offset afterwards tells where (descriptors are per process, so no other
+  writer moves it)."""
+  if not chunk.tokens.nbytes:
+    return chunk
+  fd = _STORE_FDS.get(store)
+  if fd is None:
+    fd = _STORE_FDS[store] = os.open(store, os.O_WRONLY | os.O_APPEND)
+  data = chunk.tokens.data.cast("B")
+  written = os.write(fd, data)
+  if written != len(data):   # a short write (disk full): its offset cannot be trusted
+    raise OSError(f"{store}: wrote {written} of {len(data)} bytes of token ids")
+  chunk.stored_at = (os.lseek(fd, 0, os.SEEK_CUR) - written) // 4
+  chunk.tokens = np.zeros(0, np.uint32)
+  return chunk
+
+
+def _forget_store(store: str) -> None:
+  fd = _STORE_FDS.pop(store, None)
+  if fd is not None:
+    os.close(fd)
+
+
+def _work(job: EncodeJob, path: str, spans: np.ndarray, store: str | None) -> EncodedChunk:
+  """Encodes in a worker. With a store, the ids go back through it: ~3 fewer copies of them
+  than pickling them through the result pipe, and no unpickling in the parent (whose main
+  thread is tokenizing too)."""
   chunk = encode_lines(_WORKER_ENCODER, job, path, spans)
-  if spill is not None and chunk.tokens.nbytes:
-    fd, name = tempfile.mkstemp(dir=spill, suffix=".u32")
-    with os.fdopen(fd, "wb") as f:
-      f.write(chunk.tokens.data)
-    chunk.tokens, chunk.spilled = np.zeros(0, np.uint32), name
-  return chunk
+  return store_chunk(chunk, store) if store is not None else chunk
 
 
-def _unspill(chunk: EncodedChunk) -> EncodedChunk:
-  """The ids of a chunk a worker spilled: mapped from the page cache (no copy), and the file
-  unlinked at once (the mapping keeps them readable)."""
-  if chunk.spilled is not None:
-    chunk.tokens = np.asarray(np.memmap(chunk.spilled, np.uint32, mode="r"))
-    with contextlib.suppress(OSError):
-      os.unlink(chunk.spilled)
-    chunk.spilled = None
-  return chunk
+def map_store(path: str) -> np.ndarray:
+  """The store's ids, read-only, straight from the page cache (no copy). The file is unlinked:
+  the mapping keeps it alive as long as the array is."""
+  with open(path, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else b""
+  with contextlib.suppress(OSError):
+    os.unlink(path)
+  return np.frombuffer(mapped, np.uint32) if size else np.zeros(0, np.uint32)
 
 
-def _close(pool: cf.ProcessPoolExecutor | None, state: str | None, spill: str | None) -> None:
+def join_tokens(chunks: Sequence[EncodedChunk],
+                store: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, start of each line's ids in them) of chunks, their lines in order.
+
+  Chunks all in `store` (the mapped store file) are not copied; otherwise every id is copied,
+  in line order, into one new array."""
+  local = [np.cumsum(c.lengths) - c.lengths for c in chunks]
+  if not chunks:
+    return np.zeros(0, np.uint32), np.zeros(0, np.int64)
+  if store is not None and all(c.stored_at is not None or not c.tokens.nbytes for c in chunks):
+    starts = np.concatenate([(c.stored_at or 0) + s for c, s in zip(chunks, local)])
+    return store, starts.astype(np.int64)
+  parts = [store[c.stored_at:c.stored_at + int(c.lengths.sum())] if c.stored_at is not None
+           else c.tokens for c in chunks]
+  base = np.cumsum([0] + [len(p) for p in parts[:-1]])
+  tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
+  return tokens, np.concatenate([b + s for b, s in zip(base, local)]).astype(np.int64)
+
+
+def _close(pool: cf.ProcessPoolExecutor | None, state: str | None, store: str | None) -> None:
   if pool is not None:
     pool.shutdown(wait=True, cancel_futures=True)
-  if state is not None:
-    with contextlib.suppress(OSError):
-      os.unlink(state)
-  if spill is not None:
-    shutil.rmtree(spill, ignore_errors=True)
+  for path in (state, store):
+    if path is not None:
+      with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def available_cpus() -> int:
@@ -291,7 +333,7 @@ class EncoderPool:
     self.encoder, self.num_workers = encoder, num_workers
     self._pool: cf.ProcessPoolExecutor | None = None
     self._state: str | None = None   # the pickled encoder, for workers to start from
-    self._spill: str | None = None   # a folder for the workers' ids
+    self._store: str | None = None   # the file every process appends its ids to
 
   def __enter__(self) -> "EncoderPool":
     return self
@@ -299,10 +341,12 @@ class EncoderPool:
   def __exit__(self, *exc) -> None:
     # Joining the workers takes ~0.1 s and the encoder file must outlive their start-up: both
     # happen in the background.
-    if self._pool is not None or self._state is not None or self._spill is not None:
-      threading.Thread(target=_close, args=(self._pool, self._state, self._spill),
+    if self._store is not None:
+      _forget_store(self._store)
+    if self._pool is not None or self._state is not None or self._store is not None:
+      threading.Thread(target=_close, args=(self._pool, self._state, self._store),
                        name="jaxtune-encoder-pool-close").start()
-    self._pool = self._state = self._spill = None
+    self._pool = self._state = self._store = None
 
   def _encoder_arg(self) -> TokenEncoder | str:
     """The encoder (~2 MB pickled) goes through a file: handed to a spawned worker directly,
@@ -321,7 +365,8 @@ class EncoderPool:
       return
     spawned = self.num_workers - 1   # this process is the last worker
     with contextlib.suppress(OSError):
-      self._spill = tempfile.mkdtemp(prefix="jaxtune-tokens-")
+      fd, self._store = tempfile.mkstemp(prefix="jaxtune-tokens-", suffix=".u32")
+      os.close(fd)
     pool = cf.ProcessPoolExecutor(spawned, mp_context=multiprocessing.get_context("spawn"),
                                   initializer=_init_worker, initargs=(self._encoder_arg(),))
     main = sys.modules["__main__"]
@@ -336,12 +381,13 @@ class EncoderPool:
     self._pool = pool
 
   def run(self, tasks: Sequence[Task]) -> list[EncodedChunk]:
-    """Encodes tasks, in order; in this process when there is little work."""
+    """Encodes tasks, in order; in this process when there is little work. With workers, the
+    ids are in the store: `join_tokens(chunks, pool.mapped_store())` collects them."""
     lines = sum(len(t.spans) for t in tasks)
     if self._pool is None and (self.num_workers <= 1 or lines < MIN_LINES_FOR_WORKERS):
       return [encode_lines(self.encoder, t.job, t.path, t.spans) for t in tasks]
     self.start()
-    futures = [self._pool.submit(_work, t.job, t.path, t.spans, self._spill) for t in tasks]
+    futures = [self._pool.submit(_work, t.job, t.path, t.spans, self._store) for t in tasks]
     results: list[EncodedChunk | None] = [None] * len(tasks)
     # Meanwhile this process works from the other end on tasks no worker has taken yet, so it
     # is busy from the first second (a spawned worker needs ~1 s to start).
@@ -349,10 +395,12 @@ class EncoderPool:
       if not futures[i].cancel():
         break
       results[i] = encode_lines(self.encoder, tasks[i].job, tasks[i].path, tasks[i].spans)
+      if self._store is not None:
+        store_chunk(results[i], self._store)
     try:
       for i, future in enumerate(futures):
         if results[i] is None:
-          results[i] = _unspill(future.result())
+          results[i] = future.result()
     except cf.process.BrokenProcessPool as e:
       # A worker died (e.g. killed for memory): slower, but correct.
       log.warning("data: tokenizer worker processes failed (%s); tokenizing in this process "
@@ -361,6 +409,14 @@ class EncoderPool:
       results = [r if r is not None else encode_lines(self.encoder, t.job, t.path, t.spans)
                  for r, t in zip(results, tasks)]
     return results
+
+  def mapped_store(self) -> np.ndarray | None:
+    """The ids `run` put in the store, mapped (see map_store); None without a store."""
+    if self._store is None:
+      return None
+    _forget_store(self._store)
+    store, self._store = self._store, None
+    return map_store(store)
 
 
 def split_tasks(job: EncodeJob, path: str, spans: np.ndarray, chunk_lines: int) -> list[Task]:

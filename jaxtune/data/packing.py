@@ -17,6 +17,7 @@ token of every span and on padding, so nothing learns across a boundary. Segment
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -132,7 +133,7 @@ def build_rows(plan: PackPlan, packs: np.ndarray, tokens: np.ndarray, starts: np
 
   `tokens` holds every sample's ids (trained flag in bit 31); sample i starts at `starts[i]`.
   The rows are built at once, laid end to end: each span's tokens are copied to their place,
-  the rest is a few numpy passes per batch (not per row).
+  the rest is a few numpy passes per batch (not per row), each writing its output in place.
   """
   tokens = np.asarray(tokens)   # a memory-mapped cache: plain slices are cheaper
   packs = np.asarray(packs, np.int64)
@@ -147,36 +148,53 @@ def build_rows(plan: PackPlan, packs: np.ndarray, tokens: np.ndarray, starts: np
   row_lo, row_hi = cum[row_first], cum[row_first + counts]
   row = np.repeat(np.arange(rows), counts)
   dest = row * pack_len + cum[:-1] - row_lo[row]       # where each span starts in the rows
+  fill = (row_hi - row_lo).tolist()                    # tokens per row; the rest is padding
 
-  raw = np.empty(size, np.uint32)
-  if len(span) * _LOOP_SPAN <= cum[-1]:                # long spans: copy each one
-    for d, f, n in zip(dest.tolist(), first.tolist(), lens.tolist()):
-      raw[d:d + n] = tokens[f:f + n]
+  # One slot past the end (untrained padding): labels are then raw[1:] with no copy.
+  raw = np.empty(size + 1, np.uint32)
+  if len(span) * _LOOP_SPAN <= cum[-1]:                # long spans: join each row's slices
+    pieces = [tokens[f:f + n] for f, n in zip(first.tolist(), lens.tolist())]
+    for r, (a, n) in enumerate(zip(row_first.tolist(), counts.tolist())):
+      np.concatenate(pieces[a:a + n], out=raw[r * pack_len:r * pack_len + fill[r]])
   else:                                                # many short spans: one gather
     stream = tokens[np.repeat(first - cum[:-1], lens) + np.arange(int(cum[-1]))]
     for r, (a, b) in enumerate(zip(row_lo.tolist(), row_hi.tolist())):
       raw[r * pack_len:r * pack_len + b - a] = stream[a:b]
-  fill = (row_hi - row_lo).tolist()                    # tokens per row; the rest is padding
   for r, n in enumerate(fill):
     raw[r * pack_len + n:(r + 1) * pack_len] = pad_id
+  raw[size] = pad_id
 
   signed = raw.view(np.int32)
-  ids = signed & np.int32(ID_MASK)
-  target = np.where(signed < 0, ids, np.int32(IGNORE))  # what predicting each token scores
-  labels = np.empty(size, np.int32)
-  labels[:-1] = target[1:]
+  # labels[t] = the id of token t+1 if it is trained (bit 31 set), else IGNORE: flipping bit 31
+  # leaves trained ids as they are and makes the others far below IGNORE.
+  labels = np.bitwise_xor(signed[1:], np.int32(-2**31))
+  np.maximum(labels, np.int32(IGNORE), out=labels)
   labels[pack_len - 1::pack_len] = IGNORE             # a row's last column: next is another row
   labels[dest + lens - 1] = IGNORE                     # last token of every span: no target
-  # Segment ids and positions: each row's padding is one more span, of segment 0.
-  after = row_first + counts                           # where each row's padding goes
+  ids = np.bitwise_and(signed, np.int32(ID_MASK), out=signed)[:size]
+  # Segment ids and positions: each row's padding is one more span, of segment 0, whose
+  # positions are zeroed afterwards.
   pad = pack_len - np.asarray(fill, np.int64)
-  all_lens = np.insert(lens, after, pad)
-  all_seg = np.insert(np.arange(1, len(span) + 1) - row_first[row], after, 0)
-  segment_ids = np.repeat(all_seg.astype(np.int32), all_lens)
+  at = row_first + counts + np.arange(rows)            # the padding spans, among all spans
+  all_lens = np.empty(len(span) + rows, np.int64)
+  all_seg = np.zeros(len(span) + rows, np.int32)
+  is_span = np.ones(len(all_lens), bool)
+  is_span[at] = False
+  all_lens[at], all_lens[is_span] = pad, lens
+  all_seg[is_span] = np.arange(1, len(span) + 1) - row_first[row]
+  segment_ids = np.repeat(all_seg, all_lens)
   begin = (np.cumsum(all_lens) - all_lens).astype(np.int32)
-  positions = np.arange(size, dtype=np.int32) - np.repeat(begin, all_lens)
+  positions = np.repeat(begin, all_lens)
+  np.subtract(_arange(size), positions, out=positions)
   for r, n in enumerate(fill):
     positions[r * pack_len + n:(r + 1) * pack_len] = 0
   return {"input_ids": ids.reshape(rows, pack_len), "labels": labels.reshape(rows, pack_len),
           "segment_ids": segment_ids.reshape(rows, pack_len),
           "positions": positions.reshape(rows, pack_len)}
+
+
+@functools.lru_cache(maxsize=4)
+def _arange(size: int) -> np.ndarray:
+  out = np.arange(size, dtype=np.int32)
+  out.flags.writeable = False
+  return out

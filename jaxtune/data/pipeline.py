@@ -111,13 +111,12 @@ class SFTData:
       key = occ_ds * (1 << 40) + occ_line
       uniq, occ_uid = np.unique(key, return_inverse=True)
       u_ds, u_line = uniq >> 40, uniq & ((1 << 40) - 1)
-      tokens, lengths, loss, images, bad = self._encode(pool, files, u_ds, u_line)
+      tokens, starts, lengths, loss, images, bad = self._encode(pool, files, u_ds, u_line)
     clock.lap("tokenize")
     if bad and not self.skip_bad:
       raise DataError(bad[0][1] + (f" (and {len(bad) - 1} more bad line(s); set "
                                    "data.skip_bad_samples=True to skip them)"
                                    if len(bad) > 1 else ""))
-    starts = np.cumsum(lengths) - lengths
 
     # Truncation (per dataset limit) and bookkeeping per occurrence.
     limits = np.array([min(s.sample_max_length or self.default_max_len, self.pack_len)
@@ -131,12 +130,13 @@ class SFTData:
       first = starts[occ_uid[truncated]]
       occ_loss[truncated] = encoding.range_sums(tokens >= encoding.TRAINED_BIT, first + 1,
                                                 first + cut[truncated])
-    dropped = self._image_drops(tokens, starts, occ_uid, cut, truncated & (images[occ_uid] > 0))
+    dropped = self._image_drops(tokens, starts, lengths, occ_uid, cut,
+                                truncated & (images[occ_uid] > 0))
     keep &= ~dropped
     self._samples = occ_uid[keep]                     # packed sample -> unique sample
     self._lengths = cut[keep]
     self._sample_ds = occ_ds[keep]
-    self._tokens, self._starts = tokens, starts
+    self._tokens, self._starts = tokens, starts       # unique sample u: _starts[u] on
     self._sample_starts = starts[self._samples]       # where each packed sample's ids begin
     self._images = np.bincount(occ_ds[keep & (images[occ_uid] > 0)], minlength=len(self.specs))
     if self._images.any() and not self.allow_images:
@@ -170,7 +170,8 @@ class SFTData:
     return occ_ds[mine], occ_line[mine]
 
   def _encode(self, pool, files, u_ds, u_line):
-    """Tokens of the unique lines, in order: flat store, lengths, loss, images, bad list."""
+    """The unique lines' ids (one array; line k's begin at starts[k]), starts, lengths,
+    loss, images and the bad list."""
     slots, tasks = [], []
     for d in np.unique(u_ds):
       at = np.flatnonzero(u_ds == d)
@@ -193,30 +194,35 @@ class SFTData:
         tasks.extend(encoding.split_tasks(job, src.path, spans, chunk))
         slots.append((d, src, job, pos, local, need, (first, len(tasks))))
     chunks = pool.run(tasks) if tasks else []
+    store = pool.mapped_store()
 
     parts, bad = [], []
     for d, src, job, pos, local, entry, task_range in slots:
       if task_range is not None:
-        entry = cache_lib.entry_from_chunks(entry, chunks[task_range[0]:task_range[1]])
+        entry = cache_lib.entry_from_chunks(entry, chunks[task_range[0]:task_range[1]], store)
         self.cache.store(src, job, entry)
       parts.append(entry.select(local))
       for p, l in zip(pos.tolist(), local.tolist()) if entry.bad else ():
         if l in entry.bad:
           where = sources.where(src.path, int(src.lineno[l]), self.specs[d].name)
           bad.append((p, f"{where}: {entry.bad[l]}"))
-    tokens = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+    # Parts share one array (a fresh run's store) or each have their own (cache hits).
+    arrays = list({id(p[0]): p[0] for p in parts}.values())
+    base = {id(a): b for a, b in zip(arrays, np.cumsum([0] + [len(a) for a in arrays[:-1]]))}
+    tokens = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    starts = np.concatenate([p[1] + base[id(p[0])] for p in parts]).astype(np.int64)
     lengths, loss, images = (np.concatenate([p[k] for p in parts]).astype(np.int64)
-                             for k in (1, 2, 3))
-    return tokens, lengths, loss, images, sorted(bad)
+                             for k in (2, 3, 4))
+    return tokens, starts, lengths, loss, images, sorted(bad)
 
-  def _image_drops(self, tokens, starts, occ_uid, cut, candidates) -> np.ndarray:
+  def _image_drops(self, tokens, starts, lengths, occ_uid, cut, candidates) -> np.ndarray:
     """Truncated multimodal samples whose image tokens would be cut are dropped instead."""
     dropped = np.zeros(len(occ_uid), bool)
     img = self.encoder.added.get(templates.IMG_CONTEXT)
     for k in np.flatnonzero(candidates):
       u = occ_uid[k]
-      end = starts[u + 1] if u + 1 < len(starts) else len(tokens)
-      dropped[k] = bool(((tokens[starts[u] + cut[k]:end] & encoding.ID_MASK) == img).any())
+      cut_off = tokens[starts[u] + cut[k]:starts[u] + lengths[u]]
+      dropped[k] = bool(((cut_off & encoding.ID_MASK) == img).any())
     return dropped
 
   def _agree_steps(self, allgather) -> int:
