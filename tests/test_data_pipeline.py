@@ -219,6 +219,28 @@ def test_cache_skips_tokenizing_and_invalidates_exactly(corpus, tok, tmp_path):
   assert SFTData(cfg_for(files, cache_dir=cache), other, global_batch_size=2).cache.misses == 2
 
 
+def test_cache_entry_compacts_a_shared_out_of_order_store():
+  """An entry whose lines sit in a store shared with other files, in task-finishing order and
+  with bad (empty) lines, is written to the cache back to back in line order."""
+  from jaxtune.data import cache  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(0, 6, 40) * (rng.random(40) > 0.2)     # some bad lines: length 0
+  ids = [rng.integers(1, 1000, n).astype(np.uint32) for n in lengths]
+  tasks = [list(range(k, min(k + 7, 40))) for k in range(0, 40, 7)]
+  store, starts = [np.full(9, 99, np.uint32)], np.zeros(40, np.int64)   # another file's ids
+  at = 9
+  for task in rng.permutation(len(tasks)):                   # tasks land in any order
+    for line in tasks[task]:
+      starts[line] = at
+      store.append(ids[line])
+      at += lengths[line]
+  entry = cache.Entry(np.arange(40), starts, lengths, np.zeros(40, np.int64),
+                      np.zeros(40, np.int64), np.concatenate(store), {})
+  tokens, new_starts = entry.compact()
+  np.testing.assert_array_equal(tokens, np.concatenate(ids))
+  np.testing.assert_array_equal(new_starts, np.cumsum(lengths) - lengths)
+
+
 def test_bad_line_in_cached_file_still_stops(corpus, tok, tmp_path):
   path = str(tmp_path / "bad.jsonl")
   with open(path, "w") as f:

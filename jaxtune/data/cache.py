@@ -55,10 +55,18 @@ class Entry:
     """(ids of the held lines back to back, their starts in that array): what is stored."""
     starts = np.cumsum(self.lengths) - self.lengths
     total = int(self.lengths.sum())
-    if len(self.tokens) == total and np.array_equal(starts, self.starts):
-      return np.asarray(self.tokens), starts
-    idx = np.repeat(self.starts - starts, self.lengths) + np.arange(total)
-    return np.asarray(self.tokens)[idx], starts
+    tokens = np.asarray(self.tokens)
+    if len(tokens) == total and np.array_equal(starts, self.starts):
+      return tokens, starts
+    # Copied a run at a time: consecutive lines whose ids follow each other (a task's lines).
+    ends = self.starts + self.lengths
+    cuts = np.flatnonzero(self.starts[1:] != ends[:-1]) + 1
+    out = np.empty(total, np.uint32)
+    for a, b in zip(np.concatenate([[0], cuts]).tolist(),
+                    np.concatenate([cuts, [len(starts)]]).tolist()):
+      src, n = int(self.starts[a]), int(ends[b - 1] - self.starts[a])
+      out[starts[a]:starts[a] + n] = tokens[src:src + n]
+    return out, starts
 
 
 def entry_from_chunks(need: np.ndarray, chunks: list[EncodedChunk],
