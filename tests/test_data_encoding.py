@@ -172,6 +172,10 @@ def test_join_tokens_copies_in_line_order_when_chunks_are_mixed(fast, jsonl):
   encoding._forget_store(path)  # pylint: disable=protected-access
   tokens, starts = encoding.join_tokens(chunks, encoding.map_store(path))
   np.testing.assert_array_equal(tokens, want)
+  # A store that cannot be written (here: its folder is gone) leaves the ids in the chunk.
+  kept = encoding.store_chunk(encoding.encode_lines(fast, tasks[0].job, tasks[0].path,
+                                                    tasks[0].spans), path + ".d/store")
+  assert kept.stored_at is None and kept.tokens.nbytes
   np.testing.assert_array_equal(starts, np.cumsum([n for c in chunks for n in c.lengths])
                                 - np.concatenate([c.lengths for c in chunks]))
 

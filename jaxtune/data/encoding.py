@@ -228,16 +228,20 @@ def store_chunk(chunk: EncodedChunk, store: str) -> EncodedChunk:
 
   Every process opens the file with O_APPEND: each write lands whole at the end of the file,
   and this descriptor's offset afterwards tells where (descriptors are per process, so no other
-  writer moves it)."""
+  writer moves it). When the file cannot take them (disk full), the ids stay in the chunk: a
+  worker's then come back through the result pipe, slower but correct."""
   if not chunk.tokens.nbytes:
     return chunk
-  fd = _STORE_FDS.get(store)
-  if fd is None:
-    fd = _STORE_FDS[store] = os.open(store, os.O_WRONLY | os.O_APPEND)
   data = chunk.tokens.data.cast("B")
-  written = os.write(fd, data)
-  if written != len(data):   # a short write (disk full): its offset cannot be trusted
-    raise OSError(f"{store}: wrote {written} of {len(data)} bytes of token ids")
+  try:
+    fd = _STORE_FDS.get(store)
+    if fd is None:
+      fd = _STORE_FDS[store] = os.open(store, os.O_WRONLY | os.O_APPEND)
+    written = os.write(fd, data)
+  except OSError:
+    return chunk
+  if written != len(data):   # a short write: the next chunk lands after its bytes, unused
+    return chunk
   chunk.stored_at = (os.lseek(fd, 0, os.SEEK_CUR) - written) // 4
   chunk.tokens = np.zeros(0, np.uint32)
   return chunk
