@@ -172,6 +172,15 @@ def test_join_tokens_copies_in_line_order_when_chunks_are_mixed(fast, jsonl):
   encoding._forget_store(path)  # pylint: disable=protected-access
   tokens, starts = encoding.join_tokens(chunks, encoding.map_store(path))
   np.testing.assert_array_equal(tokens, want)
+  # After a short write that broke the 4-byte alignment (simulated: 3 stray bytes), chunks stay
+  # in memory and the store still maps.
+  with open(path, "wb") as f:
+    f.write(b"xyz")
+  late = encoding.store_chunk(encoding.encode_lines(fast, tasks[0].job, tasks[0].path,
+                                                    tasks[0].spans), path)
+  encoding._forget_store(path)  # pylint: disable=protected-access
+  assert late.stored_at is None and late.tokens.nbytes
+  assert len(encoding.map_store(path)) == len(late.tokens)   # (3 + 4n bytes) // 4
   # A store that cannot be written (here: its folder is gone) leaves the ids in the chunk.
   kept = encoding.store_chunk(encoding.encode_lines(fast, tasks[0].job, tasks[0].path,
                                                     tasks[0].spans), path + ".d/store")

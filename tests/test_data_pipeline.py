@@ -239,6 +239,11 @@ def test_cache_entry_compacts_a_shared_out_of_order_store():
   tokens, new_starts = entry.compact()
   np.testing.assert_array_equal(tokens, np.concatenate(ids))
   np.testing.assert_array_equal(new_starts, np.cumsum(lengths) - lengths)
+  # Some lines only (another host's share): just theirs are copied out.
+  some = np.arange(3, 40, 4)
+  tokens, new_starts, got_lengths, _, _ = entry.select(some)
+  np.testing.assert_array_equal(tokens, np.concatenate([ids[k] for k in some]))
+  np.testing.assert_array_equal(new_starts, np.cumsum(got_lengths) - got_lengths)
 
 
 def test_bad_line_in_cached_file_still_stops(corpus, tok, tmp_path):

@@ -45,11 +45,15 @@ class Entry:
 
   def select(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                                                 np.ndarray]:
-    """(tokens, starts, lengths, loss, images) of lines `local` (sorted); no ids are copied."""
+    """(tokens, starts, lengths, loss, images) of lines `local` (sorted). All the lines: no
+    ids are copied. Some (another host's share, sample_ratio < 1): theirs only are copied, so
+    the rest of the entry (or of a store shared with other files) can be let go."""
     if len(local) == len(self.lines):
       return self.tokens, self.starts, self.lengths, self.loss, self.images
     at = np.searchsorted(self.lines, local)
-    return self.tokens, self.starts[at], self.lengths[at], self.loss[at], self.images[at]
+    part = Entry(self.lines[at], self.starts[at], self.lengths[at], self.loss[at],
+                 self.images[at], self.tokens, {})
+    return (*part.compact(), part.lengths, part.loss, part.images)
 
   def compact(self) -> tuple[np.ndarray, np.ndarray]:
     """(ids of the held lines back to back, their starts in that array): what is stored."""

@@ -240,9 +240,12 @@ def store_chunk(chunk: EncodedChunk, store: str) -> EncodedChunk:
     written = os.write(fd, data)
   except OSError:
     return chunk
-  if written != len(data):   # a short write: the next chunk lands after its bytes, unused
+  at = os.lseek(fd, 0, os.SEEK_CUR) - written
+  # A short write leaves unused bytes that the next chunks land after; if they broke the 4-byte
+  # alignment, those chunks stay in memory too.
+  if written != len(data) or at % 4:
     return chunk
-  chunk.stored_at = (os.lseek(fd, 0, os.SEEK_CUR) - written) // 4
+  chunk.stored_at = at // 4
   chunk.tokens = np.zeros(0, np.uint32)
   return chunk
 
@@ -265,7 +268,7 @@ def map_store(path: str) -> np.ndarray:
   """The store's ids, read-only, straight from the page cache (no copy). The file is unlinked:
   the mapping keeps it alive as long as the array is."""
   with open(path, "rb") as f:
-    size = os.fstat(f.fileno()).st_size
+    size = os.fstat(f.fileno()).st_size // 4 * 4   # a short write may leave a ragged end
     mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else b""
   with contextlib.suppress(OSError):
     os.unlink(path)
@@ -419,8 +422,9 @@ class EncoderPool:
     if self._store is None:
       return None
     _forget_store(self._store)
-    store, self._store = self._store, None
-    return map_store(store)
+    mapped = map_store(self._store)   # unlinks it; if this fails, closing the pool does
+    self._store = None
+    return mapped
 
 
 def split_tasks(job: EncodeJob, path: str, spans: np.ndarray, chunk_lines: int) -> list[Task]:

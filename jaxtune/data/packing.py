@@ -155,7 +155,8 @@ def build_rows(plan: PackPlan, packs: np.ndarray, tokens: np.ndarray, starts: np
   if len(span) * _LOOP_SPAN <= cum[-1]:                # long spans: join each row's slices
     pieces = [tokens[f:f + n] for f, n in zip(first.tolist(), lens.tolist())]
     for r, (a, n) in enumerate(zip(row_first.tolist(), counts.tolist())):
-      np.concatenate(pieces[a:a + n], out=raw[r * pack_len:r * pack_len + fill[r]])
+      if n:
+        np.concatenate(pieces[a:a + n], out=raw[r * pack_len:r * pack_len + fill[r]])
   else:                                                # many short spans: one gather
     stream = tokens[np.repeat(first - cum[:-1], lens) + np.arange(int(cum[-1]))]
     for r, (a, b) in enumerate(zip(row_lo.tolist(), row_hi.tolist())):
