@@ -2,8 +2,8 @@
 
   python scripts/bench_data.py [--samples 100000] [--workers 0] [--repeat 5] [--out bench.json]
 
-Measures, on synthetic but realistic chats (log-normal turn lengths, 1-6 turns, optional
-system prompt; ~565 tokens per sample on average, like XTuner's measurement set) and the real
+Measures, on synthetic but realistic chats (1-3 exchanges with log-normal lengths, a system
+prompt in 30%; ~546 tokens per sample on average, like XTuner's measurement set) and the real
 Qwen3 tokenizer:
   - tokenizer_alone: the fast encoder on the rendered pieces of every sample, one call per
     piece as XTuner encodes them (same worker count, warm workers, text already in memory);
