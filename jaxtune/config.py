@@ -134,9 +134,13 @@ def _get(cfg: ConfigDict, path: str) -> Any:
 
 
 def data_parallel_size(cfg: ConfigDict, num_devices: int) -> int:
-  """Ranks that see different data: mesh.data x mesh.fsdp (with -1 resolved)."""
+  """Ranks that see different rows: mesh.data x mesh.fsdp x mesh.expert (-1 resolved).
+
+  `expert` splits the batch too: an expert-parallel group is data parallel outside the MoE
+  blocks (jaxtune.parallel.mesh.BATCH_AXES).
+  """
   sizes = mesh_shape(cfg, num_devices)
-  return sizes["data"] * sizes["fsdp"]
+  return sizes["data"] * sizes["fsdp"] * sizes["expert"]
 
 
 def mesh_shape(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
@@ -165,11 +169,12 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   """Checks a recipe; returns it with aliases resolved. Raises ConfigError on the first mistake."""
   base = base_config()
   family = cfg.model.get("type") if "model" in cfg else None
-  if family not in presets.FAMILY_DEFAULTS:
+  if family not in presets.FAMILIES:
     raise ConfigError(f"config key 'model.type' must be one of "
-                      f"{sorted(presets.FAMILY_DEFAULTS)}, got {family!r}. "
-                      "Start from a preset, e.g. jaxtune.models.presets.qwen3_8b().")
-  base.model = presets.FAMILY_DEFAULTS[family]()
+                      f"{sorted(presets.FAMILIES)}, got {family!r}. "
+                      "Start from a preset, e.g. jaxtune.models.presets.qwen3_8b(), or "
+                      "jaxtune.models.presets.from_hf(<HF directory>).")
+  base.model = presets.FAMILIES[family].defaults()
   _check_keys_and_types(cfg, base, "")
 
   cfg = ConfigDict(cfg.to_dict())  # a copy: resolving aliases must not edit the caller's dict
@@ -198,9 +203,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     raise ConfigError(f"loss.chunk_size must be positive, got {cfg.loss.chunk_size}")
   if cfg.optim.lr <= 0 or cfg.lr.warmup_ratio < 0:
     raise ConfigError("optim.lr must be positive and lr.warmup_ratio non-negative")
-  if cfg.model.num_attention_heads % cfg.model.num_key_value_heads:
-    raise ConfigError(f"model.num_attention_heads ({cfg.model.num_attention_heads}) must be a "
-                      f"multiple of model.num_key_value_heads ({cfg.model.num_key_value_heads})")
+  _check_attention_heads(cfg.model, "model")
 
   if not cfg.data.datasets:
     raise ConfigError("data.datasets is empty: add at least one "
@@ -269,21 +272,49 @@ def _check_run_keys(cfg: ConfigDict) -> None:
                       "directory.")
 
 
+def _check_attention_heads(section: ConfigDict, where: str) -> None:
+  """Query heads must be a multiple of kv heads, in every (nested) attention config."""
+  for key, value in section.items():
+    if isinstance(value, ConfigDict):
+      _check_attention_heads(value, f"{where}.{key}")
+  if "num_attention_heads" in section and "num_key_value_heads" in section:
+    heads, kv_heads = section.num_attention_heads, section.num_key_value_heads
+    if kv_heads <= 0 or heads % kv_heads:
+      raise ConfigError(f"{where}.num_attention_heads ({heads}) must be a multiple of "
+                        f"{where}.num_key_value_heads ({kv_heads})")
+
+
+def _differences(recipe: ConfigDict, checkpoint: ConfigDict, where: str,
+                 skip: tuple[str, ...]) -> list[str]:
+  """Every field, nested ones too, whose value differs; lists and tuples compare alike."""
+  out = []
+  for key in sorted(set(recipe.keys()) | set(checkpoint.keys())):
+    path = f"{where}.{key}"
+    if key in skip:
+      continue
+    mine, theirs = recipe.get(key), checkpoint.get(key)
+    if isinstance(mine, ConfigDict) and isinstance(theirs, ConfigDict):
+      out += _differences(mine, theirs, path, skip)
+      continue
+    as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+    if as_tuple(mine) != as_tuple(theirs):
+      out.append(f"{path}: recipe {mine!r} vs config.json {theirs!r}")
+  return out
+
+
 def _check_against_hf_config(cfg: ConfigDict) -> None:
   """`load_from`'s config.json is the truth for the architecture; a mismatch is an error."""
   path = os.path.join(cfg.load_from, "config.json")
-  if not os.path.isfile(path):
-    raise ConfigError(f"load_from '{cfg.load_from}' has no config.json: point it at an HF model "
-                      "directory (config.json + *.safetensors).")
-  with open(path) as f:
-    hf = json.load(f)
-  if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), dict):
-    hf["rope_theta"] = hf["rope_parameters"].get("rope_theta")
-  mismatched = [f"model.{k}: recipe {cfg.model[k]!r} vs config.json {hf[k]!r}"
-                for k in cfg.model.keys() if k != "type" and k in hf and hf[k] != cfg.model[k]]
+  try:
+    checkpoint = presets.from_hf(cfg.load_from)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"load_from '{cfg.load_from}': {e}") from None
+  skip = presets.FAMILIES[checkpoint.type].recipe_only
+  mismatched = _differences(cfg.model, checkpoint, "model", skip)
   if mismatched:
     raise ConfigError(f"the recipe's model does not match {path}:\n  " + "\n  ".join(mismatched)
-                      + "\nUse the preset matching the checkpoint, or fix the overrides.")
+                      + "\nUse `model = presets.from_hf(load_from)`, the preset matching the "
+                      "checkpoint, or fix the overrides.")
 
 
 def to_json(cfg: ConfigDict) -> str:

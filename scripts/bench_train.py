@@ -16,7 +16,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxtune import config as config_lib
 from jaxtune import models
@@ -26,7 +25,7 @@ from jaxtune.parallel.sharding import batch_sharding
 from jaxtune.train import metrics as metrics_lib
 from jaxtune.train.optim import lr_schedule, make_optimizer
 from jaxtune.train.prefetch import to_global_array
-from jaxtune.train.state import new_train_state
+from jaxtune.train.state import new_train_state, split_model
 from jaxtune.train.step import compile_train_step
 
 
@@ -74,7 +73,7 @@ def main() -> None:
   n_dev = jax.device_count()
   sizes = config_lib.mesh_shape(cfg, n_dev)
   mesh = make_mesh(sizes)
-  dp = sizes["data"] * sizes["fsdp"]
+  dp = config_lib.data_parallel_size(cfg, n_dev)
   num_micro = args.batch // (dp * args.micro)
   schedule = lr_schedule(cfg.lr, 1e-5, 1000)
   optimizer = make_optimizer(cfg.optim, schedule)
@@ -82,11 +81,12 @@ def main() -> None:
     model = models.create_model(model_cfg, mesh, param_dtype=jnp.float32,
                                 compute_dtype=jnp.dtype(args.compute_dtype), remat=args.remat,
                                 attention=args.attention, seed=0)
-    graphdef, params = nnx.split(model)
+    model_def, params = split_model(model)
     del model
-    state = new_train_state(params, optimizer, mesh)
-    step_fn = compile_train_step(state, graphdef=graphdef, loss_cfg=cfg.loss, optimizer=optimizer,
-                                 schedule=schedule, num_micro=num_micro,
+    state = new_train_state(params, optimizer, mesh, model_def)
+    step_fn = compile_train_step(state, model_def=model_def, loss_cfg=cfg.loss,
+                                 optimizer=optimizer, schedule=schedule, num_micro=num_micro,
+                                 batch_layout=models.text_batch_layout(args.batch, args.pack),
                                  batch_sharding=batch_sharding(mesh))
     host = synthetic_batch(args.batch, args.pack, model_cfg.vocab_size, args.mean_len, seed=0)
     batch = {k: to_global_array(v, batch_sharding(mesh)) for k, v in host.items()}
@@ -105,8 +105,7 @@ def main() -> None:
 
   tokens = int(out["tokens"])
   step_time = float(np.median(times))
-  flops = metrics_lib.train_flops(model_cfg, tokens,
-                                  metrics_lib.sum_sq_segment_lengths(host["segment_ids"]))
+  flops = models.family(model_cfg.type).train_flops(model_cfg, host)
   peak = metrics_lib.peak_flops_per_device()
   result = dict(
       device=jax.devices()[0].device_kind, n_devices=n_dev, jax=jax.__version__,

@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from jaxtune import models
 from jaxtune.config import base_config
@@ -19,7 +18,7 @@ from jaxtune.parallel.mesh import make_mesh
 from jaxtune.train.checkpoint import (CheckpointError, Checkpointer, checkpoint_location,
                                       complete_steps)
 from jaxtune.train.optim import make_optimizer
-from jaxtune.train.state import abstract_train_state, new_train_state
+from jaxtune.train.state import abstract_train_state, new_train_state, split_model
 
 # A failed Orbax read leaves an un-awaited coroutine behind (harmless); it is reported when
 # garbage-collected, so the tests that provoke one collect before they end.
@@ -38,13 +37,13 @@ def setup():
   mesh = make_mesh(MESH_SIZES)
   optimizer = make_optimizer(base_config().optim, optax.constant_schedule(1e-3))
   with jax.set_mesh(mesh):
-    graphdef, params = nnx.split(models.create_model(CFG, mesh, seed=0))
-    abstract = abstract_train_state(nnx.split(models.abstract_model(CFG, mesh))[1], optimizer,
-                                    mesh)
+    model_def, params = split_model(models.create_model(CFG, mesh, seed=0))
+    abstract = abstract_train_state(split_model(models.abstract_model(CFG, mesh))[1], optimizer,
+                                    mesh, model_def)
     states = {}
     for step in (2, 4, 6):
       shifted = jax.tree.map(lambda p, s=step: p + s, params)
-      states[step] = new_train_state(shifted, optimizer, mesh)._replace(
+      states[step] = new_train_state(shifted, optimizer, mesh, model_def)._replace(
           step=jax.numpy.asarray(step, jax.numpy.int32))
   return mesh, optimizer, abstract, states
 
@@ -125,8 +124,8 @@ def test_nothing_restorable_is_an_error_not_a_fresh_start(setup, tmp_path):
   other = presets.qwen3_tiny(vocab_size=64, hidden_size=24, intermediate_size=32, head_dim=4,
                              num_attention_heads=2, num_key_value_heads=1)
   with jax.set_mesh(mesh):
-    wrong = abstract_train_state(nnx.split(models.abstract_model(other, mesh))[1], optimizer,
-                                 mesh)
+    wrong_def, wrong_params = split_model(models.abstract_model(other, mesh))
+    wrong = abstract_train_state(wrong_params, optimizer, mesh, wrong_def)
     ckpt = Checkpointer(tmp_path / "ckpt", read_only=True)
     with pytest.raises(CheckpointError, match="no checkpoint .* can be restored"):
       ckpt.restore_latest(wrong, quarantine=False)

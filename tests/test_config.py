@@ -8,6 +8,7 @@ import sys
 import pytest
 from ml_collections import ConfigDict
 
+from jaxtune import config as config_lib
 from jaxtune.config import ConfigError, base_config, dataset, mesh_shape, validate
 from jaxtune.models import presets
 
@@ -77,10 +78,31 @@ def test_load_from_config_json_must_match_recipe(good, tmp_path):
   hf = tmp_path / "hf"
   hf.mkdir()
   fields = {k: v for k, v in presets.qwen3_tiny().items() if k != "type"}
-  (hf / "config.json").write_text(json.dumps({**fields, "num_hidden_layers": 3}))
+  (hf / "config.json").write_text(json.dumps({**fields, "model_type": "qwen3",
+                                              "num_hidden_layers": 3}))
   good.load_from = str(hf)
   with pytest.raises(ConfigError, match="model.num_hidden_layers: recipe 2 vs config.json 3"):
     validate(good)
+  # A field config.json omits is transformers' default (Qwen3Config: rms_norm_eps 1e-6,
+  # tie_word_embeddings False), not the recipe's: the untied default differs from the tiny
+  # preset's tied head.
+  (hf / "config.json").write_text(json.dumps({
+      k: v for k, v in {**fields, "model_type": "qwen3"}.items() if k != "tie_word_embeddings"}))
+  with pytest.raises(ConfigError, match="model.tie_word_embeddings: recipe True vs config.json "
+                                        "False"):
+    validate(good)
+
+
+def test_nested_model_fields_are_checked_against_config_json(good, tmp_path, monkeypatch):
+  """A mismatch inside a nested section (a VLM's text_config) names the nested field."""
+  nested = ConfigDict({"type": "qwen3", "text": presets.qwen3_tiny(), "depth": 2})
+  checkpoint = ConfigDict({"type": "qwen3", "text": presets.qwen3_tiny(hidden_size=32),
+                           "depth": 2})
+  monkeypatch.setattr(presets, "from_hf", lambda path: checkpoint)
+  good.model = nested
+  good.load_from = str(tmp_path)
+  with pytest.raises(ConfigError, match=r"model\.text\.hidden_size: recipe 64 vs config.json 32"):
+    config_lib._check_against_hf_config(good)  # pylint: disable=protected-access
 
 
 def test_mesh_shape_resolves_minus_one(good):

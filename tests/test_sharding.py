@@ -29,7 +29,9 @@ def test_rules_map_logical_names_to_mesh_axes():
   assert logical_to_spec(("layers", "embed", "heads")) == P(None, "fsdp", "tensor")
   assert logical_to_spec(("vocab", "embed")) == P("tensor", "fsdp")
   assert logical_to_spec(("norm",)) == P(None)
-  assert logical_to_spec(("activation_batch", "activation_length")) == P(("data", "fsdp"), None)
+  # `expert` splits the batch too: outside MoE blocks an expert group is data parallel.
+  assert logical_to_spec(("activation_batch", "activation_length")) == P(
+      ("data", "fsdp", "expert"), None)
   assert logical_to_mesh({"a": ("embed", None), "b": P("mlp", "embed")}) == {
       "a": P("fsdp", None), "b": P("tensor", "fsdp")}
   with pytest.raises(ValueError, match="no rule"):
@@ -41,17 +43,20 @@ def test_indivisible_dims_are_replicated_not_fatal():
   assert logical_to_spec(("embed", "kv_heads"), (64, 32), mesh) == P("fsdp", "tensor")
   assert logical_to_spec(("embed", "kv_heads"), (64, 5), mesh) == P("fsdp", None)
   assert logical_to_spec(("embed", "kv_heads"), (63, 5), mesh) == P(None, None)
-  # A batch that data x fsdp does not divide falls back to fsdp alone, then to replication.
+  # A batch that data x fsdp x expert does not divide falls back to fewer axes, then to
+  # replication.
+  mesh = make_mesh(dict(fsdp=2, expert=2))
+  assert logical_to_spec(("activation_batch",), (4,), mesh) == P(("data", "fsdp", "expert"))
+  assert logical_to_spec(("activation_batch",), (2,), mesh) == P(("data", "fsdp"))
   mesh = make_mesh(dict(data=2, fsdp=2))
-  assert logical_to_spec(("activation_batch",), (4,), mesh) == P(("data", "fsdp"))
   assert logical_to_spec(("activation_batch",), (2,), mesh) == P("fsdp")
   assert logical_to_spec(("activation_batch",), (1,), mesh) == P(None)
 
 
-def test_batch_sharding_splits_rows_over_data_and_fsdp():
+def test_batch_sharding_splits_rows_over_data_fsdp_and_expert():
   mesh = make_mesh(dict(data=2, fsdp=2))
   sharding = batch_sharding(mesh)
-  assert sharding.spec == P(("data", "fsdp"), None)
+  assert sharding.spec == P(("data", "fsdp", "expert"), None)
   rows = jax.device_put(np.zeros((8, 16), np.int32), sharding)
   assert rows.addressable_shards[0].data.shape == (2, 16)
 
@@ -108,4 +113,4 @@ def test_shard_activation_is_a_noop_without_mesh():
   mesh = make_mesh(dict(fsdp=4))
   with jax.set_mesh(mesh):
     y = jax.jit(lambda x: shard_activation(x * 2, ("activation_batch", None, None)))(x)
-  assert y.sharding.spec[0] in ("fsdp", ("data", "fsdp"))
+  assert y.sharding.spec[0] in ("fsdp", ("data", "fsdp"), ("data", "fsdp", "expert"))

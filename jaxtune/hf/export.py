@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from jaxtune.hf.load import SAFETENSORS_DTYPES, check_table, flat_params
+from jaxtune.hf.load import SAFETENSORS_DTYPES, check_table, flat_params, hf_names, hf_shape
 from jaxtune.models import HFWeight, family
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' classic "5GB" shards
@@ -52,12 +52,11 @@ def read_hf_dtype(hf_dir: str) -> str:
 
 
 @functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
-def _hf_tensor(value: jax.Array, layer: jax.Array | None, *, transpose: bool,
+def _hf_tensor(value: jax.Array, position: jax.Array, *, transpose: bool,
                dtype: np.dtype) -> jax.Array:
-  """One HF tensor on device: a layer of a stacked param, cast, in HF's [out, in] layout."""
-  if layer is not None:
-    value = value[layer]
-  value = value.astype(dtype)
+  """One HF tensor on device: an element of a stacked param (position: one index per stacked
+  axis, maybe none), cast, in HF's [out, in] layout."""
+  value = value[tuple(position)].astype(dtype)
   return value.T if transpose else value
 
 
@@ -68,16 +67,35 @@ def _to_host(value: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(value, tiled=True))
 
 
-def _hf_order(table: tuple[HFWeight, ...], num_layers: int) -> list[tuple[str, HFWeight, int]]:
-  """(hf name, table row, layer) in HF's file order: head params, layer 0..L-1, tail params.
-  Rows without a param (a tied head) are not written, as transformers does not write them."""
-  table = tuple(e for e in table if e.path is not None)
-  first_stacked = next((k for k, e in enumerate(table) if e.stacked), len(table))
-  head = [(e.hf_name, e, -1) for e in table[:first_stacked] if not e.stacked]
-  tail = [(e.hf_name, e, -1) for e in table[first_stacked:] if not e.stacked]
-  layers = [(e.hf_name.format(i=i), e, i) for i in range(num_layers)
-            for e in table if e.stacked]
-  return head + layers + tail
+def _hf_order(table: tuple[HFWeight, ...], params: dict
+              ) -> list[tuple[str, HFWeight, tuple[int, ...]]]:
+  """(hf name, table row, stack position) in HF's file order: each run of stacked rows
+  (a decoder, a vision tower) is written layer by layer, the rows of one HF layer together,
+  between the unstacked rows around it. Rows without a param (a tied head) are not written,
+  as transformers does not write them."""
+  order, run = [], []
+
+  def hf_layer(entry: HFWeight, position: tuple[int, ...]) -> int:
+    ids = dict(entry.ids).get(entry.indices[0])
+    return ids[position[0]] if ids else position[0]
+
+  def flush():
+    tensors = [((hf_layer(entry, position), k, position), name, entry, position)
+               for k, entry in enumerate(run)
+               for name, position in hf_names(entry, params[entry.path].get_value().shape)]
+    order.extend(t[1:] for t in sorted(tensors, key=lambda t: t[0]))
+    run.clear()
+
+  for entry in table:
+    if entry.path is None:
+      continue
+    if entry.stacked:
+      run.append(entry)
+      continue
+    flush()
+    order.append((entry.hf_name, entry, ()))
+  flush()
+  return order
 
 
 def _plan_shards(tensors: list[tuple[str, tuple[int, ...]]], itemsize: int,
@@ -141,14 +159,12 @@ def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, *, dtype: 
   check_table(params, table)
   tokenizer_files = _tokenizer_files(tokenizer_path) if tokenizer_path is not None else []
 
-  order = _hf_order(table, model_cfg.num_hidden_layers)
-  shapes = {}
-  for name, entry, layer in order:
-    shape = params[entry.path].get_value().shape[1 if layer >= 0 else 0:]
-    shapes[name] = tuple(reversed(shape)) if entry.transpose else tuple(shape)
+  order = _hf_order(table, params)
+  shapes = {name: hf_shape(entry, params[entry.path].get_value().shape)
+            for name, entry, _ in order}
   shards = _plan_shards([(name, shapes[name]) for name, _, _ in order], np_dtype.itemsize,
                         max_shard_bytes)
-  by_name = {name: (entry, layer) for name, entry, layer in order}
+  by_name = {name: (entry, position) for name, entry, position in order}
 
   out_dir = os.path.abspath(out_dir)
   tmp_dir = out_dir + ".partial"
@@ -165,9 +181,9 @@ def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, *, dtype: 
       if f:
         _write_header(f, shard, np_dtype)
       for name, shape in shard:
-        entry, layer = by_name[name]
+        entry, position = by_name[name]
         host = _to_host(_hf_tensor(params[entry.path].get_value(),
-                                   np.int32(layer) if layer >= 0 else None,
+                                   np.asarray(position, np.int32),
                                    transpose=entry.transpose, dtype=np_dtype))
         if host.shape != shape:  # the header already promised `shape`
           raise RuntimeError(f"{name}: gathered shape {host.shape}, planned {shape}")

@@ -107,15 +107,15 @@ def open_checkpoint(hf_dir: str) -> dict[str, SafetensorsFile]:
                           "model.safetensors.index.json: point load_from at an HF model directory.")
 
 
-def _hf_shape(entry: HFWeight, our_shape: tuple[int, ...]) -> tuple[int, ...]:
-  per_layer = our_shape[1:] if entry.stacked else our_shape
-  return tuple(reversed(per_layer)) if entry.transpose else tuple(per_layer)
+def hf_shape(entry: HFWeight, our_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape of each HF tensor of a param: its stacked axes dropped, transposed if HF's."""
+  per_tensor = our_shape[len(entry.indices):]
+  return tuple(reversed(per_tensor)) if entry.transpose else tuple(per_tensor)
 
 
-def _expand(entry: HFWeight, num_layers: int) -> list[str]:
-  if entry.stacked:
-    return [entry.hf_name.format(i=i) for i in range(num_layers)]
-  return [entry.hf_name]
+def hf_names(entry: HFWeight, our_shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+  """(HF name, position in our stack) of every tensor of a param of shape `our_shape`."""
+  return entry.names(tuple(our_shape[:len(entry.indices)]))
 
 
 def flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
@@ -144,9 +144,11 @@ def check_checkpoint(params: dict[str, nnx.Variable], table: tuple[HFWeight, ...
     if entry.path is None:
       continue
     shape = params[entry.path].get_value().shape
-    num_layers = shape[0] if entry.stacked else 1
-    for name in _expand(entry, num_layers):
-      expected[name] = _hf_shape(entry, shape)
+    if len(shape) < len(entry.indices):
+      raise ValueError(f"{entry.hf_name}: the param {entry.path} has shape {shape}, fewer axes "
+                       f"than the name's indices {entry.indices}")
+    for name, _ in hf_names(entry, shape):
+      expected[name] = hf_shape(entry, shape)
   missing = [name for name in expected if name not in tensors]
   if missing:
     raise ValueError(f"tensor {missing[0]} is missing from {hf_dir} (expected shape "
@@ -186,17 +188,19 @@ def _place(source: np.ndarray, shape: tuple[int, ...], sharding: jax.sharding.Sh
   return jax.make_array_from_callback(shape, sharding, _host_slicer(source, transpose, dtype))
 
 
-def _layer_sharding(stack_sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-  """One layer's sharding: the stack's without its leading layer axis."""
+def _element_sharding(stack_sharding: jax.sharding.Sharding, stacked_axes: int
+                      ) -> jax.sharding.Sharding:
+  """One stack element's sharding: the stack's without its leading stacked axes."""
   if isinstance(stack_sharding, NamedSharding):
-    return NamedSharding(stack_sharding.mesh, PartitionSpec(*tuple(stack_sharding.spec)[1:]))
-  return stack_sharding  # single device: the layer lives where its stack does
+    spec = tuple(stack_sharding.spec) + (None,) * stacked_axes
+    return NamedSharding(stack_sharding.mesh, PartitionSpec(*spec[stacked_axes:]))
+  return stack_sharding  # single device: the element lives where its stack does
 
 
 def _stack_setter(sharding: jax.sharding.Sharding) -> Callable:
   # Donating the stack makes each update in place: device memory stays at one stacked param.
-  return jax.jit(lambda stack, layer, i: stack.at[i].set(layer), donate_argnums=0,
-                 out_shardings=sharding)
+  return jax.jit(lambda stack, element, position: stack.at[tuple(position)].set(element),
+                 donate_argnums=0, out_shardings=sharding)
 
 
 def load_hf_weights(model: nnx.Module, hf_dir: str) -> nnx.Module:
@@ -222,11 +226,12 @@ def load_hf_weights(model: nnx.Module, hf_dir: str) -> nnx.Module:
       stack = target  # reuse (donate) the random-init buffer
     else:
       stack = jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)()
-    layer_sharding = _layer_sharding(sharding)
-    set_layer = _stack_setter(sharding)
-    for i in range(shape[0]):
-      name = entry.hf_name.format(i=i)
-      layer = _place(tensors[name].tensor(name), shape[1:], layer_sharding, entry.transpose, dtype)
-      stack = set_layer(stack, layer, np.int32(i))
+    stacked = len(entry.indices)
+    element_sharding = _element_sharding(sharding, stacked)
+    set_element = _stack_setter(sharding)
+    for name, position in hf_names(entry, shape):
+      element = _place(tensors[name].tensor(name), shape[stacked:], element_sharding,
+                       entry.transpose, dtype)
+      stack = set_element(stack, element, np.asarray(position, np.int32))
     var.set_value(stack)
   return model

@@ -1,10 +1,26 @@
-"""Model presets: the official HF `config.json` values, as ml_collections ConfigDicts.
+"""Model presets: the official HF `config.json` values, as ml_collections ConfigDicts; the
+registry of model families; and `from_hf`, the preset of any supported HF directory.
 
 Field names are HF's, so a preset reads like the checkpoint's own config. Any field can be
 overridden: `qwen3_8b(num_hidden_layers=16)`. `type` selects the model family.
 """
 
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
 from ml_collections import ConfigDict
+
+
+def _with_fields(family: str, base: dict, fields: dict) -> ConfigDict:
+  unknown = set(fields) - set(base)
+  if unknown:
+    raise ValueError(f"unknown {family} config fields {sorted(unknown)}; known: {sorted(base)}")
+  return ConfigDict({**base, **fields})
 
 
 def _qwen3(**fields) -> ConfigDict:
@@ -22,11 +38,7 @@ def _qwen3(**fields) -> ConfigDict:
       rms_norm_eps=1e-6,
       tie_word_embeddings=False,
   )
-  unknown = set(fields) - set(base)
-  if unknown:
-    raise ValueError(f"unknown Qwen3 config fields {sorted(unknown)}; known: {sorted(base)}")
-  base.update(fields)
-  return ConfigDict(base)
+  return _with_fields("Qwen3", base, fields)
 
 
 def qwen3_tiny(**overrides) -> ConfigDict:
@@ -71,5 +83,98 @@ def qwen3_32b(**overrides) -> ConfigDict:
                           num_attention_heads=64), **overrides})
 
 
-# Fields every preset of a family must have: what `config.validate` checks the recipe against.
-FAMILY_DEFAULTS = {"qwen3": qwen3_0_6b}
+def _qwen3_moe(**fields) -> ConfigDict:
+  """Qwen3-MoE: Qwen3's attention, sparse SwiGLU experts (HF `Qwen3MoeConfig` field names)."""
+  base = dict(
+      type="qwen3_moe",
+      vocab_size=151936,
+      hidden_size=2048,
+      intermediate_size=6144,        # the dense MLP of layers in mlp_only_layers
+      moe_intermediate_size=768,
+      num_hidden_layers=48,
+      num_attention_heads=32,
+      num_key_value_heads=4,
+      head_dim=128,
+      num_experts=128,
+      num_experts_per_tok=8,
+      norm_topk_prob=True,
+      decoder_sparse_step=1,
+      mlp_only_layers=(),
+      router_aux_loss_coef=0.001,
+      router_z_loss_coef=0.0,        # jaxtune's (XTuner's z_loss_cfg); not in HF's config
+      max_position_embeddings=40960,
+      rope_theta=1_000_000.0,
+      rms_norm_eps=1e-6,
+      tie_word_embeddings=False,
+  )
+  return _with_fields("Qwen3-MoE", base, fields)
+
+
+def qwen3_moe_tiny(**overrides) -> ConfigDict:
+  """A miniature Qwen3-MoE (8 experts, top-2, one dense layer) for the CPU demo and tests."""
+  return _qwen3_moe(**{**dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=16, num_experts=8, num_experts_per_tok=2,
+                              mlp_only_layers=(1,)), **overrides})
+
+
+def qwen3_30b_a3b(**overrides) -> ConfigDict:
+  """Qwen/Qwen3-30B-A3B."""
+  return _qwen3_moe(**overrides)
+
+
+def qwen3_235b_a22b(**overrides) -> ConfigDict:
+  """Qwen/Qwen3-235B-A22B."""
+  return _qwen3_moe(**{**dict(hidden_size=4096, intermediate_size=12288,
+                              moe_intermediate_size=1536, num_hidden_layers=94,
+                              num_attention_heads=64), **overrides})
+
+
+class Family(NamedTuple):
+  """A registered model family.
+
+  module:          the module implementing it (see `jaxtune.models`);
+  defaults:        a preset holding every field of the family: recipes are checked against it;
+  hf_model_types:  the `model_type` values of the HF config.json files it reads;
+  recipe_only:     fields that are training choices, not architecture: a recipe may set them
+                   to anything whatever `load_from`'s config.json says.
+  """
+  module: str
+  defaults: Callable[[], ConfigDict]
+  hf_model_types: tuple[str, ...]
+  recipe_only: tuple[str, ...] = ()
+
+
+# model.type -> family. A new family is one entry here and one module.
+FAMILIES: dict[str, Family] = {
+    "qwen3": Family("jaxtune.models.qwen3", qwen3_0_6b, ("qwen3",)),
+    "qwen3_moe": Family("jaxtune.models.qwen3_moe", qwen3_30b_a3b, ("qwen3_moe",),
+                        recipe_only=("router_aux_loss_coef", "router_z_loss_coef")),
+}
+
+
+def read_hf_config(path: str) -> dict:
+  """`path`'s config.json (or the file itself) as a dict; errors name the file."""
+  file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{path} has no config.json: point it at an HF model directory "
+                            "(config.json + *.safetensors).")
+  with open(file, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except ValueError as e:
+      raise ValueError(f"{file} is not valid JSON: {e}") from None
+
+
+def from_hf(path: str) -> ConfigDict:
+  """The recipe's `model` ConfigDict for the HF model directory `path`, every field read from
+  its config.json (nested configs included): `c.model = presets.from_hf(c.load_from)`."""
+  hf = read_hf_config(path)
+  model_type = hf.get("model_type")
+  for name, fam in FAMILIES.items():
+    if model_type in fam.hf_model_types:
+      cfg = importlib.import_module(fam.module).config_from_hf(hf)
+      assert cfg.type == name, (cfg.type, name)
+      return cfg
+  known = sorted(t for fam in FAMILIES.values() for t in fam.hf_model_types)
+  raise ValueError(f"{path}/config.json has model_type {model_type!r}; jaxtune reads {known}")

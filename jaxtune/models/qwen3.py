@@ -8,7 +8,8 @@ Classes and attribute names are HF's, so `model.layers.{i}.self_attn.q_proj.weig
   - Packed rows: `segment_ids` (1-based per sample, 0 = padding) keep samples apart and
     `positions` restart at 0 per sample.
   - `__call__` returns the final-norm hidden states; `logits()` applies the LM head (the
-    training loss applies it chunk by chunk instead).
+    training loss applies it chunk by chunk instead). `forward(batch)` is the family
+    interface (`jaxtune.models`) the trainer calls.
 Params are stored in `param_dtype` and cast to `compute_dtype` at use; norms, softmax and
 RoPE run in float32.
 
@@ -23,7 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from jaxtune.models import HFWeight
+from jaxtune.models import ForwardOutput, HFWeight, text_batch_layout
+from jaxtune.models.flops import decoder_train_flops
 from jaxtune.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jaxtune.ops.attention import attention as attention_op
 from jaxtune.ops.norms import rms_norm
@@ -127,50 +129,79 @@ class Qwen3DecoderLayer(nnx.Module):
     return shard_activation(x_btd, _BTD)
 
 
+def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+  """`num_layers` layers as one module whose params gain a leading "layers" axis.
+
+  One layer's params are created L times under vmap (the axis is named so sharding rules can
+  map it) and each layer draws its own random init.
+  """
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(layer_rngs: nnx.Rngs) -> nnx.Module:
+    return make_layer(layer_rngs)
+  return make(rngs)
+
+
+def scan_layers(stack: nnx.Module, x_btd: jax.Array, *args, remat: str,
+                start: int = 0, stop: int | None = None):
+  """Runs layers [start, stop) of a stacked module over `x_btd`: a `jax.lax.scan`, so one
+  layer is traced and compiled once. A layer returns x or (x, per-layer outputs); the
+  per-layer outputs come back stacked along a leading axis (None when there are none).
+  """
+  graphdef, state = nnx.split(stack)
+  if start or stop is not None:
+    state = jax.tree.map(lambda a: a[start:stop], state)
+
+  def layer_step(carry_btd, layer_state):
+    out = nnx.merge(graphdef, layer_state)(carry_btd, *args)
+    return out if isinstance(out, tuple) else (out, None)
+
+  if remat == "full":
+    # Keep only each layer's input for the backward pass; recompute the rest.
+    layer_step = jax.checkpoint(layer_step, prevent_cse=False)
+  return jax.lax.scan(layer_step, x_btd, state)
+
+
+def check_remat(remat: str) -> None:
+  if remat not in ("full", "none"):
+    raise ValueError(f"remat must be 'full' or 'none', got {remat!r}")
+
+
 class Qwen3Model(nnx.Module):
   """Embedding, the stacked decoder layers, final norm."""
 
   def __init__(self, cfg: ConfigDict, *, param_dtype, compute_dtype, remat: str, attention: str,
                rngs: nnx.Rngs):
-    if remat not in ("full", "none"):
-      raise ValueError(f"remat must be 'full' or 'none', got {remat!r}")
+    check_remat(remat)
     dims = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
     self.head_dim, self.rope_theta, self.remat = cfg.head_dim, float(cfg.rope_theta), remat
-    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
-                                  dtype=compute_dtype,  # looked-up rows come out in compute_dtype
-                                  embedding_init=_weight_init(("vocab", "embed")), rngs=rngs)
-
-    # One layer's params, created L times under vmap: every param gains a leading "layers"
-    # axis (named so sharding rules can map it) and each layer draws its own random init.
-    @nnx.split_rngs(splits=cfg.num_hidden_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_layers(layer_rngs: nnx.Rngs) -> Qwen3DecoderLayer:
-      return Qwen3DecoderLayer(cfg, **dims, attention=attention, rngs=layer_rngs)
-
-    self.layers = make_layers(rngs)
+    self.embed_tokens = make_embedding(cfg, **dims, rngs=rngs)
+    self.layers = stack_layers(
+        lambda r: Qwen3DecoderLayer(cfg, **dims, attention=attention, rngs=r),
+        cfg.num_hidden_layers, rngs)
     self.norm = Qwen3RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **dims)
 
   def __call__(self, input_ids_bt: jax.Array, positions_bt: jax.Array,
                segment_ids_bt: jax.Array) -> jax.Array:
     x_btd = shard_activation(self.embed_tokens(input_ids_bt), _BTD)
     cos_bth, sin_bth = rope_cos_sin(positions_bt, self.head_dim, self.rope_theta)
-
-    # Scan over the layer axis of the stacked params: one layer is traced and compiled once.
-    layers_graphdef, layers_state = nnx.split(self.layers)
-
-    def layer_step(carry_btd, layer_state):
-      layer = nnx.merge(layers_graphdef, layer_state)
-      return layer(carry_btd, cos_bth, sin_bth, segment_ids_bt), None
-
-    if self.remat == "full":
-      # Keep only each layer's input for the backward pass; recompute the rest.
-      layer_step = jax.checkpoint(layer_step, prevent_cse=False)
-    x_btd, _ = jax.lax.scan(layer_step, x_btd, layers_state)
+    x_btd, _ = scan_layers(self.layers, x_btd, cos_bth, sin_bth, segment_ids_bt,
+                           remat=self.remat)
     return self.norm(x_btd)
 
 
+def make_embedding(cfg: ConfigDict, *, param_dtype, compute_dtype, rngs: nnx.Rngs) -> nnx.Embed:
+  return nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
+                   dtype=compute_dtype,  # looked-up rows come out in compute_dtype
+                   embedding_init=_weight_init(("vocab", "embed")), rngs=rngs)
+
+
 class Qwen3ForCausalLM(nnx.Module):
-  """`model` plus `lm_head` (absent when `tie_word_embeddings`: the embedding is reused)."""
+  """`model` plus `lm_head` (absent when `tie_word_embeddings`: the embedding is reused).
+
+  Subclasses (Qwen3-MoE) swap the decoder through `MODEL`; everything else is shared.
+  """
+  MODEL = Qwen3Model
 
   def __init__(self, cfg: ConfigDict, *, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16,
                remat: str = "full", attention: str = "xla", rngs: nnx.Rngs):
@@ -185,7 +216,7 @@ class Qwen3ForCausalLM(nnx.Module):
     # Params carry logical axis names, not mesh axes: placing them is the caller's job
     # (`jaxtune.models.create_model`), so building must not try to shard eagerly.
     with nnx.use_eager_sharding(False):
-      self.model = Qwen3Model(cfg, **dims, remat=remat, attention=attention, rngs=rngs)
+      self.model = self.MODEL(cfg, **dims, remat=remat, attention=attention, rngs=rngs)
       if not cfg.tie_word_embeddings:
         self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), **dims,
                                rngs=rngs)
@@ -193,7 +224,20 @@ class Qwen3ForCausalLM(nnx.Module):
   def __call__(self, input_ids: jax.Array, positions: jax.Array,
                segment_ids: jax.Array) -> jax.Array:
     """[B, T] int32 ids, positions, segment ids -> final hidden states [B, T, D]."""
-    return self.model(input_ids, positions, segment_ids)
+    return self.forward(dict(input_ids=input_ids, positions=positions,
+                             segment_ids=segment_ids)).hidden
+
+  def forward(self, batch: dict) -> ForwardOutput:
+    """The family interface: a dense decoder has no auxiliary losses or statistics."""
+    return ForwardOutput(self.model(batch["input_ids"], batch["positions"],
+                                    batch["segment_ids"]))
+
+  def aux_loss_coefficients(self) -> dict[str, float]:
+    return {}
+
+  def step_metrics(self, stats: dict) -> dict:
+    del stats
+    return {}
 
   def lm_head_kernel(self) -> jax.Array:
     """[D, V] output projection (the embedding transposed when tied), in param_dtype."""
@@ -211,12 +255,33 @@ class Qwen3ForCausalLM(nnx.Module):
 MODEL_CLASS = Qwen3ForCausalLM
 
 
-def hf_weight_map(cfg: ConfigDict) -> tuple[HFWeight, ...]:
-  """HF tensor names <-> our param paths, in HF's file order. Used by load and export."""
-  layer = "model.layers.{i}."
-  ours = "model.layers."
-  table = [
-      HFWeight("model.embed_tokens.weight", "model.embed_tokens.embedding"),
+# ---- the family interface (see jaxtune.models) ---------------------------------------------
+
+def batch_layout(cfg: ConfigDict, rows: int, length: int) -> dict:
+  del cfg
+  return text_batch_layout(rows, length)
+
+
+def matmul_params_per_token(cfg: ConfigDict) -> int:
+  """Parameters in a matmul per token: attention, MLP, LM head (embedding lookup excluded)."""
+  d, h = cfg.hidden_size, cfg.head_dim
+  attn = d * h * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2)
+  return cfg.num_hidden_layers * (attn + 3 * d * cfg.intermediate_size) + d * cfg.vocab_size
+
+
+def train_flops(cfg: ConfigDict, batch: dict) -> float:
+  return decoder_train_flops(matmul_params_per_token(cfg), cfg, batch["segment_ids"])
+
+
+def trainable(cfg: ConfigDict):
+  """Every param trains (full fine-tuning)."""
+  del cfg
+  return nnx.Param
+
+
+def attention_table(layer: str, ours: str) -> list[HFWeight]:
+  """The per-layer attention and norm rows, shared with Qwen3-MoE."""
+  return [
       HFWeight(layer + "input_layernorm.weight", ours + "input_layernorm.weight"),
       HFWeight(layer + "self_attn.q_proj.weight", ours + "self_attn.q_proj.kernel", True),
       HFWeight(layer + "self_attn.k_proj.weight", ours + "self_attn.k_proj.kernel", True),
@@ -225,22 +290,41 @@ def hf_weight_map(cfg: ConfigDict) -> tuple[HFWeight, ...]:
       HFWeight(layer + "self_attn.q_norm.weight", ours + "self_attn.q_norm.weight"),
       HFWeight(layer + "self_attn.k_norm.weight", ours + "self_attn.k_norm.weight"),
       HFWeight(layer + "post_attention_layernorm.weight", ours + "post_attention_layernorm.weight"),
-      HFWeight(layer + "mlp.gate_proj.weight", ours + "mlp.gate_proj.kernel", True),
-      HFWeight(layer + "mlp.up_proj.weight", ours + "mlp.up_proj.kernel", True),
-      HFWeight(layer + "mlp.down_proj.weight", ours + "mlp.down_proj.kernel", True),
-      HFWeight("model.norm.weight", "model.norm.weight"),
   ]
+
+
+def dense_mlp_table(layer: str, ours: str) -> list[HFWeight]:
+  return [HFWeight(layer + f"mlp.{name}.weight", ours + f"mlp.{name}.kernel", True)
+          for name in ("gate_proj", "up_proj", "down_proj")]
+
+
+def embedding_rows() -> list[HFWeight]:
+  return [HFWeight("model.embed_tokens.weight", "model.embed_tokens.embedding")]
+
+
+def head_rows(cfg: ConfigDict) -> list[HFWeight]:
+  rows = [HFWeight("model.norm.weight", "model.norm.weight")]
   if cfg.tie_word_embeddings:
     # Official tied checkpoints (Qwen3-0.6B/1.7B/4B) still store a copy of the embedding as
     # lm_head.weight; like transformers we accept it and use the embedding.
-    table.append(HFWeight("lm_head.weight", None))
-  else:
-    table.append(HFWeight("lm_head.weight", "lm_head.kernel", True))
-  return tuple(table)
+    return rows + [HFWeight("lm_head.weight", None)]
+  return rows + [HFWeight("lm_head.weight", "lm_head.kernel", True)]
+
+
+def hf_weight_map(cfg: ConfigDict) -> tuple[HFWeight, ...]:
+  """HF tensor names <-> our param paths, in HF's file order. Used by load and export."""
+  layer, ours = "model.layers.{layer}.", "model.layers."
+  return tuple(embedding_rows() + attention_table(layer, ours) + dense_mlp_table(layer, ours)
+               + head_rows(cfg))
 
 
 # Token ids of Qwen3's tokenizer: <|endoftext|> and <|im_end|>, as in the official configs.
 _BOS_TOKEN_ID, _EOS_TOKEN_ID = 151643, 151645
+
+
+def _special_id(cfg: ConfigDict, token_id: int) -> int | None:
+  # Tiny test vocabularies cannot hold Qwen's special ids; transformers rejects those.
+  return token_id if token_id < cfg.vocab_size else None
 
 
 def hf_config(cfg: ConfigDict, dtype: str) -> dict:
@@ -250,11 +334,7 @@ def hf_config(cfg: ConfigDict, dtype: str) -> dict:
   (transformers 4, vLLM) working.
   """
   num_layers = cfg.num_hidden_layers
-
-  def special_id(token_id: int) -> int | None:
-    # Tiny test vocabularies cannot hold Qwen's special ids; transformers rejects those.
-    return token_id if token_id < cfg.vocab_size else None
-
+  special_id = lambda token_id: _special_id(cfg, token_id)
   return {
       "architectures": ["Qwen3ForCausalLM"],
       "model_type": "qwen3",
@@ -283,3 +363,33 @@ def hf_config(cfg: ConfigDict, dtype: str) -> dict:
       "eos_token_id": special_id(_EOS_TOKEN_ID),
       "dtype": dtype,
   }
+
+
+def rope_theta_of(hf: dict) -> float:
+  """rope_theta from transformers 5's `rope_parameters` or the older flat field."""
+  params = hf.get("rope_parameters")
+  if isinstance(params, dict) and "rope_theta" in params:
+    return float(params["rope_theta"])
+  return float(hf["rope_theta"])
+
+
+def fields_from_hf(hf: dict, model_type: str, fields) -> dict:
+  """`fields` of an HF config, with transformers' own defaults for those config.json omits
+  (its config class fills them, as `from_pretrained` would)."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  full = transformers.AutoConfig.for_model(
+      model_type, **{k: v for k, v in hf.items() if k != "model_type"})
+  out = {}
+  for name in fields:
+    if name == "rope_theta":
+      out[name] = rope_theta_of(full.to_dict())
+    else:
+      value = getattr(full, name)
+      out[name] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def config_from_hf(hf: dict) -> ConfigDict:
+  from jaxtune.models import presets  # pylint: disable=import-outside-toplevel
+  names = [k for k in presets.qwen3_0_6b().keys() if k != "type"]
+  return presets.qwen3_0_6b(**fields_from_hf(hf, "qwen3", names))

@@ -18,6 +18,8 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxtune.parallel.mesh import BATCH_AXES
+
 MeshAxes = str | tuple[str, ...] | None
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
@@ -32,8 +34,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("norm", None),          # RMSNorm weights are tiny: replicated
     ("experts", "expert"),
     # Activations.
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_batch", "fsdp"),  # fallback when B does not divide data x fsdp
+    ("activation_batch", BATCH_AXES),
+    ("activation_batch", ("data", "fsdp")),  # fallbacks when B does not divide all of them
+    ("activation_batch", "fsdp"),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
@@ -125,7 +128,7 @@ def param_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """[B, T] token arrays: rows split over data x fsdp, tokens whole."""
+  """[B, T] token arrays: rows split over the batch axes (data x fsdp x expert), tokens whole."""
   return NamedSharding(mesh, logical_to_spec(("activation_batch", "activation_length")))
 
 

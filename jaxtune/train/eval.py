@@ -24,18 +24,18 @@ from jaxtune.ops.loss import loss_weights
 from jaxtune.parallel.sharding import batch_sharding
 from jaxtune.train import multihost
 from jaxtune.train.prefetch import to_global_array
-from jaxtune.train.step import BATCH_KEYS, make_loss_fn
+from jaxtune.train.step import ModelDef, make_loss_fn
 
 log = logging.getLogger(__name__)
 
 
-def make_eval_step(graphdef, loss_cfg) -> Callable:
+def make_eval_step(model_def: ModelDef, loss_cfg) -> Callable:
   """jit(params, batch) -> (weighted CE sum, weight sum, trained tokens) of one batch."""
-  loss_fn = make_loss_fn(graphdef, loss_cfg)
+  loss_fn = make_loss_fn(model_def, loss_cfg)
 
   def eval_step(params, batch: dict) -> dict:
     weights_bt = loss_weights(batch["labels"], batch["segment_ids"], loss_cfg.loss_reduction)
-    return dict(loss_sum=loss_fn(params, batch, weights_bt), weight=weights_bt.sum(),
+    return dict(loss_sum=loss_fn(params, batch, weights_bt)[0], weight=weights_bt.sum(),
                 loss_tokens=(batch["labels"] >= 0).sum())
   return jax.jit(eval_step)
 
@@ -43,16 +43,17 @@ def make_eval_step(graphdef, loss_cfg) -> Callable:
 class EvalSet:
   """One eval dataset, packed; yields this host's rows of each eval batch."""
 
-  def __init__(self, name: str, data: SFTData, rows_per_host: int, num_batches: int):
+  def __init__(self, name: str, data: SFTData, rows_per_host: int, num_batches: int,
+               keys: tuple[str, ...]):
     self.name, self.data = name, data
-    self.rows, self.num_batches = rows_per_host, num_batches
+    self.rows, self.num_batches, self.keys = rows_per_host, num_batches, keys
 
   def host_batches(self):
     packs = self.data.plan.num_packs
     for b in range(self.num_batches):
       rows = [self.data.batch(0, 0, order=np.array([p]))
               for p in range(b * self.rows, min((b + 1) * self.rows, packs))]
-      yield {k: self._fill([r[k] for r in rows], k) for k in BATCH_KEYS}
+      yield {k: self._fill([r[k] for r in rows], k) for k in self.keys}
 
   def _fill(self, rows: list[np.ndarray], key: str) -> np.ndarray:
     """Stacks the rows and adds empty ones up to rows_per_host."""
@@ -65,10 +66,12 @@ class EvalSet:
 class Evaluator:
   """Builds the eval sets once; `evaluate(params)` -> {"eval_loss_<name>": loss, ...}."""
 
-  def __init__(self, cfg: ConfigDict, mesh, graphdef, *, tokenizer, data_parallel: int):
-    """tokenizer: what SFTData accepts (a directory, an HF tokenizer, a TokenEncoder)."""
+  def __init__(self, cfg: ConfigDict, mesh, model_def: ModelDef, *, tokenizer,
+               data_parallel: int, batch_keys: tuple[str, ...]):
+    """tokenizer: what SFTData accepts (a directory, an HF tokenizer, a TokenEncoder);
+    batch_keys: the family's batch layout."""
     self.mesh = mesh
-    self.step = make_eval_step(graphdef, cfg.loss)
+    self.step = make_eval_step(model_def, cfg.loss)
     n_proc, index = jax.process_count(), jax.process_index()
     rows_global = data_parallel * cfg.data.micro_batch_size
     # Every process must hold whole rows of each batch.
@@ -84,7 +87,7 @@ class Evaluator:
       batches = math.ceil(data.plan.num_packs / rows)
       # Every process runs the same number of (collective) forward passes.
       batches = max(multihost.allgather_ints(batches))
-      self.sets.append(EvalSet(ds["name"], data, rows, batches))
+      self.sets.append(EvalSet(ds["name"], data, rows, batches, batch_keys))
       log.info("eval dataset '%s': %d packs in %d batch(es) of %d rows", ds["name"],
                data.plan.num_packs, batches, rows_global)
 

@@ -13,7 +13,6 @@ import os
 import shutil
 
 import jax
-from flax import nnx
 
 from jaxtune.hf.export import export_hf
 
@@ -48,9 +47,10 @@ class HFExporter:
     self.tokenizer_path, self.max_keep = tokenizer_path, max_keep
     self.last: str | None = None
 
-  def export(self, graphdef, params, step: int) -> str:
+  def export(self, model_def, params, step: int) -> str:
+    """model_def: the `ModelDef` the params belong to."""
     out_dir = os.path.join(self.run_dir, f"hf-{step}")
-    export_hf(nnx.merge(graphdef, params), self.model_cfg, out_dir, dtype=self.dtype,
+    export_hf(model_def.merge(params), self.model_cfg, out_dir, dtype=self.dtype,
               tokenizer_path=self.tokenizer_path)
     if jax.process_index() == 0:  # export_hf returns on all processes once the files are in
       point_latest(self.run_dir, out_dir)

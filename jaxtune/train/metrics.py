@@ -1,4 +1,5 @@
-"""Step metrics: FLOP accounting for MFU, memory figures, and the `metrics.jsonl` writer."""
+"""Step metrics: device peak FLOP/s for MFU (each family counts its FLOPs), memory figures,
+and the `metrics.jsonl` writer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 import resource
 
 import jax
-import numpy as np
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity).
 _PEAK_FLOPS = {
@@ -26,36 +26,6 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float:
     if name in kind.replace(" ", ""):
       return flops
   return _NOMINAL_CPU_FLOPS
-
-
-def matmul_params(model_cfg) -> int:
-  """Parameters that take part in a matmul per token (embedding lookup excluded, LM head in)."""
-  m = model_cfg
-  d, h = m.hidden_size, m.head_dim
-  attn = d * h * (m.num_attention_heads * 2 + m.num_key_value_heads * 2)
-  mlp = 3 * d * m.intermediate_size
-  return m.num_hidden_layers * (attn + mlp) + d * m.vocab_size
-
-
-def train_flops(model_cfg, tokens: int, sum_sq_seq_lens: int) -> float:
-  """Model FLOPs of one training step (forward + backward, no recomputation counted).
-
-  6 FLOPs per matmul parameter per token, plus causal attention: QK^T and AV each cost
-  2 * len^2 * N * H per layer forward over a causal half, times 3 for forward + backward.
-  Packed samples attend only within themselves, so the attention term sums len_i^2.
-  """
-  m = model_cfg
-  attention = 6 * m.num_hidden_layers * m.num_attention_heads * m.head_dim * sum_sq_seq_lens
-  return 6 * matmul_params(model_cfg) * tokens + attention
-
-
-def sum_sq_segment_lengths(segment_ids: np.ndarray) -> int:
-  """Sum over packed samples of length^2, from [B, T] segment ids (0 = padding)."""
-  total = 0
-  for row in np.asarray(segment_ids):
-    counts = np.bincount(row[row > 0])
-    total += int((counts.astype(np.int64) ** 2).sum())
-  return total
 
 
 def device_memory_gib() -> dict:

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxtune.train.step import TrainState
+from jaxtune import models
+from jaxtune.train.step import ModelDef, TrainState
+
+
+def split_model(model: nnx.Module) -> tuple[ModelDef, nnx.State]:
+  """(the model's static half, its nnx.Param state): what the train step takes."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return ModelDef(graphdef, rest, models.trainable_filter(model.config)), params
 
 
 def opt_state_shardings(abstract_opt_state, param_shardings, mesh):
@@ -40,15 +48,19 @@ def init_opt_state(optimizer, params, mesh):
   return jax.jit(optimizer.init, out_shardings=out)(params)
 
 
-def new_train_state(params, optimizer, mesh) -> TrainState:
+def new_train_state(params, optimizer, mesh, model_def: ModelDef) -> TrainState:
+  """Fresh optimizer state for the trainable params; frozen ones get none."""
+  trainable, _ = model_def.split_trainable(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
-  return TrainState(params=params, opt_state=init_opt_state(optimizer, params, mesh), step=step)
+  return TrainState(params=params, opt_state=init_opt_state(optimizer, trainable, mesh),
+                    step=step)
 
 
-def abstract_train_state(abstract_params, optimizer, mesh) -> TrainState:
+def abstract_train_state(abstract_params, optimizer, mesh, model_def: ModelDef) -> TrainState:
   """The state's shapes, dtypes and shardings with nothing allocated: a restore target."""
-  shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
-  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  trainable, _ = model_def.split_trainable(abstract_params)
+  shardings = jax.tree.map(lambda x: x.sharding, trainable)
+  abstract_opt = jax.eval_shape(optimizer.init, trainable)
   opt_shardings = opt_state_shardings(abstract_opt, shardings, mesh)
   with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
   return TrainState(

@@ -3,8 +3,13 @@
 One call is one optimizer step over the whole global batch: the batch is split into
 micro-batches scanned in order (gradient accumulation), each contributing its weighted loss
 sum and gradient; both are divided by the sum of loss weights over the *global* batch, so any
-split gives exactly the single-batch loss and gradient (XTuner's reduction). Then the update
-is applied unless the loss or gradient norm is not finite, in which case the step is skipped.
+split gives exactly the single-batch loss and gradient (XTuner's reduction). The model's
+auxiliary losses (MoE load balancing, ...) join the objective with their coefficients,
+averaged over the micro-batches; `loss` stays the LM loss. Then the update is applied unless
+the loss or gradient norm is not finite, in which case the step is skipped.
+
+Only the trainable params (the family's filter, `nnx.Param` only) are differentiated and have
+optimizer state; frozen params ride along in `TrainState.params` untouched.
 """
 
 from __future__ import annotations
@@ -18,18 +23,31 @@ import optax
 from flax import nnx
 
 from jaxtune.ops.loss import chunked_cross_entropy, eager_cross_entropy, loss_weights
-
-BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
+from jaxtune.parallel.mesh import BATCH_AXES
 
 
 class TrainState(NamedTuple):
-  params: Any          # nnx.State of the trainable parameters (fp32 master weights)
-  opt_state: Any
+  params: Any          # nnx.State of every nnx.Param (fp32 master weights), frozen ones too
+  opt_state: Any       # the optimizer's state for the trainable params only
   step: jax.Array      # applied updates so far; drives the LR schedule
 
 
+class ModelDef(NamedTuple):
+  """The static half of a model: what the step needs besides the params."""
+  graphdef: nnx.GraphDef
+  rest: Any            # nnx.State of the model's non-Param variables (never trained)
+  trainable: Any       # nnx filter selecting the params that train
+
+  def merge(self, params) -> nnx.Module:
+    return nnx.merge(self.graphdef, params, self.rest)
+
+  def split_trainable(self, params) -> tuple[Any, Any]:
+    """(trainable, frozen) parts of a params State."""
+    return nnx.split_state(params, self.trainable, ...)
+
+
 def split_micro_batches(batch: dict, num_micro: int) -> dict:
-  """[G, T] -> [A, G/A, T] so that each data-parallel rank keeps its own rows.
+  """[G, ...] -> [A, G/A, ...] so that each data-parallel rank keeps its own rows.
 
   Rows arrive sharded over ranks along G; reshaping to [G/A, A] first and swapping axes keeps
   every rank's rows on that rank (no data movement) while each micro-batch spans all ranks.
@@ -40,54 +58,71 @@ def split_micro_batches(batch: dict, num_micro: int) -> dict:
   return {k: split(v) for k, v in batch.items()}
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, loss_cfg) -> Callable:
-  """Returns loss_sum(params, micro_batch, weights): the weighted CE sum over its tokens."""
+def make_loss_fn(model_def: ModelDef, loss_cfg) -> Callable:
+  """Returns loss_sum(params, micro_batch, weights) -> (weighted CE sum, ForwardOutput)."""
   chunk_size = int(loss_cfg.chunk_size)
   eager = loss_cfg.mode == "eager"
 
-  def loss_sum(params, mb: dict, weights_bt: jax.Array) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    hidden_btd = model(mb["input_ids"], mb["positions"], mb["segment_ids"])
-    hidden_nd = hidden_btd.reshape(-1, hidden_btd.shape[-1])
+  def loss_sum(params, mb: dict, weights_bt: jax.Array):
+    model = model_def.merge(params)
+    out = model.forward(mb)
+    hidden_nd = out.hidden.reshape(-1, out.hidden.shape[-1])
     labels_n, weights_n = mb["labels"].reshape(-1), weights_bt.reshape(-1)
     if eager:
-      return eager_cross_entropy(hidden_nd, model.lm_head_kernel(), labels_n, weights_n)
+      return eager_cross_entropy(hidden_nd, model.lm_head_kernel(), labels_n, weights_n), out
     # Tokens are sharded over the data-parallel axes: each device chunks its own tokens and the
     # LM-head gradient is reduced once per micro-batch, not once per chunk.
     return chunked_cross_entropy(hidden_nd, model.lm_head_kernel(), labels_n, weights_n,
-                                 chunk_size=chunk_size, token_axes=("data", "fsdp"))
+                                 chunk_size=chunk_size, token_axes=BATCH_AXES), out
   return loss_sum
 
 
-def train_step(state: TrainState, batch: dict, *, loss_fn: Callable,
+def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, loss_fn: Callable,
                optimizer: optax.GradientTransformation, schedule: Callable, num_micro: int,
                loss_reduction: str) -> tuple[TrainState, dict]:
-  """One optimizer step over a global batch of packed rows [G, T]."""
+  """One optimizer step over a global batch of packed rows [G, T] (+ the family's arrays)."""
   weights_gt = loss_weights(batch["labels"], batch["segment_ids"], loss_reduction)
   denominator = jnp.maximum(weights_gt.sum(), 1e-6)  # over the global batch, all ranks
   micro = split_micro_batches({**batch, "weights": weights_gt}, num_micro)
-  grad_fn = jax.value_and_grad(loss_fn)
+  trainable, frozen = model_def.split_trainable(state.params)
+  coefficients = model_def.merge(state.params).aux_loss_coefficients()
+
+  def objective(trainable_params, mb):
+    lm_sum, out = loss_fn(nnx.merge_state(trainable_params, frozen), mb, mb["weights"])
+    aux = sum((coefficients[k] * v for k, v in out.aux_losses.items()), jnp.zeros(()))
+    return lm_sum / denominator + aux / num_micro, (lm_sum, out.aux_losses, out.stats)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
 
   def accumulate(carry, mb):
-    loss_acc, grads_acc = carry
-    loss, grads = grad_fn(state.params, mb, mb["weights"])
-    grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-    return (loss_acc + loss, grads_acc), None
+    (_, (lm_sum, aux, stats)), grads = grad_fn(trainable, mb)
+    new = dict(lm_sum=lm_sum, aux=aux, stats=stats,
+               grads=jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+    return jax.tree.map(jnp.add, carry, new), None
 
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-  (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
-  loss = loss_sum / denominator
-  grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sum, state.params)
+  # Shapes of one micro-batch's outputs, for the zero-initialised accumulators.
+  first = jax.tree.map(lambda x: x[0], micro)
+  (_, (lm0, aux0, stats0)) = jax.eval_shape(objective, trainable, first)
+  zeros = lambda tree, dtype=None: jax.tree.map(
+      lambda x: jnp.zeros(x.shape, dtype or x.dtype), tree)
+  init = dict(lm_sum=zeros(lm0), aux=zeros(aux0), stats=zeros(stats0),
+              grads=zeros(trainable, jnp.float32))
+  sums, _ = jax.lax.scan(accumulate, init, micro)
+
+  loss = sums["lm_sum"] / denominator
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), sums["grads"], trainable)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+  new_trainable = optax.apply_updates(trainable, updates)
   # A non-finite step leaves params, optimizer state and the schedule untouched.
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = TrainState(params=keep(params, state.params),
+  new_state = TrainState(params=nnx.merge_state(keep(new_trainable, trainable), frozen),
                          opt_state=keep(opt_state, state.opt_state),
                          step=state.step + finite.astype(state.step.dtype))
+  model_metrics = {k: v / num_micro for k, v in sums["aux"].items()}
+  model_metrics.update(model_def.merge(state.params).step_metrics(sums["stats"]))
   metrics = dict(
       loss=loss,
       grad_norm=grad_norm,
@@ -95,20 +130,27 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: Callable,
       loss_tokens=(batch["labels"] >= 0).sum(),
       tokens=(batch["segment_ids"] > 0).sum(),
       skipped=jnp.logical_not(finite),
+      model=model_metrics,
   )
   return new_state, metrics
 
 
-def compile_train_step(state: TrainState, *, graphdef, loss_cfg, optimizer, schedule,
-                       num_micro: int, batch_sharding) -> Callable:
+def batch_shardings(batch_layout: dict, sharding) -> dict:
+  """Every batch array split over the batch axes along its leading (row) axis."""
+  return {k: sharding for k in batch_layout}
+
+
+def compile_train_step(state: TrainState, *, model_def: ModelDef, loss_cfg, optimizer,
+                       schedule, num_micro: int, batch_layout: dict, batch_sharding) -> Callable:
   """jit with the state's shardings kept in place and its buffers donated.
 
   Call the result under `jax.set_mesh(mesh)` (the loss names the mesh's data axes).
   """
-  step = functools.partial(train_step, loss_fn=make_loss_fn(graphdef, loss_cfg),
-                           optimizer=optimizer, schedule=schedule, num_micro=num_micro,
+  step = functools.partial(train_step, model_def=model_def,
+                           loss_fn=make_loss_fn(model_def, loss_cfg), optimizer=optimizer,
+                           schedule=schedule, num_micro=num_micro,
                            loss_reduction=loss_cfg.loss_reduction)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings(batch_layout,
+                                                                      batch_sharding)),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))

@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from ml_collections import ConfigDict
 
 from jaxtune import config as config_lib
@@ -43,8 +42,8 @@ from jaxtune.train.observability import Profiler, RunMonitor, log_summary
 from jaxtune.train.optim import lr_schedule, make_optimizer
 from jaxtune.train.preemption import StopRequest
 from jaxtune.train.prefetch import prefetch_to_device
-from jaxtune.train.state import abstract_train_state, new_train_state
-from jaxtune.train.step import BATCH_KEYS, TrainState, compile_train_step
+from jaxtune.train.state import abstract_train_state, new_train_state, split_model
+from jaxtune.train.step import ModelDef, TrainState, compile_train_step
 
 log = logging.getLogger("jaxtune")
 
@@ -100,12 +99,13 @@ class Trainer:
     model_kwargs = dict(param_dtype=jnp.dtype(cfg.param_dtype),
                         compute_dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
                         attention=cfg.attention, seed=cfg.seed)
-    graphdef, abstract_params = nnx.split(models.abstract_model(cfg.model, mesh, **model_kwargs))
+    model_def, abstract_params = split_model(
+        models.abstract_model(cfg.model, mesh, **model_kwargs))
     checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"),
                                 max_to_keep=cfg.checkpoint_maxkeep)
     try:
-      state, position = self._initial_state(start, checkpointer, data, abstract_params,
-                                             optimizer, mesh, model_kwargs)
+      state, position = self._initial_state(start, checkpointer, data, model_def,
+                                             abstract_params, optimizer, mesh, model_kwargs)
       log.info("model %s: %.3fM parameters; %d device(s), mesh %s; %d steps (%d per epoch), "
                "%d micro-batch(es) per step, %d tokens per row", cfg.model.type,
                models.param_count(cfg.model) / 1e6, jax.device_count(), dict(mesh.shape),
@@ -113,19 +113,19 @@ class Trainer:
       if position.step >= total_steps:
         log.info("the run is already complete (step %d of %d): nothing to do", position.step,
                  total_steps)
-      loop = _Loop(self, mesh, data, encoder, graphdef, optimizer, schedule, num_micro,
+      loop = _Loop(self, mesh, data, encoder, model_def, optimizer, schedule, num_micro,
                    total_steps, checkpointer, is_main)
       return loop.run(state, position, resumed_from=start.checkpoint_dir)
     finally:
       checkpointer.close()
 
   def _initial_state(self, start: rundir.Start, checkpointer: Checkpointer, data: SFTData,
-                     abstract_params, optimizer, mesh, model_kwargs
+                     model_def: ModelDef, abstract_params, optimizer, mesh, model_kwargs
                      ) -> tuple[TrainState, Position]:
     """Restored from a checkpoint (all of it or the weights), from HF weights, or random."""
     cfg = self.cfg
     if start.checkpoint_dir is not None:
-      abstract = abstract_train_state(abstract_params, optimizer, mesh)
+      abstract = abstract_train_state(abstract_params, optimizer, mesh, model_def)
       if start.own:  # auto_resume: damaged newer checkpoints of this run are moved aside
         restored = checkpointer.restore_latest(abstract, quarantine=True)
       else:
@@ -141,7 +141,7 @@ class Trainer:
       if start.weights_only:
         log.info("loaded the weights of %s (new optimizer state, schedule and data order)",
                  where)
-        return new_train_state(restored.params, optimizer, mesh), Position(0, 0)
+        return new_train_state(restored.params, optimizer, mesh, model_def), Position(0, 0)
       _warn_config_changes(restored.config, cfg)
       # Exact resume needs the same batches: this raises if the data pipeline differs.
       data.iterator().set_state(_data_state_of_this_process(restored.progress))
@@ -156,18 +156,21 @@ class Trainer:
       log.info("loaded weights from %s", cfg.load_from)
     else:
       model = models.create_model(cfg.model, mesh, **model_kwargs)
-    _, params = nnx.split(model)
-    return new_train_state(params, optimizer, mesh), Position(0, 0)
+    _, params = split_model(model)
+    return new_train_state(params, optimizer, mesh, model_def), Position(0, 0)
 
 
 class _Loop:
   """One training session: the loop and the schedule of everything around the step."""
 
-  def __init__(self, trainer: Trainer, mesh, data: SFTData, encoder: TokenEncoder, graphdef,
-               optimizer, schedule, num_micro: int, total_steps: int,
+  def __init__(self, trainer: Trainer, mesh, data: SFTData, encoder: TokenEncoder,
+               model_def: ModelDef, optimizer, schedule, num_micro: int, total_steps: int,
                checkpointer: Checkpointer, is_main: bool):
     self.cfg, self.run_dir, self.started = trainer.cfg, trainer.run_dir, trainer.started
-    self.mesh, self.data, self.encoder, self.graphdef = mesh, data, encoder, graphdef
+    self.mesh, self.data, self.encoder, self.model_def = mesh, data, encoder, model_def
+    self.family = models.family(self.cfg.model.type)
+    self.batch_layout = self.family.batch_layout(self.cfg.model, self.cfg.global_batch_size,
+                                                 self.cfg.data.pack_max_length)
     self.optimizer, self.schedule, self.num_micro = optimizer, schedule, num_micro
     self.total_steps, self.checkpointer, self.is_main = total_steps, checkpointer, is_main
     self.n_devices = jax.device_count()
@@ -195,7 +198,7 @@ class _Loop:
       step, tokens = position
       if step == self.total_steps and not os.path.isdir(
           os.path.join(self.run_dir, f"hf-{step}")):  # complete, but stopped before exporting
-        self.exporter.export(self.graphdef, state.params, step)
+        self.exporter.export(self.model_def, state.params, step)
       self.checkpointer.wait()
     finally:
       monitor.close()
@@ -223,12 +226,12 @@ class _Loop:
     """The train step compiled ahead of time, so that step 1's time is its own."""
     t0 = time.perf_counter()
     sharding = batch_sharding(self.mesh)
-    step_fn = compile_train_step(state, graphdef=self.graphdef, loss_cfg=self.cfg.loss,
+    step_fn = compile_train_step(state, model_def=self.model_def, loss_cfg=self.cfg.loss,
                                  optimizer=self.optimizer, schedule=self.schedule,
-                                 num_micro=self.num_micro, batch_sharding=sharding)
-    shape = (self.cfg.global_batch_size, self.cfg.data.pack_max_length)
-    abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
-                      for k in BATCH_KEYS}
+                                 num_micro=self.num_micro, batch_layout=self.batch_layout,
+                                 batch_sharding=sharding)
+    abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+                      for k, (shape, dtype) in self.batch_layout.items()}
     compiled = step_fn.lower(state, abstract_batch).compile()
     self.compile_time = time.perf_counter() - t0
     log.info("train step compiled in %.1f s", self.compile_time)
@@ -239,14 +242,16 @@ class _Loop:
     """Steps from `position` to the end or to a stop request; returns the state and where."""
     cfg = self.cfg
     step_fn = self._compile(state)
-    evaluator = (Evaluator(cfg, self.mesh, self.graphdef, tokenizer=self.encoder,
-                           data_parallel=config_lib.data_parallel_size(cfg, self.n_devices))
+    evaluator = (Evaluator(cfg, self.mesh, self.model_def, tokenizer=self.encoder,
+                           data_parallel=config_lib.data_parallel_size(cfg, self.n_devices),
+                           batch_keys=tuple(self.batch_layout))
                  if cfg.eval_datasets else None)
     guard = NonFiniteGuard(cfg.max_consecutive_nonfinite)
     profiler = Profiler(self.run_dir, tuple(cfg.profile_steps))
     step, tokens = position
     epoch, in_epoch = divmod(step, self.data.steps_per_epoch)
-    host_batches = ({k: b[k] for k in BATCH_KEYS} for b in self.data.iterator(epoch, in_epoch))
+    host_batches = ({k: b[k] for k in self.batch_layout}
+                    for b in self.data.iterator(epoch, in_epoch))
     batches = prefetch_to_device(host_batches, batch_sharding(self.mesh))
     monitor.start()
     try:
@@ -275,7 +280,7 @@ class _Loop:
         # On the way out after a signal only the checkpoint matters (the grace period is
         # short), unless this was the last step: then the run is complete and exports.
         if self._due(cfg.hf_interval, step) and (not stopping or step == self.total_steps):
-          self.exporter.export(self.graphdef, state.params, step)
+          self.exporter.export(self.model_def, state.params, step)
         if stopping:
           break
     finally:
@@ -287,8 +292,8 @@ class _Loop:
               consumed_tokens: int) -> dict:
     """One metrics.jsonl line: the contract-4 fields first, then extras."""
     tokens = int(out["tokens"])
-    sum_sq = metrics_lib.sum_sq_segment_lengths(host["segment_ids"]) * jax.process_count()
-    flops = metrics_lib.train_flops(self.cfg.model, tokens, sum_sq)
+    # This host's rows stand for every host's (their FLOPs differ only by their lengths).
+    flops = self.family.train_flops(self.cfg.model, host) * jax.process_count()
     return dict(
         step=step, epoch=(step - 1) // self.data.steps_per_epoch + 1, loss=float(out["loss"]),
         loss_tokens=int(out["loss_tokens"]), tokens=tokens, lr=float(out["lr"]),
@@ -297,6 +302,7 @@ class _Loop:
         tokens_per_sec_per_device=tokens / step_time / self.n_devices,
         mfu=flops / step_time / (self.peak_flops * self.n_devices),
         data_time=data_time, consumed_tokens=consumed_tokens, skipped=bool(out["skipped"]),
+        **{k: float(v) for k, v in out["model"].items()},
         **metrics_lib.device_memory_gib(), **metrics_lib.host_memory_gib())
 
   def _save(self, step: int, state: TrainState, consumed_tokens: int, skipped: int) -> None:
