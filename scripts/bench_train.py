@@ -76,7 +76,7 @@ def main() -> None:
   dp = config_lib.data_parallel_size(cfg, n_dev)
   num_micro = args.batch // (dp * args.micro)
   schedule = lr_schedule(cfg.lr, 1e-5, 1000)
-  optimizer = make_optimizer(cfg.optim, schedule)
+  optimizer = make_optimizer(cfg.optim)  # unit lr: the step applies the schedule
   with jax.set_mesh(mesh):
     model = models.create_model(model_cfg, mesh, param_dtype=jnp.float32,
                                 compute_dtype=jnp.dtype(args.compute_dtype), remat=args.remat,

@@ -17,8 +17,9 @@ from jaxtune.train.optim import global_norm, lr_schedule, make_optimizer, warmup
 BASE, LR_MIN = 1e-3, 1e-5
 
 
-def _lr(lr_type, warmup_ratio, lr_min=LR_MIN):
-  return ConfigDict(dict(lr_type=lr_type, warmup_ratio=warmup_ratio, lr_min=lr_min))
+def _lr(lr_type, warmup_ratio, lr_min=LR_MIN, zero_warmup_repeats_base_lr=True):
+  return ConfigDict(dict(lr_type=lr_type, warmup_ratio=warmup_ratio, lr_min=lr_min,
+                         zero_warmup_repeats_base_lr=zero_warmup_repeats_base_lr))
 
 
 def _optim(max_grad_norm=1.0, weight_decay=0.01):
@@ -49,10 +50,13 @@ def test_linear_with_absolute_warmup_hand_computed():
 def test_constant_and_no_warmup():
   f = lr_schedule(_lr("constant", 0.25), BASE, 10)  # int(2.5) = 2 warmup steps
   np.testing.assert_allclose(_values(f, range(6)), [0, BASE / 2] + [BASE] * 4, rtol=1e-6)
-  # No warmup: the decay starts at update 0. (XTuner's torch chain agrees under torch 2.14;
-  # torch 2.11's SequentialLR repeats base_lr at update 1 when the milestone is 0.)
-  g = lr_schedule(_lr("cosine", 0.0), BASE, 10)
+  # No warmup, XTuner's way (its SequentialLR on torch <= 2.12): updates 0 and 1 at base_lr,
+  # then the decay one update late.
   cos = [LR_MIN + (BASE - LR_MIN) * math.cos(math.pi * s / 20) ** 2 for s in range(10)]
+  g = lr_schedule(_lr("cosine", 0.0), BASE, 10)
+  np.testing.assert_allclose(_values(g, range(10)), [BASE] + cos[:9], rtol=1e-6)
+  # ... or from update 0 (the fixed torch's chain).
+  g = lr_schedule(_lr("cosine", 0.0, zero_warmup_repeats_base_lr=False), BASE, 10)
   np.testing.assert_allclose(_values(g, range(10)), cos, rtol=1e-6)
   assert warmup_steps(_lr("cosine", 0.03), 50) == 1  # floor(1.5)
   assert warmup_steps(_lr("cosine", 3.0), 50) == 3
@@ -88,13 +92,22 @@ def _xtuner_torch_lrs(lr_type, ratio, total, base=BASE, lr_min=LR_MIN):
 
 
 @pytest.mark.parametrize("lr_type", ["cosine", "linear", "constant"])
-@pytest.mark.parametrize("ratio,total", [(0.03, 100), (0.2, 37), (0.1, 12), (5, 40), (1.0, 9)])
+@pytest.mark.parametrize("ratio,total", [(0.03, 100), (0.2, 37), (0.1, 12), (5, 40), (1.0, 9),
+                                         (0.0, 20), (0.01, 50)])  # the last two: no warmup
 def test_schedule_matches_xtuner_torch_chain(lr_type, ratio, total):
+  """XTuner's chain on the torch installed here (>= 2.13). With no warmup that torch starts
+  the decay at update 0 (`zero_warmup_repeats_base_lr=False`); the torch <= 2.12 XTuner ran on
+  repeats base_lr first (the default, hand-computed in test_constant_and_no_warmup)."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # SequentialLR's internal step(epoch) deprecation
     want = _xtuner_torch_lrs(lr_type, ratio, total)
-  got = _values(lr_schedule(_lr(lr_type, ratio), BASE, total), range(total))
+  no_warmup = warmup_steps(_lr(lr_type, ratio), total) == 0
+  got = _values(lr_schedule(_lr(lr_type, ratio, zero_warmup_repeats_base_lr=not no_warmup),
+                            BASE, total), range(total))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-10)
+  if no_warmup:  # the default runs the same values one update late
+    late = _values(lr_schedule(_lr(lr_type, ratio), BASE, total), range(total))
+    np.testing.assert_allclose(late, np.concatenate([[BASE], want[:-1]]), rtol=1e-5, atol=1e-10)
 
 
 def _params(seed=0):

@@ -11,6 +11,7 @@ PUBLISHED = {
     "qwen3_0_6b": (0.6, 0.44),
     "qwen3_1_7b": (1.7, 1.4),
     "qwen3_4b": (4.0, 3.6),
+    "qwen3_4b_2507": (4.0, 3.6),
     "qwen3_8b": (8.2, 6.95),
     "qwen3_14b": (14.8, 13.2),
     "qwen3_32b": (32.8, 31.2),
@@ -58,3 +59,10 @@ def test_tied_and_untied_presets():
     assert getattr(presets, name)().tie_word_embeddings
   for name in ("qwen3_8b", "qwen3_14b", "qwen3_32b"):
     assert not getattr(presets, name)().tie_word_embeddings
+
+
+def test_the_2507_refresh_differs_from_the_original_4b_only_in_rope_and_context():
+  """XTuner's Qwen3Dense4BConfig (xtuner/v1/model/dense/qwen3.py): rope 5e6, 262,144 positions."""
+  old, new = presets.qwen3_4b().to_dict(), presets.qwen3_4b_2507().to_dict()
+  assert {k for k in old if old[k] != new[k]} == {"rope_theta", "max_position_embeddings"}
+  assert new["rope_theta"] == 5e6 and new["max_position_embeddings"] == 262144

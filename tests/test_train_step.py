@@ -38,15 +38,16 @@ def _batch(rows=4, pack=32, seed=0):
   return b
 
 
-def _setup(mesh_sizes, num_micro, reduction="token", max_grad_norm=1.0, lr=1e-2, optimizer=None):
+def _setup(mesh_sizes, num_micro, reduction="token", max_grad_norm=1.0, lr=1e-2, optimizer=None,
+           schedule=None, skip_grad_norm_threshold=None):
   cfg = config_lib.base_config()
   cfg.model = presets.qwen3_tiny(vocab_size=VOCAB, hidden_size=32, head_dim=8)
   cfg.loss.chunk_size = 16
   cfg.loss.loss_reduction = reduction
   cfg.optim.max_grad_norm = max_grad_norm
   mesh = make_mesh(mesh_sizes, jax.devices()[:int(np.prod(list(mesh_sizes.values())))])
-  schedule = optax.constant_schedule(lr)
-  optimizer = optimizer or make_optimizer(cfg.optim, schedule)
+  schedule = schedule or optax.constant_schedule(lr)
+  optimizer = optimizer or make_optimizer(cfg.optim)  # unit lr: the step applies the schedule
   with jax.set_mesh(mesh):
     model = models.create_model(cfg.model, mesh, param_dtype=jnp.float32,
                                 compute_dtype=jnp.float32, remat="none", attention="xla", seed=3)
@@ -55,7 +56,8 @@ def _setup(mesh_sizes, num_micro, reduction="token", max_grad_norm=1.0, lr=1e-2,
     step = compile_train_step(state, model_def=model_def, loss_cfg=cfg.loss,
                               optimizer=optimizer, schedule=schedule, num_micro=num_micro,
                               batch_layout=models.text_batch_layout(8, 32),
-                              batch_sharding=batch_sharding(mesh))
+                              batch_sharding=batch_sharding(mesh),
+                              skip_grad_norm_threshold=skip_grad_norm_threshold)
   return mesh, model_def.graphdef, state, step, cfg
 
 
@@ -136,9 +138,50 @@ def test_non_finite_step_is_skipped():
   leaves, treedef = jax.tree.flatten(poisoned)
   leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
   state = state._replace(params=jax.tree.unflatten(treedef, leaves))
+  opt_before = jax.tree.map(np.asarray, state.opt_state)  # the step donates its input
   new_state, out = _run(mesh, state, step, _batch())
-  assert bool(out["skipped"]) and not np.isfinite(float(out["loss"]))
-  assert int(new_state.step) == 0
+  assert bool(out["skipped"]) and bool(out["nonfinite"]) and not np.isfinite(float(out["loss"]))
+  assert int(new_state.step) == 1  # the schedule moves on, as XTuner's scheduler does
   after = jax.tree.leaves(jax.tree.map(np.asarray, new_state.params))
   for a, b in zip(after[1:], jax.tree.leaves(before)[1:]):
     np.testing.assert_array_equal(a, b)
+  # ... but Adam's state (its count and moments) did not.
+  for a, b in zip(jax.tree.leaves(new_state.opt_state), jax.tree.leaves(opt_before)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_a_gradient_norm_over_the_threshold_skips_the_update_but_not_the_schedule():
+  """XTuner's optim.skip_grad_norm_threshold: the update is skipped, the next step runs at the
+  next learning rate, and Adam's first real update is the one an unskipped run makes first."""
+  schedule = lambda s: 1e-2 * (1.0 + s)  # a rate that shows which step index was used
+  mesh, _, state, step, _ = _setup({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}, 1,
+                                   schedule=schedule, skip_grad_norm_threshold=1e-6)
+  before = jax.tree.map(np.asarray, state.params)
+  new_state, out = _run(mesh, state, step, _batch())
+  assert bool(out["skipped"]) and not bool(out["nonfinite"]) and float(out["grad_norm"]) > 1e-6
+  assert float(out["lr"]) == pytest.approx(1e-2) and int(new_state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_state.params), before)
+
+  # Step 1 of a run without the threshold, from the same state, matches the skipped run's
+  # step 2 (same params, same Adam state, the lr of index 1).
+  mesh, _, fresh, plain_step, _ = _setup({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}, 1,
+                                         schedule=schedule)
+  at_step_1 = fresh._replace(step=jax.device_put(np.asarray(new_state.step), fresh.step.sharding))
+  want, want_out = _run(mesh, at_step_1, plain_step, _batch(seed=2))
+  mesh, _, _, threshold_step, _ = _setup({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}, 1,
+                                         schedule=schedule, skip_grad_norm_threshold=1e6)
+  got, got_out = _run(mesh, new_state, threshold_step, _batch(seed=2))
+  assert float(got_out["lr"]) == float(want_out["lr"]) == pytest.approx(2e-2)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               got.params, want.params)
+
+
+def test_zero_learning_rate_leaves_params_unchanged():
+  """optim.lr = 0 is valid (evaluation-only runs, parity checks): AdamW with weight decay moves
+  nothing."""
+  mesh, _, state, step, _ = _setup({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}, 1, lr=0.0)
+  before = jax.tree.map(np.asarray, state.params)
+  new_state, out = _run(mesh, state, step, _batch())
+  assert not bool(out["skipped"]) and float(out["lr"]) == 0.0 and np.isfinite(float(out["loss"]))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), new_state.params,
+               before)

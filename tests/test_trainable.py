@@ -27,7 +27,7 @@ def _frozen_mlp(cfg):
 
 def _setup(mesh, loss_cfg):
   # Weight decay 0.5: a decayed frozen param would move even with a zero gradient.
-  optimizer = optax.adamw(1e-2, weight_decay=0.5)
+  optimizer = optax.adamw(1.0, weight_decay=0.5)  # unit lr: the step applies the schedule
   with jax.set_mesh(mesh):
     model = models.create_model(CFG, mesh, param_dtype="float32", compute_dtype="float32",
                                 remat="none", attention="xla", seed=1)

@@ -65,6 +65,13 @@ def qwen3_4b(**overrides) -> ConfigDict:
                           num_attention_heads=32, tie_word_embeddings=True), **overrides})
 
 
+def qwen3_4b_2507(**overrides) -> ConfigDict:
+  """Qwen/Qwen3-4B-Instruct-2507 / -Thinking-2507: the 4B refresh, rope_theta 5e6 and 262,144
+  positions. XTuner's `Qwen3Dense4BConfig` is this one."""
+  return qwen3_4b(**{**dict(rope_theta=5_000_000.0, max_position_embeddings=262144),
+                     **overrides})
+
+
 def qwen3_8b(**overrides) -> ConfigDict:
   """Qwen/Qwen3-8B."""
   return _qwen3(**{**dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,

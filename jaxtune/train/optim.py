@@ -3,7 +3,8 @@
 XTuner (xtuner/v1/train/trainer.py, `Trainer.build_lr_scheduler`) chains torch schedulers:
 `LambdaLR(x / W if x < W else 1)` for the warmup, then `CosineAnnealingLR(T_max=S - W,
 eta_min=lr_min)`, `LinearLR(1 -> lr_min / lr, total_iters=S - W)` or a constant, joined by
-`SequentialLR(milestones=[W])`, and calls `scheduler.step()` after every optimizer step. Its
+`SequentialLR(milestones=[W])`, and calls `scheduler.step()` after every trainer step, also
+one whose optimizer step it skipped (a NaN/Inf or too large gradient norm). Its
 gradient clipping (xtuner/v1/engine/train_engine.py) scales by
 `min(1, max_grad_norm / (norm + 1e-6))` over the trainable parameters, and its optimizer is
 one `torch.optim.AdamW` group over every trainable parameter (decay applied to all of them).
@@ -37,6 +38,12 @@ def lr_schedule(lr_cfg: ConfigDict, base_lr: float, total_steps: int) -> optax.S
   The decay reaches lr_min at s = S, one past the last update: the last update (s = S - 1)
   runs at the value for k = S - W - 1, as in XTuner. Past S the value stays at lr_min
   (torch's cosine would swing back up); with W >= S the decay is never reached.
+
+  With W = 0 and `lr.zero_warmup_repeats_base_lr` (default True), updates 0 and 1 both run at
+  base_lr and the decay follows one update late (update s runs at k = s - 1): what XTuner's
+  chain does on the torch versions it supports (torch >= 2.6; `SequentialLR` with a milestone
+  at 0 skipped the second scheduler's first step until torch 2.13, pytorch #185872). False
+  starts the decay at update 0, as the fixed torch does.
   """
   lr_type = lr_cfg.lr_type
   if lr_type not in ("cosine", "linear", "constant"):
@@ -44,10 +51,11 @@ def lr_schedule(lr_cfg: ConfigDict, base_lr: float, total_steps: int) -> optax.S
   base, lr_min = float(base_lr), float(lr_cfg.lr_min)
   warm = warmup_steps(lr_cfg, total_steps)
   decay = max(int(total_steps) - warm, 1)  # only 0 when warmup covers all of training
+  late = 1.0 if warm == 0 and lr_cfg.get("zero_warmup_repeats_base_lr", True) else 0.0
 
   def schedule(step):
     s = jnp.asarray(step, jnp.float32)
-    k = jnp.clip(s - warm, 0.0, decay)
+    k = jnp.clip(s - warm - late, 0.0, decay)
     # Written to avoid float32 cancellation near the end: (1 + cos x) / 2 = cos(x / 2)^2,
     # and the linear ramp is measured from lr_min, so both land on lr_min exactly.
     if lr_type == "cosine":
@@ -85,7 +93,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def make_optimizer(optim_cfg: ConfigDict, schedule: optax.Schedule, *,
+def make_optimizer(optim_cfg: ConfigDict, schedule: optax.Schedule | None = None, *,
                    mask: Any | Callable[[Any], Any] | None = None
                    ) -> optax.GradientTransformation:
   """Clip (skipped when max_grad_norm <= 0), then AdamW on one parameter group.
@@ -93,8 +101,11 @@ def make_optimizer(optim_cfg: ConfigDict, schedule: optax.Schedule, *,
   Args:
     optim_cfg: the `optim` section: weight_decay, betas, eps, max_grad_norm (lr is in the
       schedule already).
-    schedule: step -> learning rate, e.g. `lr_schedule(...)`; read from the optimizer's own
-      update count, so a step the caller discards (params and state kept) does not advance it.
+    schedule: update count -> learning rate, e.g. `lr_schedule(...)`, read from the
+      optimizer's own count. None: a unit learning rate, for the train step, which scales the
+      updates by the schedule at the *trainer* step itself, so that a skipped step still
+      advances the schedule (as XTuner's) but not Adam's count. AdamW's update is linear in
+      the learning rate (decay included), so both give the same update bit for bit.
     mask: optional pytree of bools (or params -> pytree) like the params: True = trainable.
       Frozen leaves get zero updates and no optimizer state, and are left out of the clipping
       norm, as XTuner's frozen (requires_grad=False) modules are. This uses
@@ -103,7 +114,8 @@ def make_optimizer(optim_cfg: ConfigDict, schedule: optax.Schedule, *,
       which would move "frozen" parameters.
   """
   b1, b2 = (float(b) for b in optim_cfg.betas)
-  adamw = optax.adamw(learning_rate=schedule, b1=b1, b2=b2, eps=float(optim_cfg.eps),
+  adamw = optax.adamw(learning_rate=1.0 if schedule is None else schedule, b1=b1, b2=b2,
+                      eps=float(optim_cfg.eps),
                       weight_decay=float(optim_cfg.weight_decay))
   max_norm = float(optim_cfg.max_grad_norm)
   inner = optax.chain(clip_by_global_norm(max_norm), adamw) if max_norm > 0 else adamw

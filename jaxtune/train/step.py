@@ -6,7 +6,9 @@ sum and gradient; both are divided by the sum of loss weights over the *global* 
 split gives exactly the single-batch loss and gradient (XTuner's reduction). The model's
 auxiliary losses (MoE load balancing, ...) join the objective with their coefficients,
 averaged over the micro-batches; `loss` stays the LM loss. Then the update is applied unless
-the loss or gradient norm is not finite, in which case the step is skipped.
+the loss or gradient norm is not finite, or the norm exceeds `optim.skip_grad_norm_threshold`,
+in which case the update is skipped (params and optimizer state kept); the LR schedule still
+advances, as XTuner's scheduler does.
 
 Only the trainable params (the family's filter, `nnx.Param` only) are differentiated and have
 optimizer state; frozen params ride along in `TrainState.params` untouched.
@@ -29,7 +31,7 @@ from jaxtune.parallel.mesh import BATCH_AXES
 class TrainState(NamedTuple):
   params: Any          # nnx.State of every nnx.Param (fp32 master weights), frozen ones too
   opt_state: Any       # the optimizer's state for the trainable params only
-  step: jax.Array      # applied updates so far; drives the LR schedule
+  step: jax.Array      # trainer steps so far, skipped ones included; drives the LR schedule
 
 
 class ModelDef(NamedTuple):
@@ -79,8 +81,12 @@ def make_loss_fn(model_def: ModelDef, loss_cfg) -> Callable:
 
 def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, loss_fn: Callable,
                optimizer: optax.GradientTransformation, schedule: Callable, num_micro: int,
-               loss_reduction: str) -> tuple[TrainState, dict]:
-  """One optimizer step over a global batch of packed rows [G, T] (+ the family's arrays)."""
+               loss_reduction: str, skip_grad_norm_threshold: float | None = None
+               ) -> tuple[TrainState, dict]:
+  """One optimizer step over a global batch of packed rows [G, T] (+ the family's arrays).
+
+  `optimizer` has a unit learning rate (`make_optimizer(optim_cfg)`): its updates are scaled
+  here by `schedule(state.step)`."""
   weights_gt = loss_weights(batch["labels"], batch["segment_ids"], loss_reduction)
   denominator = jnp.maximum(weights_gt.sum(), 1e-6)  # over the global batch, all ranks
   micro = split_micro_batches({**batch, "weights": weights_gt}, num_micro)
@@ -113,23 +119,30 @@ def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, loss_fn: 
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), sums["grads"], trainable)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  apply = finite
+  if skip_grad_norm_threshold is not None:
+    apply = apply & (grad_norm <= skip_grad_norm_threshold)
 
+  lr = jnp.asarray(schedule(state.step), jnp.float32)
   updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+  updates = jax.tree.map(lambda u: (u * lr).astype(u.dtype), updates)
   new_trainable = optax.apply_updates(trainable, updates)
-  # A non-finite step leaves params, optimizer state and the schedule untouched.
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  # A skipped step leaves params and optimizer state (Adam's count too) untouched; the
+  # schedule, driven by the trainer step, moves on.
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
   new_state = TrainState(params=nnx.merge_state(keep(new_trainable, trainable), frozen),
                          opt_state=keep(opt_state, state.opt_state),
-                         step=state.step + finite.astype(state.step.dtype))
+                         step=state.step + 1)
   model_metrics = {k: v / num_micro for k, v in sums["aux"].items()}
   model_metrics.update(model_def.merge(state.params).step_metrics(sums["stats"]))
   metrics = dict(
       loss=loss,
       grad_norm=grad_norm,
-      lr=jnp.asarray(schedule(state.step), jnp.float32),
+      lr=lr,
       loss_tokens=(batch["labels"] >= 0).sum(),
       tokens=(batch["segment_ids"] > 0).sum(),
-      skipped=jnp.logical_not(finite),
+      skipped=jnp.logical_not(apply),
+      nonfinite=jnp.logical_not(finite),
       model=model_metrics,
   )
   return new_state, metrics
@@ -141,15 +154,18 @@ def batch_shardings(batch_layout: dict, sharding) -> dict:
 
 
 def compile_train_step(state: TrainState, *, model_def: ModelDef, loss_cfg, optimizer,
-                       schedule, num_micro: int, batch_layout: dict, batch_sharding) -> Callable:
+                       schedule, num_micro: int, batch_layout: dict, batch_sharding,
+                       skip_grad_norm_threshold: float | None = None) -> Callable:
   """jit with the state's shardings kept in place and its buffers donated.
 
+  optimizer: unit learning rate (`make_optimizer(optim_cfg)`); `schedule` scales its updates.
   Call the result under `jax.set_mesh(mesh)` (the loss names the mesh's data axes).
   """
   step = functools.partial(train_step, model_def=model_def,
                            loss_fn=make_loss_fn(model_def, loss_cfg), optimizer=optimizer,
                            schedule=schedule, num_micro=num_micro,
-                           loss_reduction=loss_cfg.loss_reduction)
+                           loss_reduction=loss_cfg.loss_reduction,
+                           skip_grad_norm_threshold=skip_grad_norm_threshold)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings(batch_layout,
                                                                       batch_sharding)),
