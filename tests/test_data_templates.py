@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxtune.data import sources
-from jaxtune.data.templates import (Message, get_template, render, render_text, tokenize)
+from jaxtune.data.templates import (Message, get_template, jinja, render, render_text, tokenize)
 from jaxtune.data.tokenizer import TokenEncoder, build_qwen_tokenizer, load_tokenizer
 
 TOK_DIR = os.path.join(tempfile.gettempdir(), "jaxtune-tests", "qwen3-tokenizer")
@@ -93,8 +93,14 @@ def test_intern_s1_adds_its_default_system_prompt(enc, hf):
 
 def test_pretrain_and_tool_roles(enc):
   tpl = get_template("qwen3")
+  # A pretraining sample ends with the tokenizer's eos_token (XTuner's PretrainTokenizeFunction
+  # appends tokenizer.eos_token): <|im_end|> in Qwen3's tokenizer_config.json.
   ids, mask = tokenize([Message("pretrain", "Hello world")], tpl, enc)
-  assert ids == [9707, 1879, 151643] and mask.all()
+  assert enc.eos_token == "<|im_end|>"
+  assert ids == [9707, 1879, IM_END] and mask.all()
+  # A pretrain message inside a chat is its text alone (XTuner's ChatMsg), no end-of-text.
+  ids, _ = tokenize([Message("pretrain", "Hello world"), Message("user", "Hi")], tpl, enc)
+  assert ids[:3] == [9707, 1879, IM_START]
   chat = [Message("user", "Weather?"), Message("assistant", "<tool_call>x</tool_call>"),
           Message("tool", "sunny"), Message("assistant", "Sunny.")]
   text = render_text(chat, tpl)
@@ -113,7 +119,8 @@ def test_openai_tool_calls_and_tools_prompt(enc):
        "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]}]}
   messages, tools = sources.parse_sample(obj, sources.ParseOptions())
   text = render_text(messages, get_template("qwen3"), tools)
-  assert text.startswith("<|im_start|>system\n# Tools\n\nYou may call one or more functions")
+  # XTuner's tool_prompt starts with "\n\n", also when it is the whole system prompt.
+  assert text.startswith("<|im_start|>system\n\n\n# Tools\n\nYou may call one or more functions")
   assert '\n{"type": "function", "function": {"name": "f"}}\n</tools>' in text
   assert text.endswith('<|im_start|>assistant\n<tool_call>\n{"name": "f", "arguments": '
                        '{"x": 1}}\n</tool_call><|im_end|>\n')
@@ -138,3 +145,75 @@ def test_image_placeholders_expand_for_intern_s1():
   assert ids.count(152957) == 3328
   first = ids.index(152955)
   assert ids[first + 3329] == 152956 and not mask[first:first + 3330].any()
+
+
+def _parsed_text(obj, template="qwen3"):
+  messages, tools = sources.parse_sample(obj, sources.ParseOptions())
+  return render_text(messages, get_template(template), tools)
+
+
+def test_tools_render_as_xtuner_formats_them():
+  """xtuner/v1/data_proto/messages/chat.py: `tool_formatter` wraps a bare schema as
+  {"type": "function", "function": ...}; the tools prompt is appended to an existing system
+  prompt right after its text (the prompt's own leading blank line separates them)."""
+  schema = {"name": "f", "parameters": {"type": "object"}}
+  text = _parsed_text({"tools": [schema], "messages": [
+      {"role": "system", "content": "Be brief."}, {"role": "user", "content": "go"}]})
+  want = ('<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to '
+          'assist with the user query.\n\nYou are provided with function signatures within '
+          '<tools></tools> XML tags:\n<tools>\n{"type": "function", "function": {"name": "f", '
+          '"parameters": {"type": "object"}}}\n</tools>\n\nFor each function call, return a json '
+          'object with function name and arguments within <tool_call></tool_call> XML tags:\n'
+          '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+          '</tool_call><|im_end|>\n<|im_start|>user\ngo<|im_end|>\n<|im_start|>assistant\n')
+  assert text == want
+
+
+def test_tool_call_arguments_are_reserialised_and_joined_as_xtuner_does():
+  """`function_formatter`: json.loads(arguments) then json.dumps with the name; a newline
+  before the calls unless the text is empty or already ends with a blank line."""
+  call = {"type": "function", "function": {"name": "get", "arguments": '{"city":"北京","n":2}'}}
+  body = '<tool_call>\n{"name": "get", "arguments": {"city": "北京", "n": 2}}\n</tool_call>'
+  for content, joined in [("", body), ("Let me look.", "Let me look.\n" + body),
+                          ("Let me look.\n\n", "Let me look.\n\n" + body)]:
+    text = _parsed_text({"messages": [{"role": "user", "content": "weather?"},
+                                      {"role": "assistant", "content": content,
+                                       "tool_calls": [call]}]})
+    assert text.endswith("<|im_start|>assistant\n" + joined + "<|im_end|>\n"), content
+  with pytest.raises(ValueError, match="not JSON"):
+    _parsed_text({"messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get", "arguments": "{oops"}}]}]})
+
+
+def test_developer_role_and_dialogs_key():
+  """XTuner's qwen3 template renders `developer` like a system turn (untrained); intern-s1 has
+  no developer role (an error, as in XTuner); `{"dialogs": [...]}` reads like `messages`."""
+  obj = {"dialogs": [{"role": "developer", "content": "Rules."},
+                     {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+  assert _parsed_text(obj) == ("<|im_start|>system\nRules.<|im_end|>\n<|im_start|>user\nHi"
+                               "<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n")
+  messages, _ = sources.parse_sample(obj, sources.ParseOptions())
+  pieces = render(messages, get_template("qwen3"))
+  assert [p.trained for p in pieces] == [False, False, True, False]
+  with pytest.raises(ValueError, match="no 'developer' role"):
+    _parsed_text(obj, "intern-s1")
+
+
+def test_exported_jinja_template_renders_exactly_the_training_text():
+  """One source of truth: the tokenizer's chat template is generated from the training
+  template and renders every role as training does (jinja2, as transformers runs it)."""
+  import jinja2  # pylint: disable=import-outside-toplevel
+  chat = [Message("system", "S"), Message("user", "Hi"), Message("assistant", "Hello"),
+          Message("developer", "D"), Message("user", "Weather?"),
+          Message("assistant", "<tool_call>x</tool_call>"), Message("tool", "sunny"),
+          Message("assistant", "Sunny.")]
+  for name in ("qwen3", "intern-s1"):
+    tpl = get_template(name)
+    msgs = [m for m in chat if m.role in tpl.wraps()]
+    program = jinja2.Environment().from_string(jinja(tpl))
+    rendered = program.render(messages=[dict(role=m.role, content=m.text) for m in msgs],
+                              add_generation_prompt=False)
+    assert rendered == render_text(msgs, tpl), name
+    prompt = program.render(messages=[dict(role=m.role, content=m.text) for m in msgs[:-1]],
+                            add_generation_prompt=True)
+    assert prompt == render_text(msgs[:-1], tpl), name  # ends with the assistant header

@@ -132,7 +132,7 @@ def _encode_general(obj, opts: sources.ParseOptions, template: templates.ChatTem
                     encoder: TokenEncoder, chunks: list, flags: list, sizes: list) -> int:
   """Any sample: validate, render into pieces, encode each; appends only on success."""
   messages, tools = sources.parse_sample(obj, opts)
-  pieces = templates.render(messages, template, tools)
+  pieces = templates.render(messages, template, tools, encoder.eos_token)
   encoded = [encoder.encode_bytes(p.text) if not p.image_tokens else
              np.asarray(templates.encode([p], template, encoder)[0], np.uint32).tobytes()
              for p in pieces]
@@ -146,34 +146,39 @@ def _encode_general(obj, opts: sources.ParseOptions, template: templates.ChatTem
 class _Spliced:
   """The common sample (string contents; no tools, tool calls or images) encoded straight from
   the decoded JSON: no Message or Piece objects, and each message's constant template ids
-  spliced around its encoded text (templates.splice_table). Gives exactly the general path's
-  ids and flags; returns None, having appended nothing, for any other sample."""
+  spliced around its encoded text (templates.splice_table). The pieces come from
+  `templates.plan`, the same rules the general path renders, so the ids and flags are exactly
+  its; returns None, having appended nothing, for any other sample."""
 
   def __init__(self, template: templates.ChatTemplate, encoder: TokenEncoder,
                table: dict[str, templates.Splice]):
-    self.table, self.encode = table, encoder.encode_bytes
-    self.sep = bytes(encoder.encode_bytes(template.sep))
-    self.system = None   # the default system piece, for templates that add one
-    if template.default_system is not None:
-      self.system = bytes(encoder.encode_bytes(template.wrap("system", template.default_system)))
+    self.template, self.table, self.encode = template, table, encoder.encode_bytes
+    self.eos = encoder.eos_token
+    self.constant: dict[tuple, bytes] = {}   # ids of inserted pieces (separator, eos, system)
+
+  def _constant(self, role: str | None, text: str) -> bytes:
+    key = (role, text)
+    if key not in self.constant:
+      whole = text if role is None else self.template.wrap(role, text)
+      self.constant[key] = bytes(self.encode(whole))
+    return self.constant[key]
 
   def __call__(self, obj, chunks: list, flags: list, sizes: list) -> int | None:
     table = self.table
     if type(obj) is dict:
-      if "messages" not in obj:
+      msgs = obj.get("messages", obj.get("dialogs"))
+      if msgs is None:
         text = obj.get("content", obj.get("text"))
         if type(text) is not str:
           return None
         msgs = ({"role": "pretrain", "content": text},)
       elif obj.get("tools") is not None:
         return None
-      else:
-        msgs = obj["messages"]
     else:
       msgs = obj
     if type(msgs) not in (list, tuple) or not msgs:
       return None
-    chat = False
+    triples = []
     for m in msgs:
       if type(m) is not dict:
         return None
@@ -181,31 +186,26 @@ class _Spliced:
       if type(role) is not str or role not in table or type(text) is not str \
           or templates.IMG_CONTEXT in text:
         return None
-      if len(m) > 2 and (m.get("tool_calls") or type(m.get("loss")) not in (bool, type(None))):
-        return None
-      chat = chat or role != "pretrain"
-    n = 0
-    if self.system is not None and chat and msgs[0]["role"] != "system":
-      chunks.append(self.system)
-      flags.append(False)
-      sizes.append(len(self.system) >> 2)
-      n += len(self.system) >> 2
-    encode, sep, sep_n = self.encode, self.sep, len(self.sep) >> 2
-    for m in msgs:
-      role = m["role"]
-      s = table[role]
-      body = encode(s.pre + m["content"] + s.post)
-      size = s.fixed + (len(body) >> 2)
-      chunks += (s.head, body, s.tail)
-      loss = m.get("loss")
-      flags.append(s.trained if loss is None else loss)
+      loss = None
+      if len(m) > 2:
+        loss = m.get("loss")
+        if m.get("tool_calls") or type(loss) not in (bool, type(None)):
+          return None
+      triples.append((role, text, loss))
+    n, encode = 0, self.encode
+    for p in templates.plan(triples, self.template, None, self.eos):
+      if p.message is None:
+        body = self._constant(p.role, p.text)
+        chunks.append(body)
+        size = len(body) >> 2
+      else:
+        s = table[p.role]
+        body = encode(s.pre + p.text + s.post)
+        chunks += (s.head, body, s.tail)
+        size = s.fixed + (len(body) >> 2)
+      flags.append(p.trained)
       sizes.append(size)
       n += size
-      if role == "assistant":
-        chunks.append(sep)
-        flags.append(False)
-        sizes.append(sep_n)
-        n += sep_n
     return n
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxtune.data import templates
+
 try:  # orjson parses the ~7 MB tokenizer.json ~3x faster; the standard library gives the same
   from orjson import loads as _loads
 except ImportError:
@@ -52,16 +54,9 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 _MEMO_CHARS, _MEMO_ENTRIES = 200, 1 << 16   # TokenEncoder.encode_bytes memo limits
 _NO_SPECIALS: frozenset = frozenset()
 
-# A ChatML template matching jaxtune's `qwen3` training template (no <think> injection), so an
-# exported model's tokenizer renders prompts the way it was trained.
-_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message.role == 'assistant' %}{{- message.content + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- if message.role == 'user' and not loop.last %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt and messages[-1].role != 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+# The exported tokenizer's chat template is generated from the `qwen3` training template (no
+# <think> injection), so an exported model renders prompts the way it was trained.
+_CHAT_TEMPLATE = templates.jinja(templates.TEMPLATES["qwen3"])
 
 
 def qwen_ranks_path() -> str:
@@ -174,7 +169,8 @@ def _is_valid_dir(out_dir: str) -> bool:
     with open(os.path.join(out_dir, "tokenizer_config.json")) as f:
       config = json.load(f)
     return (os.path.getsize(os.path.join(out_dir, "tokenizer.json")) > 1_000_000
-            and config.get("added_tokens_decoder", {}).get("151645", {}).get("content") == IM_END)
+            and config.get("added_tokens_decoder", {}).get("151645", {}).get("content") == IM_END
+            and config.get("chat_template") == _CHAT_TEMPLATE)  # rebuilt when the rules change
   except (OSError, ValueError):
     return False
 
@@ -218,6 +214,17 @@ def _alternation(tokens) -> re.Pattern:
                     or "$^")
 
 
+def _eos_token(path: str) -> str | None:
+  """`eos_token` of the directory's tokenizer_config.json (what XTuner appends to pretraining
+  samples); None when it names none."""
+  file = os.path.join(path, "tokenizer_config.json")
+  if not os.path.isfile(file):
+    return None
+  with open(file, encoding="utf-8") as f:
+    eos = json.load(f).get("eos_token")
+  return eos.get("content") if isinstance(eos, dict) else eos
+
+
 class TokenEncoder:
   """Encodes text like `tokenizer.encode(text, add_special_tokens=False)`, but faster.
 
@@ -229,7 +236,9 @@ class TokenEncoder:
     self.allow_tiktoken = allow_tiktoken
     with open(os.path.join(path, "tokenizer.json"), "rb") as f:
       raw = f.read()
-    self.fingerprint = hashlib.sha256(raw).hexdigest()[:16]
+    self.eos_token = _eos_token(path)
+    # The end-of-text token shapes pretraining samples' ids too (data cache keys use this).
+    self.fingerprint = hashlib.sha256(raw + repr(self.eos_token).encode()).hexdigest()[:16]
     spec = _loads(raw)
     self.added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
     self._nfc = (spec.get("normalizer") or {}).get("type") == "NFC"
@@ -241,8 +250,9 @@ class TokenEncoder:
     self.backend = "tiktoken" if self._tiktoken is not None else "hf"
     self.derived: dict[Any, Any] = {}   # tables built from this encoder (e.g. template splices)
 
+
   def __getstate__(self):
-    state = {"path": self.path, "allow_tiktoken": self.allow_tiktoken}
+    state = {"path": self.path, "allow_tiktoken": self.allow_tiktoken, "eos": self.eos_token}
     if self._tiktoken is not None:
       # Ship the ranks: a worker then starts in ~0.2 s instead of re-reading tokenizer.json.
       enc = self._tiktoken
@@ -260,6 +270,7 @@ class TokenEncoder:
     self._special_re = _alternation(self.added)
     self._tiktoken = self._make_tiktoken(state["pattern"], state["ranks"], state["specials"])
     self._hf, self.backend, self._memo, self.derived = None, "tiktoken", {}, {}
+    self.eos_token = state["eos"]
 
   def _build_tiktoken(self, spec: dict[str, Any]):
     """A tiktoken Encoding with the same ids, or None when tiktoken cannot match HF exactly."""
