@@ -49,10 +49,19 @@ def base_config() -> ConfigDict:
   c.data.prefetch = 2                  # packed batches prepared ahead of the step
   c.data.min_dynamic_patch = 1         # Intern-S1 image tiling: tiles per image, min and max
   c.data.max_dynamic_patch = 12
+  c.data.round_up = True               # XTuner's: ceil(packs / batch) steps, last batch topped up
+  c.data.group_by_length = True        # XTuner's: micro-batches of packs of similar attention cost
+  c.data.cache_max_gib = config_dict.placeholder(float)  # prune cache_dir (oldest first) to this
 
   c.optim = ConfigDict(dict(lr=6e-5, weight_decay=0.01, betas=(0.9, 0.95), eps=1e-8,
                             max_grad_norm=1.0))
+  # XTuner's: skip the update of a step whose gradient norm exceeds this (None = never).
+  c.optim.skip_grad_norm_threshold = config_dict.placeholder(float)
   c.lr = ConfigDict(dict(lr_type="cosine", warmup_ratio=0.03, lr_min=1e-6))
+  # With warmup 0, updates 0 and 1 both run at optim.lr and the decay follows one update late,
+  # as XTuner's torch SequentialLR chain does (jaxtune.train.optim.lr_schedule); False: the
+  # decay starts at update 0.
+  c.lr.zero_warmup_repeats_base_lr = True
   c.loss = ConfigDict(dict(mode="chunk", chunk_size=1024, loss_reduction="token"))
   c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
 
@@ -195,14 +204,24 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   for key in ("epoch_num", "total_steps", "global_batch_size"):
     if cfg[key] is not None and cfg[key] <= 0:
       raise ConfigError(f"config key '{key}' must be positive, got {cfg[key]}")
+  if cfg.data.cache_max_gib is not None and cfg.data.cache_max_gib <= 0:
+    raise ConfigError(f"data.cache_max_gib must be positive or None (no limit), got "
+                      f"{cfg.data.cache_max_gib}")
   if cfg.data.sample_max_length > cfg.data.pack_max_length:
     raise ConfigError(f"data.sample_max_length ({cfg.data.sample_max_length}) must be <= "
                       f"data.pack_max_length ({cfg.data.pack_max_length}): a sample must fit in "
                       "one packed row. Lower sample_max_length or raise pack_max_length.")
   if cfg.loss.chunk_size <= 0:
     raise ConfigError(f"loss.chunk_size must be positive, got {cfg.loss.chunk_size}")
-  if cfg.optim.lr <= 0 or cfg.lr.warmup_ratio < 0:
-    raise ConfigError("optim.lr must be positive and lr.warmup_ratio non-negative")
+  if cfg.optim.lr < 0:
+    raise ConfigError(f"optim.lr must be >= 0 (0 trains nothing: evaluation-only runs, parity "
+                      f"checks), got {cfg.optim.lr}")
+  if cfg.lr.warmup_ratio < 0:
+    raise ConfigError(f"lr.warmup_ratio must be >= 0 (< 1: a fraction of the steps, >= 1: a step "
+                      f"count), got {cfg.lr.warmup_ratio}")
+  if cfg.optim.skip_grad_norm_threshold is not None and cfg.optim.skip_grad_norm_threshold <= 0:
+    raise ConfigError(f"optim.skip_grad_norm_threshold must be positive or None, got "
+                      f"{cfg.optim.skip_grad_norm_threshold}")
   _check_attention_heads(cfg.model, "model")
 
   if not cfg.data.datasets:

@@ -15,6 +15,14 @@ Qwen3 tokenizer:
     loaded tokenizer (the baseline gets one too); loading it is timed on its own;
   - cold vs cached start with data.cache_dir;
   - soft-pack efficiency at pack_max_length 16384.
+
+  python scripts/bench_data.py --balance [--data_parallel 8 --accum 8 --pack 16384]
+per-rank attention FLOPs of every micro-batch of an epoch, with and without group_by_length.
+
+  python scripts/bench_data.py --scale [--files 2000 --lines_per_file 100]
+a folder of many JSONL files (cut from the same corpus): start-up time, peak anonymous memory
+above the memory-mapped ids, open descriptors, cold (tokenize + write the cache) and cached,
+each start in a fresh process.
 """
 
 from __future__ import annotations
@@ -182,9 +190,146 @@ def end_to_end(tok_dir: str, path: str, workers: int, cache_dir: str | None) -> 
               cache_hits=data.cache.hits, cache_misses=data.cache.misses)
 
 
+# ---------------------------------------------------------------- --balance (group_by_length)
+def balance(tok_dir: str, path: str, workers: int, cache_dir: str, data_parallel: int,
+            accum: int, pack_len: int) -> dict:
+  """Per-rank attention FLOPs (sum of squared segment lengths) of every micro-batch of one
+  epoch on a simulated data=`data_parallel` mesh with `accum` micro-batches per step, with and
+  without data.group_by_length. The rows of rank r in micro-batch m are the trainer's
+  (jaxtune.train.step.split_micro_batches: rows k * accum + m, rank k)."""
+  out = dict(data_parallel=data_parallel, micro_batches_per_step=accum,
+             global_batch_size=data_parallel * accum, pack_max_length=pack_len)
+  encoder = TokenEncoder(tok_dir)
+  for grouped in (False, True):
+    cfg = ConfigDict(dict(datasets=[dataset("bench", path)], sample_max_length=pack_len,
+                          pack_max_length=pack_len, pack_level="soft", num_workers=workers,
+                          cache_dir=cache_dir, seed=42, group_by_length=grouped))
+    data = SFTData(cfg, encoder, global_batch_size=data_parallel * accum,
+                   data_parallel=data_parallel)
+    flops = data.pack_flops[data.epoch_order(0)]                  # [steps * rows], row order
+    per = flops.reshape(-1, data_parallel, accum).transpose(0, 2, 1).reshape(-1, data_parallel)
+    mean, top = per.mean(1), per.max(1)
+    out["grouped" if grouped else "plain"] = dict(
+        packs=data.plan.num_packs, steps=data.steps_per_epoch, micro_batches=len(per),
+        # how much longer the slowest rank works than the average one, per micro-batch
+        max_over_mean=round(float(np.mean(top / mean)), 4),
+        spread_over_mean=round(float(np.mean((top - per.min(1)) / mean)), 4),
+        # attention time with every micro-batch waiting for its slowest rank vs. perfect balance
+        attention_efficiency=round(float(mean.sum() / top.sum()), 4))
+  return out
+
+
+# ---------------------------------------------------------------- --scale (many files)
+def make_folder(src: str, root: str, files: int, lines_per_file: int) -> None:
+  """`files` JSONL files of `lines_per_file` chats each, cut from the bench corpus in turn
+  (every file's content differs, so each has its own cache entry)."""
+  with open(src, "rb") as f:
+    lines = f.read().splitlines()
+  os.makedirs(root, exist_ok=True)
+  at = 0
+  for k in range(files):
+    with open(os.path.join(root, f"part-{k:05d}.jsonl"), "wb") as out:
+      for _ in range(lines_per_file):
+        out.write(lines[at % len(lines)] + b"\n")
+        at += 1
+      at += k % 7          # shift the window so that no two files are equal
+
+
+_SCALE_CHILD = r"""
+import json, os, resource, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from ml_collections import ConfigDict
+from jaxtune.config import dataset
+from jaxtune.data.pipeline import SFTData
+from jaxtune.data.tokenizer import TokenEncoder
+tok_dir, root, cache_dir, workers, pack_len = sys.argv[2:7]
+def status(key):
+  for line in open("/proc/self/status"):
+    if line.startswith(key + ":"):
+      return int(line.split()[1]) * 1024
+peak = {"anon": 0}
+stop = threading.Event()
+def watch():
+  while not stop.is_set():
+    peak["anon"] = max(peak["anon"], status("RssAnon"))
+    time.sleep(0.05)
+encoder = TokenEncoder(tok_dir)
+fds0, anon0 = len(os.listdir("/proc/self/fd")), status("RssAnon")
+threading.Thread(target=watch, daemon=True).start()
+t0 = time.perf_counter()
+cfg = ConfigDict(dict(datasets=[dataset("scale", root)], sample_max_length=int(pack_len),
+                      pack_max_length=int(pack_len), pack_level="soft",
+                      num_workers=int(workers), cache_dir=cache_dir, seed=42))
+data = SFTData(cfg, encoder, global_batch_size=8)
+start = time.perf_counter() - t0
+fds = len(os.listdir("/proc/self/fd"))
+t1 = time.perf_counter()
+it = data.batches(0)
+for _ in range(min(50, data.steps_per_epoch)):
+  next(it)
+iterate = time.perf_counter() - t1
+stop.set()
+print(json.dumps(dict(
+    start_seconds=round(start, 2), iterate_50_steps_seconds=round(iterate, 2),
+    tokens=sum(d["tokens"] for d in data.stats["datasets"].values()),
+    samples=sum(d["samples"] for d in data.stats["datasets"].values()),
+    files=data.stats["datasets"]["scale"]["files"], packs=data.stats["packs"],
+    cache_hits=data.cache.hits, cache_misses=data.cache.misses,
+    mapped_id_bytes=4 * len(data._tokens),
+    rss_anon_before=anon0, rss_anon_peak=peak["anon"], rss_anon_after=status("RssAnon"),
+    rss_file_after=status("RssFile"), vm_hwm=status("VmHWM"),
+    rss_above_mapped_ids_peak_gib=round((peak["anon"] - anon0) / 2**30, 3),
+    open_fds_before=fds0, open_fds_after_start=fds,
+    fd_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+    startup_breakdown=data.stats["startup_seconds"])))
+"""
+
+
+def scale(tok_dir: str, workdir: str, corpus: str, files: int, lines_per_file: int,
+          workers: int, pack_len: int) -> dict:
+  import subprocess  # pylint: disable=import-outside-toplevel
+  root = os.path.join(workdir, f"scale-{files}x{lines_per_file}")
+  t0 = time.perf_counter()
+  if not os.path.isdir(root):
+    make_folder(corpus, root, files, lines_per_file)
+  made = time.perf_counter() - t0
+  cache_dir = tempfile.mkdtemp(dir=workdir, prefix="scale-cache-")
+  repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+  runs = {}
+  try:
+    for name in ("cold", "cached"):
+      # A fresh process per start: its memory and descriptors are the start's alone.
+      out = subprocess.run([sys.executable, "-c", _SCALE_CHILD, repo, tok_dir, root, cache_dir,
+                            str(workers), str(pack_len)], capture_output=True, text=True,
+                           check=True)
+      runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    du = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache_dir) for f in fs)
+  finally:
+    shutil.rmtree(cache_dir, ignore_errors=True)
+  jsonl = sum(os.path.getsize(os.path.join(root, f)) for f in os.listdir(root))
+  tokens = runs["cold"]["tokens"]
+  return dict(files=files, lines_per_file=lines_per_file, jsonl_gib=round(jsonl / 2**30, 3),
+              corpus_seconds=round(made, 1), cache_dir_gib=round(du / 2**30, 3),
+              tokens=tokens, cold=runs["cold"], cached=runs["cached"],
+              # Linear in tokens (per-sample index arrays): what 2 B tokens would take.
+              extrapolated_2b_tokens_rss_above_ids_gib={
+                  k: round(runs[k]["rss_above_mapped_ids_peak_gib"] * 2e9 / tokens, 2)
+                  for k in runs})
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--balance", action="store_true",
+                      help="only measure per-rank attention FLOPs with/without group_by_length")
+  parser.add_argument("--data_parallel", type=int, default=8)
+  parser.add_argument("--accum", type=int, default=8, help="micro-batches per step (--balance)")
+  parser.add_argument("--pack", type=int, default=16384, help="pack_max_length (--balance)")
+  parser.add_argument("--scale", action="store_true",
+                      help="only measure a folder of many files: memory and descriptors, "
+                      "cold and cached")
+  parser.add_argument("--files", type=int, default=2000, help="files (--scale)")
+  parser.add_argument("--lines_per_file", type=int, default=100, help="chats per file (--scale)")
   parser.add_argument("--samples", type=int, default=100_000)
   parser.add_argument("--workers", type=int, default=0, help="0 = the CPUs available")
   parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxtune-bench"))
@@ -198,6 +343,22 @@ def main() -> None:
   path = os.path.join(args.workdir, f"chats-{args.samples}.jsonl")
   if not os.path.isfile(path):
     make_corpus(path, args.samples)
+  if args.balance or args.scale:
+    if args.balance:
+      cache_dir = os.path.join(args.workdir, "balance-cache")
+      result = balance(tok_dir, path, workers, cache_dir, args.data_parallel, args.accum,
+                       args.pack)
+    else:
+      result = scale(tok_dir, args.workdir, path, args.files, args.lines_per_file, workers,
+                     args.pack)
+    result.update(cpus=encoding.available_cpus(), workers=workers,
+                  load_average=os.getloadavg()[0])
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+      with open(args.out, "w") as f:
+        f.write(text + "\n")
+    return
   cache_dir = tempfile.mkdtemp(dir=args.workdir, prefix="cache-")
 
   # Grain's ~1 s import is a one-time process cost, not pipeline throughput: pay it up front.

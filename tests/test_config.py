@@ -55,6 +55,10 @@ def test_good_config_passes_and_resolves_alias(good):
     (lambda c: c.__setattr__("global_batch_size", 6), ["global_batch_size", "multiple", "4"]),
     (lambda c: c.mesh.__setattr__("tensor", -1), ["at most one mesh axis"]),
     (lambda c: c.model.__setattr__("num_key_value_heads", 3), ["num_key_value_heads"]),
+    (lambda c: c.optim.__setattr__("lr", -1e-5), ["optim.lr must be >= 0", "-1e-05"]),
+    (lambda c: c.lr.__setattr__("warmup_ratio", -0.5), ["lr.warmup_ratio must be >= 0", "-0.5"]),
+    (lambda c: c.optim.__setattr__("skip_grad_norm_threshold", 0.0),
+     ["optim.skip_grad_norm_threshold", "0.0"]),
 ])
 def test_each_mistake_names_its_key(good, mutate, words):
   mutate(good)
@@ -62,6 +66,11 @@ def test_each_mistake_names_its_key(good, mutate, words):
     validate(good, num_devices=4)
   for word in words:
     assert word in str(e.value)
+
+
+def test_zero_learning_rate_is_valid(good):
+  good.optim.lr = 0.0  # evaluation-only runs and parity checks, as in torch and optax
+  assert validate(good, num_devices=4).optim.lr == 0.0
 
 
 def test_unknown_key_and_wrong_type(good):

@@ -65,8 +65,14 @@ def format_stats(stats: dict) -> str:
       f"\npack_level={stats['pack_level']} pack_max_length={stats['pack_max_length']}: "
       f"{stats['packs']:,} packs, efficiency {stats['pack_efficiency']:.4f}\n"
       f"global_batch_size={stats['rows_per_step']}: {stats['steps_per_epoch']:,} optimizer "
-      f"steps per epoch ({stats['packs_dropped_per_epoch']} pack(s) of the last incomplete "
-      "batch left out each epoch)")
+      f"steps per epoch " + (
+          f"(round_up: ceil(packs / batch); the last batch topped up with "
+          f"{stats['packs_repeated_per_epoch']} pack(s) from the start of the epoch's order)"
+          if stats["round_up"] else
+          f"({stats['packs_dropped_per_epoch']} pack(s) of the last incomplete batch left out "
+          "each epoch)") +
+      (f"\ngroup_by_length: groups of {stats['group_rows']} packs of similar attention cost "
+       "per micro-batch" if stats["group_by_length"] else ""))
   return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 An entry holds the ids + trained mask of a set of a file's lines and which lines were bad. Its
 key hashes everything that shapes those tokens: the file's content, the tokenizer, the chat
-template, the parse options (media_root, tiling limits) and the encoding code's version. So a
+template, the parse options (media_root, tiling limits) and the source code of the modules that
+produce the ids (`CODE_MODULES`: any edit to them invalidates every entry). So a
 second start with the same inputs loads the ids instead of tokenizing (the counting pass and
 the tokenization are one pass in jaxtune), and a change to one file, the tokenizer, a template
 or a parameter invalidates exactly the entries it affects. Sample ratio, seed, truncation and
@@ -11,21 +12,42 @@ packing are applied after the cache, so changing them reuses every entry.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 
 from jaxtune.data import templates
 from jaxtune.data.encoding import EncodedChunk, EncodeJob, join_tokens
+from jaxtune.data.idstore import FileIds
 from jaxtune.data.sources import SourceFile
 
-# Bump when parsing, rendering or encoding changes the tokens produced for the same input.
-ENCODING_VERSION = 2
+TOKENS_FILE = "tokens.u32"   # an entry's ids, raw uint32 (id | trained << 31), line order
+STALE_SECONDS = 3600         # a partial entry (.tmp-*) this old was left by a crash
+
+# The modules whose code (and constants) produce the ids and the entry's layout: the key hashes
+# their source files' bytes, so any change to them invalidates the cache (no version to bump).
+CODE_MODULES = ("jaxtune.data.sources", "jaxtune.data.images", "jaxtune.data.templates",
+                "jaxtune.data.encoding", "jaxtune.data.tokenizer", "jaxtune.data.cache")
+
+
+@functools.lru_cache(maxsize=8)
+def code_fingerprint(modules: tuple[str, ...] = CODE_MODULES) -> str:
+  """sha1 over the source files of `modules` (names and bytes, in the given order)."""
+  digest = hashlib.sha1()
+  for name in modules:
+    path = importlib.util.find_spec(name).origin
+    with open(path, "rb") as f:
+      digest.update(name.encode() + b"\0" + f.read() + b"\0")
+  return digest.hexdigest()
 
 
 @dataclasses.dataclass
@@ -43,17 +65,15 @@ class Entry:
     return bool(np.all(at < len(self.lines)) and np.all(self.lines[np.minimum(
         at, len(self.lines) - 1)] == local)) if len(self.lines) else len(local) == 0
 
-  def select(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                                                np.ndarray]:
-    """(tokens, starts, lengths, loss, images) of lines `local` (sorted). All the lines: no
-    ids are copied. Some (another host's share, sample_ratio < 1): theirs only are copied, so
-    the rest of the entry (or of a store shared with other files) can be let go."""
+  def select(self, local: np.ndarray) -> tuple[np.ndarray | FileIds, np.ndarray, np.ndarray,
+                                                np.ndarray, np.ndarray]:
+    """(tokens, starts, lengths, loss, images) of lines `local` (sorted). No ids are copied:
+    the tokens are mapped (a cache file, the store), so lines this host does not use cost
+    address space only, never memory."""
     if len(local) == len(self.lines):
       return self.tokens, self.starts, self.lengths, self.loss, self.images
     at = np.searchsorted(self.lines, local)
-    part = Entry(self.lines[at], self.starts[at], self.lengths[at], self.loss[at],
-                 self.images[at], self.tokens, {})
-    return (*part.compact(), part.lengths, part.loss, part.images)
+    return self.tokens, self.starts[at], self.lengths[at], self.loss[at], self.images[at]
 
   def compact(self) -> tuple[np.ndarray, np.ndarray]:
     """(ids of the held lines back to back, their starts in that array): what is stored."""
@@ -93,12 +113,12 @@ class TokenCache:
     self.dir = cache_dir
     self.enabled = bool(cache_dir)
     self.tokenizer = encoder.fingerprint
+    self.code_modules = CODE_MODULES
     self.hits = self.misses = 0
+    self.used: set[str] = set()           # entries this run read or wrote (never pruned)
 
   def key(self, src: SourceFile, job: EncodeJob) -> str:
-    if src.content_hash is None:
-      src.content_hash = hashlib.sha1(src.data).hexdigest()
-    parts = dict(version=ENCODING_VERSION, file=src.content_hash, tokenizer=self.tokenizer,
+    parts = dict(code=code_fingerprint(self.code_modules), file=src.content_hash, tokenizer=self.tokenizer,
                  template=templates.get_template(job.template).fingerprint(),
                  media_root=job.opts.media_root, min_patch=job.opts.min_dynamic_patch,
                  max_patch=job.opts.max_dynamic_patch)
@@ -112,30 +132,45 @@ class TokenCache:
     if not self.enabled:
       return None
     path = self._path(src, job)
+    entry = self._read(path)
+    if entry is None:
+      self.misses += 1
+    else:
+      self.hits += 1
+      self.used.add(os.path.basename(path))
+    return entry
+
+  def _read(self, path: str) -> Entry | None:
+    """The entry at `path`, its ids left on disk (`FileIds`: mapped later, all files at once,
+    with no descriptor kept open); None if absent, partial or of another layout."""
     try:
       with open(os.path.join(path, "bad.json")) as f:
         bad = {int(k): v for k, v in json.load(f).items()}
-      arrays = np.load(os.path.join(path, "lines.npz"))
-      lengths = arrays["lengths"]
-      entry = Entry(arrays["lines"], np.cumsum(lengths) - lengths, lengths, arrays["loss"],
-                    arrays["images"], np.load(os.path.join(path, "tokens.npy"), mmap_mode="r"),
-                    bad)
-    except (OSError, ValueError, KeyError):   # absent, partial or from an older version
-      self.misses += 1
+      with np.load(os.path.join(path, "lines.npz")) as arrays:
+        lines, lengths = arrays["lines"], arrays["lengths"]
+        loss, images = arrays["loss"], arrays["images"]
+      ids = os.path.join(path, TOKENS_FILE)
+      total = int(lengths.sum())
+      if os.path.getsize(ids) != 4 * total:
+        return None
+      os.utime(path)                      # recency, for pruning (data.cache_max_gib)
+    except (OSError, ValueError, KeyError):
       return None
-    self.hits += 1
-    return entry
+    return Entry(lines, np.cumsum(lengths) - lengths, lengths, loss, images,
+                 FileIds(ids, total), bad)
 
-  def store(self, src: SourceFile, job: EncodeJob, entry: Entry) -> None:
+  def store(self, src: SourceFile, job: EncodeJob, entry: Entry) -> Entry | None:
+    """Writes the entry; returns it read back (its ids then on disk, not in memory), or None
+    without a cache."""
     if not self.enabled:
-      return
+      return None
     final = self._path(src, job)
     os.makedirs(self.dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=self.dir, prefix=".tmp-")
     try:
       np.savez(os.path.join(tmp, "lines.npz"), lines=entry.lines, lengths=entry.lengths,
                loss=entry.loss, images=entry.images)
-      np.save(os.path.join(tmp, "tokens.npy"), entry.compact()[0])
+      entry.compact()[0].tofile(os.path.join(tmp, TOKENS_FILE))   # raw: mapped page-aligned
       with open(os.path.join(tmp, "bad.json"), "w") as f:
         json.dump({str(k): v for k, v in entry.bad.items()}, f)
       if os.path.isdir(final):          # a smaller entry for the same key: replace it
@@ -145,3 +180,35 @@ class TokenCache:
       shutil.rmtree(tmp, ignore_errors=True)
       if not os.path.isdir(final):
         raise
+    self.used.add(os.path.basename(final))
+    return self._read(final)
+
+  def prune(self, max_bytes: float | None) -> list[str]:
+    """Removes the least recently used entries (not those of this run) until cache_dir holds
+    at most `max_bytes`; also partial entries left by a crash. Returns the removed names."""
+    if not self.enabled or not os.path.isdir(self.dir):
+      return []
+    entries, removed = [], []
+    for name in os.listdir(self.dir):
+      path = os.path.join(self.dir, name)
+      if name.startswith(".tmp-"):
+        with contextlib.suppress(OSError):
+          if time.time() - os.path.getmtime(path) > STALE_SECONDS:
+            shutil.rmtree(path)
+            removed.append(name)
+        continue
+      with contextlib.suppress(OSError):
+        size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+        entries.append((os.path.getmtime(path), name, size))
+    if max_bytes is None:
+      return removed
+    total = sum(e[2] for e in entries)
+    for _, name, size in sorted(entries):
+      if total <= max_bytes:
+        break
+      if name in self.used:
+        continue
+      shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+      total -= size
+      removed.append(name)
+    return removed

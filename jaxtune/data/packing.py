@@ -127,6 +127,30 @@ def make_plan(level: str, lengths: np.ndarray, pack_len: int, buffer: int = 100)
   raise ValueError(f"unknown pack_level '{level}'; choose one of {list(LEVELS)}")
 
 
+GROUP_BATCH_FACTOR = 4       # XTuner's LengthGroupedSampler: at least 4 megabatches ...
+MAX_GROUP_BATCHES = 50       # ... of at most 50 global batches each
+
+
+def length_grouped_order(flops: np.ndarray, batch_rows: int, group_size: int,
+                         rng: np.random.Generator) -> np.ndarray:
+  """XTuner's `LengthGroupedSampler` order: shuffle the packs, cut the order into megabatches
+  of min(packs // (4 x batch_rows), 50) (at least 1) batches, sort each megabatch by attention
+  cost (descending, stable), cut it into groups of `group_size` (the packs that run side by
+  side on the data-parallel ranks) and shuffle the groups within the megabatch."""
+  flops = np.asarray(flops)
+  n = len(flops)
+  mult = max(1, min(n // (batch_rows * GROUP_BATCH_FACTOR), MAX_GROUP_BATCHES))
+  mega = mult * batch_rows
+  order = rng.permutation(n)
+  out = []
+  for a in range(0, n, mega):
+    block = order[a:a + mega]
+    block = block[np.argsort(-flops[block], kind="stable")]
+    groups = [block[i:i + group_size] for i in range(0, len(block), group_size)]
+    out.extend(groups[g] for g in rng.permutation(len(groups)))
+  return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
 def build_rows(plan: PackPlan, packs: np.ndarray, tokens: np.ndarray, starts: np.ndarray,
                pack_len: int, pad_id: int) -> dict[str, np.ndarray]:
   """Rows [len(packs), pack_len] of input_ids, labels, segment_ids, positions (int32).

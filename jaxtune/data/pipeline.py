@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from jaxtune.data import cache as cache_lib
-from jaxtune.data import encoding, packing, sources, templates
+from jaxtune.data import encoding, idstore, packing, sources, templates
 from jaxtune.data.cache import TokenCache
 from jaxtune.data.sources import DataError, DatasetSpec
 from jaxtune.data.tokenizer import ENDOFTEXT, TokenEncoder, tokenizer_dir
@@ -52,9 +52,16 @@ class SFTData:
   """Packed, shuffled, sharded SFT batches. See the module docstring."""
 
   def __init__(self, data_cfg, tokenizer, *, global_batch_size: int, process_index: int = 0,
-               process_count: int = 1,
+               process_count: int = 1, data_parallel: int | None = None,
                allgather: Callable[[int], Sequence[int]] | None = None,
-               allow_images: bool = False):
+               allow_images: bool = False, global_order: bool = False,
+               host_rows: Sequence[int] | None = None):
+    """global_order: every host reads all samples and builds the order of one host reading
+    all global_batch_size rows; this host then takes rows `host_rows` of each batch (default:
+    its contiguous block). So the batches do not depend on the host count, and a run resumes
+    on another number of hosts with exactly the remaining batches (what training needs).
+    Without it each host tokenizes and packs only its own share (evaluation: every pack is seen
+    once whatever the split)."""
     clock = _Clock()
     self.encoder = make_encoder(tokenizer)
     clock.lap("encoder")
@@ -69,13 +76,26 @@ class SFTData:
     self.skip_bad = bool(data_cfg.get("skip_bad_samples", False))
     self.buffer = int(data_cfg.get("pack_buffer_size", 100))
     self.prefetch = int(data_cfg.get("prefetch", 2))
+    self.round_up = bool(data_cfg.get("round_up", True))
+    # XTuner turns length grouping off for pack_level 'none' (it refuses both at once).
+    self.group_by_length = bool(data_cfg.get("group_by_length", True)) and self.level != "none"
+    self.micro_batch_size = int(data_cfg.get("micro_batch_size", 1))
     self.allow_images = allow_images
     self.process_index, self.process_count = int(process_index), int(process_count)
     if global_batch_size % process_count:
       raise ValueError(f"global_batch_size ({global_batch_size}) must be a multiple of the "
                        f"process count ({process_count})")
     self.global_batch_size = int(global_batch_size)
-    self.rows = global_batch_size // process_count
+    self.global_order = bool(global_order)
+    layout_hosts = 1 if self.global_order else process_count  # whose order the batches follow
+    self.rows = global_batch_size // layout_hosts
+    self.group_rows, self.micro_steps = _rank_layout(self.global_batch_size, layout_hosts,
+                                                     data_parallel, self.micro_batch_size)
+    self.host_rows = None
+    if self.global_order:
+      share = global_batch_size // process_count
+      self.host_rows = (np.arange(self.process_index * share, (self.process_index + 1) * share)
+                        if host_rows is None else np.asarray(host_rows, np.int64))
     self.pad_id = self.encoder.added.get(ENDOFTEXT, 0)
     self.specs = [DatasetSpec.from_config(d, i) for i, d in enumerate(data_cfg.get("datasets"))]
     if not self.specs:
@@ -85,7 +105,16 @@ class SFTData:
     self.opts = [sources.ParseOptions(s.media_root, int(data_cfg.get("min_dynamic_patch", 1)),
                                       int(data_cfg.get("max_dynamic_patch", 12)))
                  for s in self.specs]
+    stale = idstore.clean_stale_stores()
+    if stale:
+      log.info("data: removed %d token store file(s) left in TMPDIR by an earlier crash",
+               len(stale))
     self._build(clock)
+    max_gib = data_cfg.get("cache_max_gib")
+    pruned = self.cache.prune(None if max_gib is None else float(max_gib) * 2**30)
+    if pruned:
+      log.info("data: pruned %d cache entr(y/ies) from %s (data.cache_max_gib=%s)",
+               len(pruned), self.cache.dir, max_gib)
     self.steps_per_epoch = self._agree_steps(allgather)
     self._finish_stats()
 
@@ -105,7 +134,7 @@ class SFTData:
         if n == 0:
           raise DataError(f"dataset '{spec.name}': {spec.anno_path} holds no samples "
                           "(every line is blank)")
-      occ_ds, occ_line = self._occurrences(ds_lines)
+      occ_ds, occ_line = self._occurrences([[len(s) for s in srcs] for srcs in files])
       clock.lap("read")
       # Unique lines this host needs; each is tokenized once however often it repeats.
       key = occ_ds * (1 << 40) + occ_line
@@ -119,8 +148,8 @@ class SFTData:
                                    if len(bad) > 1 else ""))
 
     # Truncation (per dataset limit) and bookkeeping per occurrence.
-    limits = np.array([min(s.sample_max_length or self.default_max_len, self.pack_len)
-                       for s in self.specs], np.int64)
+    # hard packing splits long samples across rows instead (XTuner): nothing is cut.
+    limits = np.array([self._max_len(s) for s in self.specs], np.int64)
     full = lengths[occ_uid]
     keep = full > 0                                   # bad lines are skipped
     cut = np.minimum(full, limits[occ_ds])
@@ -154,19 +183,33 @@ class SFTData:
     clock.lap("stats")
     self.stats["startup_seconds"] = clock.laps
 
-  def _occurrences(self, ds_lines: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset, line) of this host's samples after sample_ratio, mixed with data.seed."""
+  def _max_len(self, spec: DatasetSpec) -> int:
+    """Tokens a sample keeps: sample_max_length (at most pack_max_length); unlimited with
+    pack_level 'hard', which splits a long sample across rows."""
+    if self.level == "hard":
+      return np.iinfo(np.int64).max
+    return int(min(spec.sample_max_length or self.default_max_len, self.pack_len))
+
+  def _occurrences(self, file_lines: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(dataset, line) of this host's samples after sample_ratio, mixed with data.seed.
+
+    As in XTuner, a folder's sample_ratio applies to each file on its own (int(n_f x ratio)
+    samples of file f; the fractional part drawn with (seed, dataset, file))."""
     occ_ds, occ_line = [], []
     for d, spec in enumerate(self.specs):
-      sel = sources.ratio_indices(ds_lines[d], spec.sample_ratio, _rng(self.seed, d, 1))
+      base = np.cumsum([0] + file_lines[d][:-1])
+      sel = np.concatenate([
+          b + sources.ratio_indices(n, spec.sample_ratio, _rng(self.seed, d, 1, f))
+          for f, (n, b) in enumerate(zip(file_lines[d], base.tolist()))]).astype(np.int64)
       if len(sel) == 0:
         raise DataError(f"dataset '{spec.name}': sample_ratio {spec.sample_ratio} of "
-                        f"{ds_lines[d]} samples leaves none")
+                        f"{sum(file_lines[d])} samples leaves none (it applies to each of "
+                        f"its {len(file_lines[d])} file(s) on its own)")
       occ_ds.append(np.full(len(sel), d, np.int64))
       occ_line.append(sel)
     occ_ds, occ_line = np.concatenate(occ_ds), np.concatenate(occ_line)
     order = _rng(self.seed, 0).permutation(len(occ_ds))
-    mine = order[self.process_index::self.process_count]
+    mine = order if self.global_order else order[self.process_index::self.process_count]
     return occ_ds[mine], occ_line[mine]
 
   def _encode(self, pool, files, u_ds, u_line):
@@ -200,16 +243,21 @@ class SFTData:
     for d, src, job, pos, local, entry, task_range in slots:
       if task_range is not None:
         entry = cache_lib.entry_from_chunks(entry, chunks[task_range[0]:task_range[1]], store)
-        self.cache.store(src, job, entry)
+        # Read back from the cache: its ids then come from the entry's file like a hit's, and
+        # the store (and any ids in memory) can be let go.
+        entry = self.cache.store(src, job, entry) or entry
       parts.append(entry.select(local))
       for p, l in zip(pos.tolist(), local.tolist()) if entry.bad else ():
         if l in entry.bad:
           where = sources.where(src.path, int(src.lineno[l]), self.specs[d].name)
           bad.append((p, f"{where}: {entry.bad[l]}"))
-    # Parts share one array (a fresh run's store) or each have their own (cache hits).
+    del store, chunks
+    # Parts share one array (a fresh run's store) or each have their own (cache entries, on
+    # disk): those are mapped side by side into one array, with no copy and no descriptor
+    # left open (idstore), so thousands of files cost neither memory nor descriptors.
     arrays = list({id(p[0]): p[0] for p in parts}.values())
-    base = {id(a): b for a, b in zip(arrays, np.cumsum([0] + [len(a) for a in arrays[:-1]]))}
-    tokens = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    tokens, bases = idstore.flat_ids(arrays)
+    base = {id(a): int(b) for a, b in zip(arrays, bases)}
     starts = np.concatenate([p[1] + base[id(p[0])] for p in parts]).astype(np.int64)
     lengths, loss, images = (np.concatenate([p[k] for p in parts]).astype(np.int64)
                              for k in (2, 3, 4))
@@ -226,12 +274,16 @@ class SFTData:
     return dropped
 
   def _agree_steps(self, allgather) -> int:
-    local = self.plan.num_packs // self.rows
-    if self.process_count == 1:
+    """round_up (XTuner's default): ceil(packs / rows), the last batch topped up from the start
+    of the epoch's order; else packs // rows, the incomplete last batch dropped."""
+    packs = self.plan.num_packs
+    local = -(-packs // self.rows) if self.round_up else packs // self.rows
+    if self.process_count == 1 or self.global_order:  # global: one plan, the same everywhere
       return local
     if allgather is None:
       allgather = _jax_allgather(self.process_count)
-    return int(min(allgather(local)))
+    agreed = allgather(local)
+    return int(max(agreed) if self.round_up else min(agreed))
 
   # ---------------------------------------------------------------- stats
   def _record_stats(self, files, ds_lines, occ_ds, keep, truncated, dropped, occ_loss, bad,
@@ -250,8 +302,7 @@ class SFTData:
           dropped_image_cut=int((dropped & (occ_ds == d)).sum()),
           bad=int(((~keep) & ~dropped & (occ_ds == d)).sum()), bad_lines=len(bad_ds),
           bad_locations=bad_ds[:_SHOWN_LOCATIONS],
-          sample_max_length=int(min(spec.sample_max_length or self.default_max_len,
-                                    self.pack_len)))
+          sample_max_length=None if self.level == "hard" else self._max_len(spec))
       per_ds[spec.name] = entry
       if entry["truncated"]:
         log.warning("dataset '%s': %d sample(s) longer than %d tokens were truncated",
@@ -272,19 +323,48 @@ class SFTData:
         pack_level=self.level, pack_max_length=self.pack_len, packs=packs,
         pack_efficiency=tokens / max(1, packs * self.pack_len),
         steps_per_epoch=self.steps_per_epoch, rows_per_step=self.global_batch_size,
-        rows_per_host=self.rows, packs_dropped_per_epoch=packs - used,
+        rows_per_host=self.rows, round_up=self.round_up,
+        packs_dropped_per_epoch=max(0, packs - used),
+        packs_repeated_per_epoch=max(0, used - packs),
+        group_by_length=self.group_by_length, group_rows=self.group_rows,
         process_index=self.process_index, process_count=self.process_count)
-    if packs - used:
-      log.info("data: %d pack(s) per epoch left out (the last incomplete batch of %d rows is "
-               "dropped; which ones changes every epoch)", packs - used, self.rows)
+    if packs > used:
+      log.info("data: %d pack(s) per epoch left out (data.round_up=False: the last incomplete "
+               "batch of %d rows is dropped; which ones changes every epoch)", packs - used,
+               self.rows)
     if self.steps_per_epoch == 0:
       raise DataError(f"only {packs} pack(s) of {self.pack_len} tokens on this host but "
                       f"{self.rows} rows per step: an epoch has no full batch. Add data, "
-                      "raise sample_ratio or lower global_batch_size / pack_max_length.")
+                      "raise sample_ratio, lower global_batch_size / pack_max_length or set "
+                      "data.round_up=True.")
 
   # ---------------------------------------------------------------- iteration
   def epoch_order(self, epoch: int) -> np.ndarray:
-    return _rng(self.seed, 2, epoch).permutation(self.plan.num_packs)
+    """The packs of every row of the epoch, in row order: steps_per_epoch x rows of them.
+
+    The shuffled (or length-grouped) order of the epoch's packs, cut to whole batches
+    (round_up=False) or topped up from its start (round_up=True, XTuner's rule: the order
+    repeated until the last batch is full). With group_by_length, each batch's rows are laid
+    out so that every micro-batch's group of similar packs lands on different ranks."""
+    n, total = self.plan.num_packs, self.steps_per_epoch * self.rows
+    if self.group_by_length:
+      order = packing.length_grouped_order(self.pack_flops, self.rows, self.group_rows,
+                                           _rng(self.seed, 3, epoch))
+    else:
+      order = _rng(self.seed, 2, epoch).permutation(n)
+    order = np.resize(order, total) if n else np.zeros(0, np.int64)   # cyclic: wraps to start
+    if self.group_by_length and self.micro_steps > 1:
+      # Position j of a batch (micro-step j // G, rank slot j % G) -> row (j % G) * A + j // G,
+      # the row that the trainer's micro-batch split puts there (train.step.split_micro_batches).
+      order = order.reshape(-1, self.micro_steps, self.group_rows).transpose(0, 2, 1).reshape(-1)
+    return order
+
+  @functools.cached_property
+  def pack_flops(self) -> np.ndarray:
+    """Attention cost of each pack: the sum of its segments' squared lengths."""
+    pack_of = np.repeat(np.arange(self.plan.num_packs), np.diff(self.plan.bounds))
+    return np.bincount(pack_of, weights=self.plan.length.astype(np.float64) ** 2,
+                       minlength=self.plan.num_packs)
 
   def batch(self, epoch: int, step: int, order: np.ndarray | None = None) -> dict[str,
                                                                                   np.ndarray]:
@@ -292,6 +372,8 @@ class SFTData:
       raise IndexError(f"step {step} outside epoch of {self.steps_per_epoch} steps")
     order = self.epoch_order(epoch) if order is None else order
     packs = order[step * self.rows:(step + 1) * self.rows]
+    if self.host_rows is not None and len(packs) == self.rows:  # this host's rows of the batch
+      packs = packs[self.host_rows]
     return packing.build_rows(self.plan, packs, self._tokens, self._sample_starts,
                               self.pack_len, self.pad_id)
 
@@ -327,10 +409,14 @@ class SFTData:
     return DataIterator(self, epoch, step)
 
   def signature(self) -> dict[str, Any]:
-    """What a checkpointed position is only valid for."""
+    """What a checkpointed position is only valid for (global_order: any host count)."""
+    hosts = {} if self.global_order else dict(process_count=self.process_count)
     return dict(seed=self.seed, packs=self.plan.num_packs, pack_max_length=self.pack_len,
-                pack_level=self.level, rows=self.rows, process_count=self.process_count,
-                steps_per_epoch=self.steps_per_epoch, data_hash=self.data_hash)
+                pack_level=self.level, rows=self.rows, **hosts,
+                steps_per_epoch=self.steps_per_epoch, data_hash=self.data_hash,
+                round_up=self.round_up,
+                group_rows=self.group_rows if self.group_by_length else 0,
+                micro_steps=self.micro_steps if self.group_by_length else 0)
 
 
 class DataIterator:
@@ -364,6 +450,21 @@ class DataIterator:
                       f"(saved vs now: {diff}); resuming would not see the same batches. "
                       "Use the same data, data config, tokenizer and host count.")
     self.epoch, self.step, self._it = int(state["epoch"]), int(state["step"]), None
+
+
+def _rank_layout(global_batch_size: int, process_count: int, data_parallel: int | None,
+                 micro_batch_size: int) -> tuple[int, int]:
+  """(G, A) for one host's rows: G packs run side by side on this host's data-parallel ranks in
+  each of the step's A micro-batches (rows = G x A). Without data_parallel, every row is its own
+  rank (A = 1)."""
+  rows = global_batch_size // process_count
+  if data_parallel is None:
+    return rows, 1
+  per_pass = int(data_parallel) * max(1, micro_batch_size)
+  if per_pass % process_count or global_batch_size % per_pass:
+    return rows, 1
+  group = per_pass // process_count
+  return group, rows // group
 
 
 class _Clock:

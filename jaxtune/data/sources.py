@@ -8,6 +8,7 @@ is a `DataError` that names `file:line`, the dataset and what is wrong.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import mmap
 import os
@@ -69,13 +70,15 @@ def list_jsonl(anno_path: str, dataset: str) -> list[str]:
 
 @dataclasses.dataclass
 class SourceFile:
-  """A JSONL file's non-blank lines: byte spans and 1-based line numbers."""
+  """A JSONL file's non-blank lines: byte spans and 1-based line numbers.
+
+  Nothing of the file stays open or mapped once it is indexed (a folder may hold thousands of
+  files): lines are read back with `line(i)`, the content hash is computed on demand."""
   path: str
-  data: bytes | mmap.mmap   # the file's bytes (mapped, not copied)
   starts: np.ndarray   # int64
   ends: np.ndarray     # int64
   lineno: np.ndarray   # int64, 1-based
-  content_hash: str | None = None
+  _hash: str | None = None
 
   @classmethod
   def read(cls, path: str) -> "SourceFile":
@@ -84,6 +87,14 @@ class SourceFile:
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
       except ValueError:   # an empty file cannot be mapped
         data = b""
+    try:
+      return cls._index(path, data)
+    finally:
+      if isinstance(data, mmap.mmap):
+        data.close()
+
+  @classmethod
+  def _index(cls, path: str, data: bytes | mmap.mmap) -> "SourceFile":
     nl = _newlines(data)
     starts = np.concatenate([[0], nl + 1]).astype(np.int64)
     ends = np.concatenate([nl, [len(data)]]).astype(np.int64)
@@ -96,13 +107,22 @@ class SourceFile:
     unsure = keep & np.isin(first, np.frombuffer(b" \t\r\x0b\x0c", np.uint8))
     for i in np.flatnonzero(unsure):
       keep[i] = bool(data[starts[i]:ends[i]].strip())
-    return cls(path, data, starts[keep], ends[keep], np.flatnonzero(keep) + 1)
+    return cls(path, starts[keep], ends[keep], np.flatnonzero(keep) + 1)
 
   def __len__(self) -> int:
     return len(self.starts)
 
   def line(self, i: int) -> bytes:
-    return self.data[self.starts[i]:self.ends[i]]
+    with open(self.path, "rb") as f:
+      return os.pread(f.fileno(), int(self.ends[i] - self.starts[i]), int(self.starts[i]))
+
+  @property
+  def content_hash(self) -> str:
+    """sha1 of the file's bytes (read in blocks, never held whole)."""
+    if self._hash is None:
+      with open(self.path, "rb") as f:
+        self._hash = hashlib.file_digest(f, "sha1").hexdigest()
+    return self._hash
 
 
 def _newlines(data: bytes | mmap.mmap) -> np.ndarray:
@@ -157,7 +177,8 @@ def _text_of(content: Any, what: str) -> tuple[str, list[dict]]:
 
 
 def _tool_calls_text(calls: Any, what: str) -> str:
-  """Qwen3's rendering of an assistant's `tool_calls`."""
+  """XTuner's `function_formatter`: each call's arguments parsed (a JSON string, or already an
+  object) and re-serialised with its name as one JSON object inside <tool_call> tags."""
   if not isinstance(calls, list):
     raise ValueError(f"{what}: tool_calls must be a list")
   out = []
@@ -166,8 +187,14 @@ def _tool_calls_text(calls: Any, what: str) -> str:
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
       raise ValueError(f"{what}: each tool call needs a function name, got {call!r:.80}")
     args = fn.get("arguments", {})
-    args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-    out.append(f'<tool_call>\n{{"name": "{fn["name"]}", "arguments": {args}}}\n</tool_call>')
+    if isinstance(args, str):
+      try:
+        args = json.loads(args)
+      except ValueError as e:
+        raise ValueError(f"{what}: tool call '{fn['name']}' has arguments that are not JSON "
+                         f"({e}): {args!r:.80}") from None
+    text = json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False)
+    out.append(f"<tool_call>\n{text}\n</tool_call>")
   return "\n".join(out)
 
 
@@ -178,8 +205,8 @@ def parse_sample(obj: Any, opts: ParseOptions) -> tuple[list[Message], list | No
   """Validated messages and tools of one decoded JSON line; ValueError says what is wrong."""
   tools = None
   if isinstance(obj, dict):
-    if "messages" in obj:
-      tools, obj = obj.get("tools"), obj["messages"]
+    if "messages" in obj or "dialogs" in obj:   # XTuner reads either key
+      tools, obj = obj.get("tools"), obj.get("messages", obj.get("dialogs"))
     elif isinstance(obj.get("content", obj.get("text")), str):
       return [Message("pretrain", obj.get("content", obj.get("text")))], None
     else:
@@ -212,7 +239,8 @@ def parse_sample(obj: Any, opts: ParseOptions) -> tuple[list[Message], list | No
     text, imgs = _text_of(content, what)
     if role == "assistant" and m.get("tool_calls"):
       calls = _tool_calls_text(m["tool_calls"], what)
-      text = text + "\n" + calls if text else calls
+      # XTuner: a newline between text and calls unless the text already ends a paragraph.
+      text = text + "\n" + calls if text and not text.endswith("\n\n") else text + calls
     loss = m.get("loss")
     if loss is not None and not isinstance(loss, bool):
       raise ValueError(f"{what}: 'loss' must be true or false, got {loss!r}")

@@ -15,6 +15,12 @@ the leftover temporary directory is ignored (and cleaned up by the next run). A 
 that still fails to restore (files damaged or deleted later) is skipped with a warning; after a
 successful restore of an older step, the broken newer ones are moved to `checkpoints-skipped/`
 so that the resumed run can save those steps again.
+
+A failed save (disk full, permissions, a lost file system) is a CheckpointError naming the step
+directory and the cause, raised in the training loop: at once when Orbax refuses the save,
+else at the next step boundary (`check`), when the background write has failed. With several
+hosts Orbax's background write then waits at a barrier for the failed host for its timeout
+(10 minutes), so the error is caught from Orbax's own error report (its log record) instead.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -40,7 +48,29 @@ class Restored(NamedTuple):
 
 
 class CheckpointError(RuntimeError):
-  """No checkpoint in a directory that should hold one could be restored."""
+  """A checkpoint could not be written, or none in a directory that should hold one restores."""
+
+
+class _BackgroundErrors(logging.Handler):
+  """Catches the errors Orbax's background save threads report (and keep to themselves) for
+  saves into `directory`; keeps their text only (an exception would keep Orbax's coroutines
+  and frames alive)."""
+
+  def __init__(self, directory: str):
+    super().__init__(level=logging.ERROR)
+    self.directory = directory
+    self.error: str | None = None
+    self.armed = False
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if not (self.armed and self.error is None and record.exc_info
+            and record.exc_info[1] is not None and "orbax" in record.pathname
+            and record.threadName != "MainThread"):
+      return
+    error = record.exc_info[1]
+    text = f"{type(error).__name__}: {_first_line(error)}"
+    if self.directory in record.getMessage() or self.directory in text:
+      self.error = text
 
 
 def checkpoint_location(path: str) -> tuple[str, int | None]:
@@ -84,14 +114,47 @@ class Checkpointer:
         cleanup_tmp_directories=not read_only,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._saving: int | None = None  # the step being written in the background
+    self._errors = _BackgroundErrors(self.directory)
+    logging.getLogger("absl").addHandler(self._errors)  # Orbax logs through absl
 
   def save(self, step: int, state, progress: dict, config: dict) -> None:
     """Starts saving `state` (a TrainState) after `step`; returns when arrays are on host."""
-    self._manager.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"params": state.params}),
-        optimizer=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step}),
-        progress=ocp.args.JsonSave(progress),
-        config=ocp.args.JsonSave(config)))
+    self._wait_previous()
+    self._saving, self._errors.armed = step, True
+    try:
+      self._manager.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.StandardSave({"params": state.params}),
+          optimizer=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step}),
+          progress=ocp.args.JsonSave(progress),
+          config=ocp.args.JsonSave(config)))
+    except Exception as e:  # pylint: disable=broad-except  (named, then raised)
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step: int, error: BaseException | str) -> CheckpointError:
+    done = [s for s in complete_steps(self.directory) if s != step]
+    if isinstance(error, BaseException):
+      error = f"{type(error).__name__}: {_first_line(error)}"
+    return CheckpointError(
+        f"checkpoint {self.directory}/{step} could not be written (process "
+        f"{jax.process_index()}): {error}. Check the "
+        f"space and permissions under {self.directory}; the newest complete checkpoint is "
+        f"{f'step {done[-1]}' if done else 'none'}.")
+
+  def _wait_previous(self) -> None:
+    """Waits for the save in flight, raising as soon as its failure is reported: with several
+    hosts a failed save is never finished on the others (Orbax waits at a barrier)."""
+    saving = getattr(self._manager, "is_saving_in_progress", None)  # older Orbax: no poll
+    while self._saving is not None and saving is not None and saving():
+      self.check()
+      time.sleep(0.02)
+    self.check()
+
+  def check(self) -> None:
+    """Raises CheckpointError if a background save has failed (cheap: call every step)."""
+    if self._errors.error is not None:
+      error, self._errors.error, self._errors.armed = self._errors.error, None, False
+      raise self._save_error(self._saving, error)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -164,12 +227,46 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self) -> None:
-    """Blocks until the last save is complete on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until the last save is complete on disk; CheckpointError if it failed."""
+    self._wait_previous()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(self._saving, self._errors.error or e) from e
+    self.check()
+    self._errors.armed = False
+
+  def drain(self, timeout_s: float) -> bool:
+    """Waits at most `timeout_s` for the save in flight (on the way out after an error);
+    True when nothing is left unwritten. Never raises."""
+    if self._saving is None:
+      return True
+    waiter = threading.Thread(target=self._wait_quietly, name="jaxtune-checkpoint-drain",
+                              daemon=True)
+    waiter.start()
+    waiter.join(timeout_s)
+    return not waiter.is_alive() and self._errors.error is None
+
+  def _wait_quietly(self) -> None:
+    try:
+      self._manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except  (drain reports it as not finished)
+      self._errors.error = self._errors.error or "the save failed"
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the last save, then closes; CheckpointError if that save failed."""
+    error = None
+    try:
+      self.wait()
+    except CheckpointError as e:
+      error = e
+    logging.getLogger("absl").removeHandler(self._errors)
+    try:
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except  (the same failed save, again)
+      error = error or self._save_error(self._saving, e)
+    if error is not None:
+      raise error
 
 
 def _first_line(e: BaseException) -> str:

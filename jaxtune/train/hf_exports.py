@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 LATEST = "hf-latest"
 
 
+class HFExportError(RuntimeError):
+  """An HF export could not be written; names the export directory and the cause."""
+
+
 def export_steps(run_dir: str) -> list[int]:
   """Steps of the complete exports in `run_dir`, oldest first."""
   return sorted(int(d[3:]) for d in os.listdir(run_dir)
@@ -50,8 +54,15 @@ class HFExporter:
   def export(self, model_def, params, step: int) -> str:
     """model_def: the `ModelDef` the params belong to."""
     out_dir = os.path.join(self.run_dir, f"hf-{step}")
-    export_hf(model_def.merge(params), self.model_cfg, out_dir, dtype=self.dtype,
-              tokenizer_path=self.tokenizer_path)
+    try:
+      export_hf(model_def.merge(params), self.model_cfg, out_dir, dtype=self.dtype,
+                tokenizer_path=self.tokenizer_path)
+    except Exception as e:  # pylint: disable=broad-except  (named, then raised)
+      # The cause names the file or tensor (OSError's filename, export_hf's tensor names).
+      raise HFExportError(
+          f"HF export of step {step} to {out_dir} failed (process {jax.process_index()}): "
+          f"{type(e).__name__}: {e}. Nothing was renamed into place ({out_dir}.partial holds "
+          "what was written); the checkpoints are unaffected.") from e
     if jax.process_index() == 0:  # export_hf returns on all processes once the files are in
       point_latest(self.run_dir, out_dir)
       self._prune()

@@ -1,4 +1,8 @@
-"""Moves host batches onto the mesh in a background thread, so the step never waits on data."""
+"""Moves host batches onto the mesh in a background thread, so the step never waits on data.
+
+An error in that thread (building a batch, placing it) is raised in the training loop as a
+PrefetchError naming the step whose batch failed, with the original error chained.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +16,31 @@ import numpy as np
 _DONE = object()
 
 
+class PrefetchError(RuntimeError):
+  """The background thread failed to prepare a batch."""
+
+
+class _Failed:
+  def __init__(self, error: BaseException, step: int):
+    self.error, self.step = error, step
+
+
 def to_global_array(host_rows: np.ndarray, sharding) -> jax.Array:
   """This host's rows of the global batch -> one global array sharded over the mesh."""
   return jax.make_array_from_process_local_data(sharding, np.asarray(host_rows))
 
 
 class prefetch_to_device:  # pylint: disable=invalid-name  (used like a generator function)
-  """Iterates (device_batch, host_batch) with `depth` batches prepared ahead."""
+  """Iterates (device_batch, host_batch) with `depth` batches prepared ahead.
 
-  def __init__(self, batches: Iterator[dict], sharding, depth: int = 2):
+  first_step: the trainer step of the first batch (error messages name the step)."""
+
+  def __init__(self, batches: Iterator[dict], sharding, depth: int = 2, first_step: int = 1):
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._fill, args=(batches, sharding), daemon=True)
+    self._next_step = first_step  # the step of the batch being prepared
+    self._thread = threading.Thread(target=self._fill, args=(batches, sharding), daemon=True,
+                                    name="jaxtune-prefetch")
     self._thread.start()
 
   def _fill(self, batches, sharding) -> None:
@@ -38,8 +55,9 @@ class prefetch_to_device:  # pylint: disable=invalid-name  (used like a generato
             break
           except queue.Full:
             continue
+        self._next_step += 1
     except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer)
-      self._queue.put(e)
+      self._queue.put(_Failed(e, self._next_step))
       return
     self._queue.put(_DONE)
 
@@ -50,8 +68,10 @@ class prefetch_to_device:  # pylint: disable=invalid-name  (used like a generato
     item = self._queue.get()
     if item is _DONE:
       raise StopIteration
-    if isinstance(item, BaseException):
-      raise item
+    if isinstance(item, _Failed):
+      error = item.error
+      raise PrefetchError(f"the data prefetch thread failed preparing the batch of step "
+                          f"{item.step}: {type(error).__name__}: {error}") from error
     return item
 
   def close(self) -> None:

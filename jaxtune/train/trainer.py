@@ -9,7 +9,8 @@ checkpoint), then runs one loop that owns the schedule of everything around the 
 The helpers each own one concern: `rundir` (where to write and start from, the config
 snapshot), `checkpoint` (Orbax), `hf_exports`, `eval`, `observability` (metrics.jsonl,
 TensorBoard, progress bar, profiler, summary), `nonfinite`, `preemption` (SIGTERM/SIGINT),
-`multihost` (the cross-process agreements). See docs/training.md.
+`multihost` (the cross-process agreements, and a failure on one host stopping every host).
+See docs/training.md.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import ConfigDict
 
 from jaxtune import config as config_lib
 from jaxtune import models
 from jaxtune.data.pipeline import SFTData
+from jaxtune.data.sources import DataError
 from jaxtune.data.tokenizer import TokenEncoder
 from jaxtune.hf.export import read_hf_dtype
 from jaxtune.hf.load import load_hf_weights
@@ -70,54 +73,95 @@ class Trainer:
     self.started = 0.0
 
   def fit(self) -> dict:
+    """Trains to the end (or to a SIGTERM/SIGINT stop) and returns the summary.
+
+    With several processes an error on any one of them stops all of them: this process then
+    logs the cause and exits with its exit code (jaxtune.launch) instead of raising, since
+    the others cannot go on without it (jaxtune.train.multihost).
+    """
     self.started = time.perf_counter()
-    start = rundir.choose_start(self.cfg)
-    self.run_dir = start.run_dir
-    is_main = jax.process_index() == 0
-    with logs.run_logging(self.run_dir, is_main=is_main,
-                          step_lines_on_console=not self.cfg.progress_bar):
-      if is_main:
-        rundir.write_snapshot(self.run_dir, self.cfg, start)
-      log.info("run directory: %s", self.run_dir)
-      mesh = make_mesh(config_lib.mesh_shape(self.cfg, jax.device_count()))
-      with jax.set_mesh(mesh):
-        return self._fit(mesh, start, is_main)
+    multihost.watch()
+    try:
+      start = rundir.choose_start(self.cfg)
+      self.run_dir = start.run_dir
+      is_main = jax.process_index() == 0
+      with logs.run_logging(self.run_dir, is_main=is_main,
+                            step_lines_on_console=not self.cfg.progress_bar):
+        try:
+          if is_main:
+            rundir.write_snapshot(self.run_dir, self.cfg, start)
+          log.info("run directory: %s", self.run_dir)
+          mesh = make_mesh(config_lib.mesh_shape(self.cfg, jax.device_count()))
+          with jax.set_mesh(mesh):
+            return self._fit(mesh, start, is_main)
+        except BaseException as e:  # pylint: disable=broad-except
+          if jax.process_count() > 1:
+            multihost.fail(e)  # while train.log is still open; does not return
+          raise
+    except BaseException as e:  # pylint: disable=broad-except  (before the log was set up)
+      if jax.process_count() > 1:
+        multihost.fail(e)
+      raise
 
   # ---- set-up ------------------------------------------------------------------------------
 
   def _fit(self, mesh, start: rundir.Start, is_main: bool) -> dict:
+    self._checkpointer = None
+    try:
+      summary = self._fit_with(mesh, start, is_main)
+    except BaseException as e:  # pylint: disable=broad-except
+      multihost.announce(e)  # first: the other processes stop waiting for this one
+      # One process: a save in flight completes (`e` stays the error reported). Several:
+      # multihost.fail waits for it, bounded, as the others may be gone.
+      if self._checkpointer is not None and jax.process_count() == 1:
+        try:
+          self._checkpointer.close()
+        except Exception as close_error:  # pylint: disable=broad-except
+          log.warning("after the error, the checkpoint in flight failed too: %s", close_error)
+      raise
+    self._checkpointer.close()  # a failed last save raises here
+    multihost.set_run()
+    return summary
+
+  def _fit_with(self, mesh, start: rundir.Start, is_main: bool) -> dict:
     cfg = self.cfg
     encoder = TokenEncoder(cfg.tokenizer_path)
-    data = SFTData(cfg.data, encoder, global_batch_size=cfg.global_batch_size,
-                   process_index=jax.process_index(), process_count=jax.process_count())
-    total_steps = cfg.total_steps or cfg.epoch_num * data.steps_per_epoch
+    # The order of one host reading every row, this host taking the rows its devices hold:
+    # the batches do not depend on the host count, so a run resumes on another topology.
     dp = config_lib.data_parallel_size(cfg, jax.device_count())
+    # data_parallel: length grouping balances the packs of each micro-batch over these ranks.
+    data = SFTData(cfg.data, encoder, global_batch_size=cfg.global_batch_size,
+                   process_index=jax.process_index(), process_count=jax.process_count(),
+                   data_parallel=dp, global_order=True,
+                   host_rows=_host_rows(mesh, cfg.global_batch_size))
+    _check_same_data(data)
+    total_steps = cfg.total_steps or cfg.epoch_num * data.steps_per_epoch
     num_micro = cfg.global_batch_size // (dp * cfg.data.micro_batch_size)
     schedule = lr_schedule(cfg.lr, cfg.optim.lr, total_steps)
-    optimizer = make_optimizer(cfg.optim, schedule)
+    optimizer = make_optimizer(cfg.optim)  # unit lr: the step applies `schedule` itself
 
     model_kwargs = dict(param_dtype=jnp.dtype(cfg.param_dtype),
                         compute_dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
                         attention=cfg.attention, seed=cfg.seed)
     model_def, abstract_params = split_model(
         models.abstract_model(cfg.model, mesh, **model_kwargs))
-    checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"),
-                                max_to_keep=cfg.checkpoint_maxkeep)
-    try:
-      state, position = self._initial_state(start, checkpointer, data, model_def,
-                                             abstract_params, optimizer, mesh, model_kwargs)
-      log.info("model %s: %.3fM parameters; %d device(s), mesh %s; %d steps (%d per epoch), "
-               "%d micro-batch(es) per step, %d tokens per row", cfg.model.type,
-               models.param_count(cfg.model) / 1e6, jax.device_count(), dict(mesh.shape),
-               total_steps, data.steps_per_epoch, num_micro, cfg.data.pack_max_length)
-      if position.step >= total_steps:
-        log.info("the run is already complete (step %d of %d): nothing to do", position.step,
-                 total_steps)
-      loop = _Loop(self, mesh, data, encoder, model_def, optimizer, schedule, num_micro,
-                   total_steps, checkpointer, is_main)
-      return loop.run(state, position, resumed_from=start.checkpoint_dir)
-    finally:
-      checkpointer.close()
+    checkpointer = self._checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"),
+                                                      max_to_keep=cfg.checkpoint_maxkeep)
+    multihost.set_run(total_steps=total_steps, checkpoints=checkpointer.directory,
+                      drain=checkpointer.drain)
+    state, position = self._initial_state(start, checkpointer, data, model_def,
+                                           abstract_params, optimizer, mesh, model_kwargs)
+    multihost.note_step(position.step)
+    log.info("model %s: %.3fM parameters; %d device(s), mesh %s; %d steps (%d per epoch), "
+             "%d micro-batch(es) per step, %d tokens per row", cfg.model.type,
+             models.param_count(cfg.model) / 1e6, jax.device_count(), dict(mesh.shape),
+             total_steps, data.steps_per_epoch, num_micro, cfg.data.pack_max_length)
+    if position.step >= total_steps:
+      log.info("the run is already complete (step %d of %d): nothing to do", position.step,
+               total_steps)
+    loop = _Loop(self, mesh, data, encoder, model_def, optimizer, schedule, num_micro,
+                 total_steps, checkpointer, is_main)
+    return loop.run(state, position, resumed_from=start.checkpoint_dir)
 
   def _initial_state(self, start: rundir.Start, checkpointer: Checkpointer, data: SFTData,
                      model_def: ModelDef, abstract_params, optimizer, mesh, model_kwargs
@@ -229,7 +273,8 @@ class _Loop:
     step_fn = compile_train_step(state, model_def=self.model_def, loss_cfg=self.cfg.loss,
                                  optimizer=self.optimizer, schedule=self.schedule,
                                  num_micro=self.num_micro, batch_layout=self.batch_layout,
-                                 batch_sharding=sharding)
+                                 batch_sharding=sharding,
+                                 skip_grad_norm_threshold=self.cfg.optim.skip_grad_norm_threshold)
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
                       for k, (shape, dtype) in self.batch_layout.items()}
     compiled = step_fn.lower(state, abstract_batch).compile()
@@ -252,7 +297,7 @@ class _Loop:
     epoch, in_epoch = divmod(step, self.data.steps_per_epoch)
     host_batches = ({k: b[k] for k in self.batch_layout}
                     for b in self.data.iterator(epoch, in_epoch))
-    batches = prefetch_to_device(host_batches, batch_sharding(self.mesh))
+    batches = prefetch_to_device(host_batches, batch_sharding(self.mesh), first_step=step + 1)
     monitor.start()
     try:
       while step < self.total_steps:
@@ -267,6 +312,7 @@ class _Loop:
         step_time = time.perf_counter() - t_step
         profiler.after_step(step)
         tokens += int(out["tokens"])
+        multihost.note_step(step)
         record = self._record(step, out, host, step_time, data_time, tokens)
         if evaluator is not None and self._due(cfg.eval_interval, step):
           t_eval = time.perf_counter()
@@ -274,6 +320,7 @@ class _Loop:
           record["eval_time"] = time.perf_counter() - t_eval
         monitor.log_step(record)
         guard.check(record)  # raises after too many non-finite steps in a row
+        self.checkpointer.check()  # a background save that failed stops the run here
         stopping = stop.should_stop()
         if self._due(cfg.checkpoint_interval, step) or stopping:
           self._save(step, state, tokens, guard.total)
@@ -302,6 +349,7 @@ class _Loop:
         tokens_per_sec_per_device=tokens / step_time / self.n_devices,
         mfu=flops / step_time / (self.peak_flops * self.n_devices),
         data_time=data_time, consumed_tokens=consumed_tokens, skipped=bool(out["skipped"]),
+        nonfinite=bool(out["nonfinite"]),
         **{k: float(v) for k, v in out["model"].items()},
         **metrics_lib.device_memory_gib(), **metrics_lib.host_memory_gib())
 
@@ -315,6 +363,23 @@ class _Loop:
                     skipped_steps=skipped, seed=self.cfg.seed, data_seed=self.cfg.data.seed,
                     data=data_state, data_hash_per_process=hashes)
     self.checkpointer.save(step, state, progress, self.cfg.to_dict())
+
+
+def _host_rows(mesh, rows: int) -> np.ndarray:
+  """The rows of a global batch that this process's devices hold, in ascending order (the
+  order `jax.make_array_from_process_local_data` reads a host's rows in)."""
+  indices = batch_sharding(mesh).addressable_devices_indices_map((rows, 1))
+  held = {r for index in indices.values() for r in range(*index[0].indices(rows))}
+  return np.asarray(sorted(held), np.int64)
+
+
+def _check_same_data(data: SFTData) -> None:
+  """Every process must build the same packs (each reads all of them and takes its rows)."""
+  hashes = multihost.allgather_text(data.data_hash)
+  if len(set(hashes)) > 1:
+    raise DataError(f"the processes see different training data (data hash per process: "
+                    f"{hashes}): every host must read the same data.datasets files (a shared "
+                    "file system or identical copies), with the same data config and tokenizer.")
 
 
 def _data_state_of_this_process(progress: dict) -> dict:
