@@ -1,5 +1,6 @@
 """The MoE block (jaxtune/ops/moe.py) against transformers' Qwen3MoeSparseMoeBlock, a dense
-per-expert loop, numpy versions of XTuner's losses, and itself on expert-parallel meshes.
+per-expert loop, numpy versions of XTuner's losses, and itself on expert-parallel meshes
+(the tiled grouped matmul, the default; ragged_dot is checked against both).
 
 In-process meshes use conftest's 4 simulated CPU devices; the 8-device meshes run in one
 subprocess of this file (`python tests/test_moe_ops.py`) with its own XLA_FLAGS.
@@ -115,39 +116,90 @@ def _forward_and_grads(fn, x, w_nk, e_nk, gate, up, down, ct):
   return y, grads
 
 
-@pytest.mark.parametrize("case", ["routed", "idle_experts"])
+def _edge_routing(rng, tile: int):
+  """Routing whose group sizes hit the tile edges: experts 0 and 4 idle, 1, 2, 3 and 7
+  exact multiples of `tile`, 5 and 6 not (M = N K = 96 assignments)."""
+  sizes = np.array([0, 4, 3, 1, 0, 6, 5, 0]) * tile
+  sizes[5] += 3
+  sizes[6] -= 3
+  sizes[7] = N * K - sizes.sum()
+  assert sizes[7] % tile == 0 and sizes.max() <= N
+  # Token n takes list entries n and n + N: distinct experts, as no group is longer than N.
+  ids = np.repeat(np.arange(E), sizes)
+  e_nk = np.stack([ids[:N], ids[N:]], axis=1)[rng.permutation(N)]
+  assert (e_nk[:, 0] != e_nk[:, 1]).all()
+  return jnp.asarray(e_nk, jnp.int32), jnp.asarray(rng.uniform(0.1, 1.0, (N, K)), jnp.float32)
+
+
+# T = 4 makes groups of several tiles; the default tile runs in every other test.
+GROUPED = {"tiled_4": dict(impl="tiled", tile=4), "ragged_dot": dict(impl="ragged_dot")}
+
+
+@pytest.mark.parametrize("case", ["routed", "idle_and_tile_edges"])
 def test_grouped_matches_dense_loop_values_and_grads(case):
+  """Both grouped matmuls (tiled at T = 4, ragged_dot) against the dense loop and each
+  other: y and every gradient, routed by the router or with idle experts and groups of an
+  exact multiple of T and not."""
   p = _params(2)
   x = jnp.asarray(p["x"])
   if case == "routed":
     routing = moe.route(x, jnp.asarray(p["router"]), top_k=K, norm_topk_prob=False)
     w_nk, e_nk = routing.weights_nk, routing.experts_nk
-  else:  # only experts 1, 4 and 6 get tokens; 0, 2, 3, 5, 7 are idle groups of size 0
-    rng = np.random.default_rng(3)
-    used = np.array([1, 4, 6])
-    e_nk = jnp.asarray(np.stack([rng.permutation(used)[:K] for _ in range(N)]), jnp.int32)
-    w_nk = jnp.asarray(rng.uniform(0.1, 1.0, (N, K)), jnp.float32)
+  else:
+    e_nk, w_nk = _edge_routing(np.random.default_rng(3), tile=4)
   args = (x, w_nk, e_nk, p["gate"], p["up"], p["down"], p["ct"])
-  y, grads = _forward_and_grads(moe.moe_experts, *args)
   y_ref, grads_ref = _forward_and_grads(moe.moe_experts_dense_loop, *args)
   assert np.abs(y_ref).max() > 0.5
-  np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=0)
-  for name, g, g_ref in zip(["x", "weights", "gate", "up", "down"], grads, grads_ref):
-    assert np.abs(g_ref).max() > 1e-2, name
-    np.testing.assert_allclose(g, g_ref, atol=5e-5, rtol=1e-5, err_msg=name)
-  if case == "idle_experts":
-    for g in grads[2:]:
-      np.testing.assert_array_equal(np.asarray(g)[[0, 2, 3, 5, 7]], 0.0)
+  got = {name: _forward_and_grads(functools.partial(moe.moe_experts, **kw), *args)
+         for name, kw in GROUPED.items()}
+  for impl, (y, grads) in got.items():
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=0, err_msg=impl)
+    for name, g, g_ref in zip(["x", "weights", "gate", "up", "down"], grads, grads_ref):
+      assert np.abs(g_ref).max() > 1e-2, name
+      np.testing.assert_allclose(g, g_ref, atol=5e-5, rtol=1e-5, err_msg=f"{impl} {name}")
+    if case == "idle_and_tile_edges":
+      for g in grads[2:]:
+        np.testing.assert_array_equal(np.asarray(g)[[0, 4]], 0.0, err_msg=impl)
+  y_tiled, grads_tiled = got["tiled_4"]
+  y_ragged, grads_ragged = got["ragged_dot"]
+  np.testing.assert_allclose(y_tiled, y_ragged, atol=2e-5, rtol=0)
+  for g, g_ragged in zip(grads_tiled, grads_ragged):
+    np.testing.assert_allclose(g, g_ragged, atol=5e-5, rtol=1e-5)
+
+
+def test_tile_layout_pads_each_group_to_whole_tiles():
+  """Every tile holds rows of one expert, each assignment sits in exactly one row, padding
+  rows point past the end (M), and the used tiles are sum_g ceil(s_g / T)."""
+  tile = 4
+  e_nk, _ = _edge_routing(np.random.default_rng(3), tile)
+  m = N * K
+  src_lt, expert_l, used = (np.asarray(a) for a in jax.jit(
+      lambda e: moe._tile_layout(e, 0, E, tile))(e_nk))  # pylint: disable=protected-access
+  sizes = np.bincount(np.asarray(e_nk).ravel(), minlength=E)
+  assert int(used) == np.sum(-(-sizes // tile))
+  assert src_lt.shape == (moe.num_tiles(m, E, tile), tile) and (src_lt[int(used):] == m).all()
+  real = src_lt < m
+  np.testing.assert_array_equal(np.sort(src_lt[real]), np.arange(m))
+  flat_e = np.asarray(e_nk).ravel()
+  for l in range(int(used)):
+    assert (flat_e[src_lt[l][real[l]]] == expert_l[l]).all() and real[l, 0]
+  assert list(expert_l[:int(used)]) == sorted(expert_l[:int(used)])
 
 
 def test_one_device_mesh_is_the_plain_path():
+  """Axes of size 1 split nothing: the same program as without a mesh (no shard_map)."""
   p = _params(9)
   x = jnp.asarray(p["x"])
   routing = moe.route(x, jnp.asarray(p["router"]), top_k=K, norm_topk_prob=True)
-  plain = moe.moe_experts(x, routing, p["gate"], p["up"], p["down"])
-  with jax.set_mesh(make_mesh({}, devices=jax.devices()[:1])):
-    meshed = moe.moe_experts(x, routing, p["gate"], p["up"], p["down"])
-  np.testing.assert_array_equal(meshed, plain)
+  plain = jax.make_jaxpr(moe.moe_experts)(x, routing, p["gate"], p["up"], p["down"])
+  mesh = make_mesh({}, devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    axes = _mesh_axes(mesh, x.shape, p["gate"].shape)
+    assert axes["token_axes"] and axes["expert_axes"], axes
+    meshed = jax.make_jaxpr(functools.partial(moe.moe_experts, **axes))(
+        x, routing, p["gate"], p["up"], p["down"])
+  prims = lambda jaxpr: [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]  # noqa: E731
+  assert prims(meshed) == prims(plain) and "shard_map" not in str(meshed)
 
 
 def test_bfloat16_close_to_float32():
@@ -262,13 +314,21 @@ def test_balancing_loss_gradient_flows_through_probabilities_only():
 
 # --- expert parallelism ---------------------------------------------------------------------
 
+def _mesh_axes(mesh, x_shape, gate_shape) -> dict:
+  """The mesh axes of moe_experts as the model computes them (logical-axis rules)."""
+  tok = logical_to_spec(("activation_batch", None), x_shape, mesh)
+  w = logical_to_spec(("experts", "embed", "mlp"), gate_shape, mesh)
+  return dict(token_axes=tok[0], expert_axes=w[0], mlp_axes=w[2])
+
+
 @functools.cache
-def _block_grad_fn(e: int):
+def _block_grad_fn(e: int, token_axes=(), expert_axes=(), mlp_axes=()):
   """jit(grad) of route + moe_experts (+ both losses) w.r.t. x, router and the experts;
-  cached so every reference and mesh of one expert count shares one Python function."""
+  cached so every reference of one expert count shares one compiled function."""
   def loss(x, router, gate, up, down, ct, valid):
-    r = moe.route(x, router, top_k=K, norm_topk_prob=True)
-    y = moe.moe_experts(x, r, gate, up, down)
+    r = moe.route(x, router, top_k=K, norm_topk_prob=True, token_axes=token_axes)
+    y = moe.moe_experts(x, r, gate, up, down, token_axes=token_axes, expert_axes=expert_axes,
+                        mlp_axes=mlp_axes)
     aux = (moe.load_balancing_loss(r, valid, num_experts=e, top_k=K)
            + moe.router_z_loss(r, valid))
     return jnp.sum(y * ct) + aux, (y, aux, moe.expert_counts(r, valid, e))
@@ -277,7 +337,7 @@ def _block_grad_fn(e: int):
 
 def _block_and_grads(p, mesh=None, e=E):
   """(y, aux loss, counts, gradients) on `mesh` with every input placed by the
-  logical-axis rules, else on one device."""
+  logical-axis rules and the experts split as the model splits them, else on one device."""
   n = p["x"].shape[0]
   args = [p[k] for k in ("x", "router", "gate", "up", "down", "ct")] + [np.arange(n) % 5 != 4]
   if mesh is None:
@@ -288,8 +348,9 @@ def _block_and_grads(p, mesh=None, e=E):
              ("activation_batch", None), ("activation_batch",)]
     args = [jax.device_put(a, NamedSharding(mesh, logical_to_spec(nm, a.shape, mesh)))
             for a, nm in zip(args, names)]
+    axes = _mesh_axes(mesh, p["x"].shape, p["gate"].shape)
     with jax.set_mesh(mesh):
-      grads, aux = _block_grad_fn(e)(*args)
+      grads, aux = _block_grad_fn(e, **axes)(*args)
   return [np.asarray(a) for a in (*aux, *grads)]
 
 
@@ -380,13 +441,26 @@ def test_expert_parallel_matches_single_device_8(_ep8_worker):
     _assert_ep(errs)
 
 
-def test_rejects_bad_shapes():
+def test_rejects_bad_shapes_and_arguments():
   p = _params(8)
-  r = moe.route(jnp.asarray(p["x"]), jnp.asarray(p["router"]), top_k=K, norm_topk_prob=True)
+  x = jnp.asarray(p["x"])
+  r = moe.route(x, jnp.asarray(p["router"]), top_k=K, norm_topk_prob=True)
   with pytest.raises(ValueError, match="expected x"):
-    moe.moe_experts(jnp.asarray(p["x"]), r, p["gate"], p["up"], p["down"][:, :, :-1])
+    moe.moe_experts(x, r, p["gate"], p["up"], p["down"][:, :, :-1])
   with pytest.raises(ValueError, match="top_k"):
-    moe.route(jnp.asarray(p["x"]), jnp.asarray(p["router"]), top_k=E + 1, norm_topk_prob=True)
+    moe.route(x, jnp.asarray(p["router"]), top_k=E + 1, norm_topk_prob=True)
+  with pytest.raises(ValueError, match="impl"):
+    moe.moe_experts(x, r, p["gate"], p["up"], p["down"], impl="dense")
+  with pytest.raises(ValueError, match="tile"):
+    moe.moe_experts(x, r, p["gate"], p["up"], p["down"], tile=0)
+  with pytest.raises(ValueError, match="needs a mesh"):  # axes without a mesh
+    moe.moe_experts(x, r, p["gate"], p["up"], p["down"], expert_axes="expert")
+  with pytest.raises(ValueError, match="needs a mesh"):
+    moe.route(x, jnp.asarray(p["router"]), top_k=K, norm_topk_prob=True, token_axes="data")
+  if jax.device_count() >= 4:
+    with jax.set_mesh(make_mesh(dict(expert=4), jax.devices()[:4])):
+      with pytest.raises(ValueError, match="E = 6"):
+        moe.moe_experts(x, r, p["gate"][:6], p["up"][:6], p["down"][:6], expert_axes="expert")
 
 
 if __name__ == "__main__":  # the 8-device worker of test_expert_parallel_matches_single_device_8

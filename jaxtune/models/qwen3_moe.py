@@ -37,7 +37,7 @@ from jaxtune.models import qwen3
 from jaxtune.models.flops import decoder_train_flops
 from jaxtune.ops import moe
 from jaxtune.ops.rope import rope_cos_sin
-from jaxtune.parallel.sharding import shard_activation
+from jaxtune.parallel.sharding import logical_to_spec, shard_activation
 
 _BTD = ("activation_batch", "activation_length", "activation_embed")
 
@@ -88,10 +88,20 @@ class Qwen3MoeSparseMoeBlock(nnx.Module):
     batch, seq_len, hidden = x_btd.shape
     x_nd = x_btd.reshape(-1, hidden).astype(self.compute_dtype)
     valid_n = valid_bt.reshape(-1)
+    gate_edf = self.experts.gate_proj[...]
+    # The mesh axes that split tokens, experts and the expert MLP, by the logical-axis rules
+    # (the op imports none of jaxtune); none without a mesh.
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = {}
+    if not mesh.empty:
+      tok_spec = logical_to_spec(("activation_batch", None), x_nd.shape, mesh)
+      w_spec = logical_to_spec(("experts", "embed", "mlp"), gate_edf.shape, mesh)
+      axes = dict(token_axes=tok_spec[0], expert_axes=w_spec[0], mlp_axes=w_spec[2])
     routing = moe.route(x_nd, self.gate.kernel[...], top_k=self.top_k,
-                        norm_topk_prob=self.norm_topk_prob)
-    y_nd = moe.moe_experts(x_nd, routing, self.experts.gate_proj[...],
-                           self.experts.up_proj[...], self.experts.down_proj[...])
+                        norm_topk_prob=self.norm_topk_prob,
+                        token_axes=axes.get("token_axes"))
+    y_nd = moe.moe_experts(x_nd, routing, gate_edf, self.experts.up_proj[...],
+                           self.experts.down_proj[...], **axes)
     router = dict(
         aux_loss=moe.load_balancing_loss(routing, valid_n, num_experts=self.num_experts,
                                          top_k=self.top_k),
