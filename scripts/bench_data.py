@@ -23,11 +23,19 @@ per-rank attention FLOPs of every micro-batch of an epoch, with and without grou
 a folder of many JSONL files (cut from the same corpus): start-up time, peak anonymous memory
 above the memory-mapped ids, open descriptors, cold (tokenize + write the cache) and cached,
 each start in a fresh process.
+
+  python scripts/bench_data.py --images [--n_images 64 --repeat 5]
+Intern-S1 image loading on one core, over generated JPEGs of mixed aspect ratios:
+what batches carry, load_tiles(normalized=False) (decode, EXIF, RGB, tile with the thumbnail,
+uint8; the model normalises on the device), against the floor of Pillow decode plus the one
+bicubic resize to the image's grid, best of `repeat` rounds; also the float32-normalised tiles
+and the floor with the thumbnail's second resize.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -46,7 +54,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ml_collections import ConfigDict  # pylint: disable=wrong-import-position
 
 from jaxtune.config import dataset  # pylint: disable=wrong-import-position
-from jaxtune.data import encoding, sources, templates  # pylint: disable=wrong-import-position
+from jaxtune.data import encoding, images, sources, templates  # pylint: disable=wrong-import-position
 from jaxtune.data.pipeline import SFTData  # pylint: disable=wrong-import-position
 from jaxtune.data.tokenizer import (TokenEncoder, build_qwen_tokenizer,  # pylint: disable=wrong-import-position
                                     load_tokenizer)
@@ -317,6 +325,116 @@ def scale(tok_dir: str, workdir: str, corpus: str, files: int, lines_per_file: i
                   for k in runs})
 
 
+# ---------------------------------------------------------------- --images (Intern-S1 tiles)
+IMAGE_SIZES = ((640, 480), (375, 500), (1024, 256), (800, 800))
+
+
+def make_images(root: str, n: int, seed: int = 0) -> list[tuple[str, tuple[int, int]]]:
+  """`n` JPEGs cycling through IMAGE_SIZES: smooth gradients plus mild noise, about the size
+  and decode cost of a photo of that resolution."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  os.makedirs(root, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  out = []
+  for k in range(n):
+    w, h = IMAGE_SIZES[k % len(IMAGE_SIZES)]
+    path = os.path.join(root, f"img-{k:03d}-{w}x{h}.jpg")
+    if not os.path.isfile(path):
+      y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+      phase = rng.uniform(0, 6.3, 3)
+      px = np.stack([127 + 100 * np.sin(x / (20 + 9 * c) + y / (31 + 5 * c) + phase[c])
+                     for c in range(3)], -1) + rng.normal(0, 12, (h, w, 3))
+      Image.fromarray(np.clip(px, 0, 255).astype(np.uint8)).save(path, quality=90)
+    out.append((path, (w, h)))
+  return out
+
+
+def _decode_and_resize(path: str, wh: tuple[int, int]) -> None:
+  """The floor: what any InternVL pipeline must do (decode, one resize to the grid)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  cols, rows = images.best_grid(wh[0], wh[1])
+  with Image.open(path) as im:
+    im.load()
+    (im if im.mode == "RGB" else im.convert("RGB")).resize(
+        (images.TILE * cols, images.TILE * rows), Image.Resampling.BICUBIC)
+
+
+def _decode_resize_thumbnail(path: str, wh: tuple[int, int]) -> None:
+  """The floor of InternVL tiling itself: the thumbnail is a second resize of the original."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  cols, rows = images.best_grid(wh[0], wh[1])
+  with Image.open(path) as im:
+    im.load()
+    rgb = im if im.mode == "RGB" else im.convert("RGB")
+    rgb.resize((images.TILE * cols, images.TILE * rows), Image.Resampling.BICUBIC)
+    if cols * rows > 1:
+      rgb.resize((images.TILE, images.TILE), Image.Resampling.BICUBIC)
+
+
+def bench_images(workdir: str, n: int, repeat: int) -> dict:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  files = make_images(os.path.join(workdir, f"images-{n}"), n)
+  tiles = sum(images.num_tiles(*wh) for _, wh in files)
+  variants = {
+      "decode_resize_floor": _decode_and_resize,
+      "decode_resize_thumbnail_floor": _decode_resize_thumbnail,
+      # what batches carry: uint8 tiles, normalised on the accelerator (4x fewer bytes)
+      "load_tiles": lambda p, wh: images.load_tiles(p, wh, 1, 1, 12, normalized=False),
+      "load_tiles_float32": lambda p, wh: images.load_tiles(p, wh, 1, 1, 12),
+  }
+  runs = {k: [] for k in variants}
+  cpu_runs = {k: [] for k in variants}
+  for _ in range(repeat):   # rounds taken in turn: a slow moment of the machine hits all alike
+    for name, fn in variants.items():
+      c0, t0 = time.process_time(), time.perf_counter()
+      for path, wh in files:
+        fn(path, wh)
+      runs[name].append(time.perf_counter() - t0)
+      cpu_runs[name].append(time.process_time() - c0)
+  # Where the extra time goes, on one image of each size (best of `repeat`).
+  parts = {}
+  for path, wh in files[:len(IMAGE_SIZES)]:
+    im = images.load_image(path, wh)
+    cols, rows = images.best_grid(*wh)
+    steps = {
+        "decode": lambda: images.load_image(path, wh),
+        "grid_resize": lambda: im.resize((448 * cols, 448 * rows), Image.Resampling.BICUBIC),
+        "thumbnail_resize": lambda: im.resize((448, 448), Image.Resampling.BICUBIC),
+        "tile_image": lambda: images.tile_image(im, 1, 12),
+        "normalize": functools.partial(images.normalize, images.tile_image(im, 1, 12)),
+    }
+    best = {step: min(_timed(fn) for _ in range(3 * repeat)) for step, fn in steps.items()}
+    parts[f"{wh[0]}x{wh[1]}"] = dict(grid=[cols, rows], tiles=images.num_tiles(*wh),
+                                     ms={k: round(v * 1e3, 2) for k, v in best.items()})
+  best = {k: min(v) for k, v in runs.items()}
+  cpu = {k: min(v) for k, v in cpu_runs.items()}
+  floor, cpu_floor = best["decode_resize_floor"], cpu["decode_resize_floor"]
+  return dict(
+      images=n, tiles=tiles, sizes=[list(s) for s in IMAGE_SIZES], repeat=repeat, threads=1,
+      images_per_sec={k: round(n / v, 1) for k, v in best.items()},
+      tiles_per_sec_load_tiles=round(tiles / best["load_tiles"], 1),
+      all_seconds={k: [round(x, 3) for x in v] for k, v in runs.items()},
+      all_cpu_seconds={k: [round(x, 3) for x in v] for k, v in cpu_runs.items()},
+      # a_time / b_time - 1, best of the rounds; CPU time is steadier on a shared machine.
+      overhead=round(best["load_tiles"] / floor - 1, 3),
+      overhead_cpu=round(cpu["load_tiles"] / cpu_floor - 1, 3),
+      overhead_median=round(statistics.median(runs["load_tiles"])
+                            / statistics.median(runs["decode_resize_floor"]) - 1, 3),
+      overhead_float32_tiles=round(best["load_tiles_float32"] / floor - 1, 3),
+      # what the thumbnail (XTuner's algorithm, not this code) costs on its own
+      thumbnail_share_cpu=round(cpu["decode_resize_thumbnail_floor"] / cpu_floor - 1, 3),
+      overhead_over_thumbnail_floor_cpu=round(
+          cpu["load_tiles"] / cpu["decode_resize_thumbnail_floor"] - 1, 3),
+      overhead_float32_tiles_cpu=round(cpu["load_tiles_float32"] / cpu_floor - 1, 3),
+      per_image_ms=parts)
+
+
+def _timed(fn) -> float:
+  t0 = time.process_time()
+  fn()
+  return time.process_time() - t0
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -330,6 +448,9 @@ def main() -> None:
                       "cold and cached")
   parser.add_argument("--files", type=int, default=2000, help="files (--scale)")
   parser.add_argument("--lines_per_file", type=int, default=100, help="chats per file (--scale)")
+  parser.add_argument("--images", action="store_true",
+                      help="only measure Intern-S1 image loading (decode, tile, normalise)")
+  parser.add_argument("--n_images", type=int, default=64, help="generated JPEGs (--images)")
   parser.add_argument("--samples", type=int, default=100_000)
   parser.add_argument("--workers", type=int, default=0, help="0 = the CPUs available")
   parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxtune-bench"))
@@ -337,8 +458,17 @@ def main() -> None:
                       help="rounds of tokenizer_alone and end_to_end, taken in turn")
   parser.add_argument("--out", default=None, help="also write the JSON here")
   args = parser.parse_args()
-  workers = encoding.resolve_workers(args.workers)
   os.makedirs(args.workdir, exist_ok=True)
+  if args.images:
+    result = bench_images(args.workdir, args.n_images, args.repeat)
+    result.update(cpus=encoding.available_cpus(), load_average=os.getloadavg()[0])
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+      with open(args.out, "w") as f:
+        f.write(text + "\n")
+    return
+  workers = encoding.resolve_workers(args.workers)
   tok_dir = build_qwen_tokenizer(os.path.join(args.workdir, "qwen3-tokenizer"))
   path = os.path.join(args.workdir, f"chats-{args.samples}.jsonl")
   if not os.path.isfile(path):

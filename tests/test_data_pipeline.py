@@ -324,6 +324,8 @@ def image_tok(tok, tmp_path_factory):
 
 
 def test_image_samples_are_counted_refused_or_dropped(image_tok, tmp_path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  Image.new("RGB", (448, 448)).save(tmp_path / "x.jpg")   # start-up checks the image's header
   line = {"messages": [{"role": "user", "content": [
       {"type": "text", "text": "<IMG_CONTEXT>\nwhat is it?"},
       {"type": "image_url", "image_url": {"url": "x.jpg", "image_wh": [448, 448]}}]},
@@ -331,18 +333,19 @@ def test_image_samples_are_counted_refused_or_dropped(image_tok, tmp_path):
   path = str(tmp_path / "mm.jsonl")
   with open(path, "w") as f:
     f.write(json.dumps(line) + "\n" + json.dumps(chat("t", 0, np.random.default_rng(0))) + "\n")
-  cfg = ConfigDict(dict(datasets=[dataset("mm", path, chat_template="intern-s1")],
+  cfg = ConfigDict(dict(datasets=[dataset("mm", path, chat_template="intern-s1",
+                                          media_root=str(tmp_path))],
                         pack_max_length=512, sample_max_length=512, num_workers=1))
   with pytest.raises(DataError, match="hold samples with images"):
     SFTData(cfg, image_tok, global_batch_size=1)
-  data = SFTData(cfg, image_tok, global_batch_size=1, allow_images=True)
+  data = SFTData(cfg, image_tok, global_batch_size=1, image_size=448)
   s = data.stats["datasets"]["mm"]
   assert s["image_samples"] == 1
   # One 448x448 tile: <img> + 256 x <IMG_CONTEXT> + </img>, after the default system prompt.
   ids = data._tokens[:s["tokens"]] & encoding.ID_MASK
   assert (ids == 151671).sum() == 256 and (ids == 151669).sum() == 1
   cfg.sample_max_length = 100                       # would cut into the image tokens
-  data = SFTData(cfg, image_tok, global_batch_size=1, allow_images=True)
+  data = SFTData(cfg, image_tok, global_batch_size=1, image_size=448)
   assert data.stats["datasets"]["mm"]["dropped_image_cut"] == 1
   assert data.stats["datasets"]["mm"]["packed_samples"] == 1
 

@@ -4,21 +4,27 @@
       [--show_row=0] [--epoch=0] [--json]
 
 Prints per-dataset sample and token counts after sample_ratio, truncated / dropped / bad
-counts, the pack count and efficiency and the optimizer steps per epoch; `--show_row=K`
-renders packed row K of the epoch's first batches back to text with the loss mask shown:
-text between ⟦ and ⟧ is predicted (carries loss), ┃ separates packed samples.
+counts, the pack count and efficiency and the optimizer steps per epoch, and for data with
+images the image samples, tiles and how the tile bound (data.max_tiles_per_pack) packed them;
+`--show_row=K` renders packed row K of the epoch's first batches back to text with the loss
+mask shown: text between ⟦ and ⟧ is predicted (carries loss), ┃ separates packed samples, a
+run of image tokens is shown as <IMG_CONTEXT>×N with the row's tiles listed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # never claim an accelerator from here
 
 from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+from jaxtune.data.images import TILE  # pylint: disable=wrong-import-position
+from jaxtune.data.templates import IMG_CONTEXT  # pylint: disable=wrong-import-position
 
 _DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes",
                                "sft_mini.py")
@@ -30,9 +36,16 @@ _EPOCH = flags.DEFINE_integer("epoch", 0, "Epoch whose order --show_row follows.
 _JSON = flags.DEFINE_bool("json", False, "Print the statistics as JSON.")
 
 
+def _squeeze_images(text: str) -> str:
+  """A run of <IMG_CONTEXT> tokens as one <IMG_CONTEXT>×N."""
+  return re.sub(f"(?:{re.escape(IMG_CONTEXT)}){{2,}}",
+                lambda m: f"{IMG_CONTEXT}×{len(m.group(0)) // len(IMG_CONTEXT)}", text)
+
+
 def render_row(batch: dict, row: int, decode) -> str:
   """Row `row` of a batch as text: ⟦predicted⟧ tokens, ┃ between samples, padding counted."""
   ids, labels = batch["input_ids"][row], batch["labels"][row]
+  tile_seg = batch["tile_segment_ids"][row] if "tile_segment_ids" in batch else None
   seg = batch["segment_ids"][row]
   out = []
   for s in range(1, int(seg.max()) + 1):
@@ -42,23 +55,30 @@ def render_row(batch: dict, row: int, decode) -> str:
     runs, start = [], 0
     for k in range(1, len(at) + 1):
       if k == len(at) or target[k] != target[start]:
-        text = decode([ids[i] for i in at[start:k]])
+        text = _squeeze_images(decode([ids[i] for i in at[start:k]]))
         runs.append(f"⟦{text}⟧" if target[start] else text)
         start = k
+    slots = [] if tile_seg is None else [int(i) for i in (tile_seg == s).nonzero()[0]]
+    tiles = f", image tiles {slots[0]}..{slots[-1]} ({len(slots)})" if slots else ""
     out.append(f"┃ sample {s}: {len(at)} tokens, {sum(target)} with loss, positions "
-               f"{batch['positions'][row][at[0]]}..{batch['positions'][row][at[-1]]}\n"
+               f"{batch['positions'][row][at[0]]}..{batch['positions'][row][at[-1]]}{tiles}\n"
                + "".join(runs))
   pad = int((seg == 0).sum())
-  out.append(f"┃ padding: {pad} tokens")
+  out.append(f"┃ padding: {pad} tokens" + (
+      "" if tile_seg is None else
+      f"; tile slots used {int((tile_seg > 0).sum())} of {len(tile_seg)}"))
   return "\n".join(out)
 
 
 def format_stats(stats: dict) -> str:
   cols = ("samples", "tokens", "loss_tokens", "truncated", "dropped_image_cut", "bad",
           "image_samples")
-  lines = [f"{'dataset':<24}" + "".join(f"{c:>18}" for c in cols)]
+  if stats.get("image_samples"):
+    cols += ("image_tiles", "dropped_tile_bound")
+  width = {c: max(18, len(c) + 2) for c in cols}
+  lines = [f"{'dataset':<24}" + "".join(f"{c:>{width[c]}}" for c in cols)]
   for name, d in stats["datasets"].items():
-    lines.append(f"{name:<24}" + "".join(f"{d[c]:>18,}" for c in cols))
+    lines.append(f"{name:<24}" + "".join(f"{d[c]:>{width[c]},}" for c in cols))
     for loc in d["bad_locations"]:
       lines.append(f"    bad: {loc}")
   lines.append(
@@ -73,6 +93,15 @@ def format_stats(stats: dict) -> str:
           "each epoch)") +
       (f"\ngroup_by_length: groups of {stats['group_rows']} packs of similar attention cost "
        "per micro-batch" if stats["group_by_length"] else ""))
+  if stats.get("image_samples"):
+    lines.append(
+        f"images: {stats['image_samples']:,} image samples, {stats['image_tiles']:,} tiles of "
+        f"{stats['image_size']}x{stats['image_size']} in {stats['packs_with_images']:,} "
+        f"pack(s); max_tiles_per_pack={stats['max_tiles_per_pack']}: tiles per pack max "
+        f"{stats['tiles_per_pack_max']}, mean {stats['tiles_per_pack_mean']:.2f} (tile slots "
+        f"used {stats['tile_slot_use']:.3f}); {stats['packs_closed_by_tile_limit']:,} pack(s) "
+        f"closed early by the tile limit; {stats['dropped_tile_bound']:,} sample(s) dropped "
+        "for having more tiles than a pack holds")
   return "\n".join(lines)
 
 
@@ -84,8 +113,9 @@ def main(argv) -> None:
   from jaxtune.data.sources import DataError
   try:
     cfg = validate(_CONFIG.value)
+    # Inspection reads image data too (its tiles are counted; pixels only for --show_row).
     data = SFTData(cfg.data, cfg.tokenizer_path, global_batch_size=cfg.global_batch_size,
-                   allow_images=True)
+                   image_size=TILE)
   except (ConfigError, DataError) as e:
     print(f"jaxtune.data: {e}", file=sys.stderr)
     sys.exit(2)
@@ -99,9 +129,10 @@ def main(argv) -> None:
       print(f"jaxtune.data: row {_ROW.value} is beyond the epoch's "
             f"{data.steps_per_epoch * data.rows} rows", file=sys.stderr)
       sys.exit(2)
-    batch = data.batch(_EPOCH.value, step)
-    print(f"\nepoch {_EPOCH.value}, step {step}, row {row}:")
-    print(render_row(batch, row, data.encoder.decode))
+    # Only this row is built (a batch of pixel tiles can be large).
+    pack = data.epoch_order(_EPOCH.value)[step * data.rows + row]
+    print(f"\nepoch {_EPOCH.value}, step {step}, row {row} (pack {pack}):")
+    print(render_row(data.pack_rows([pack]), 0, data.encoder.decode))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ second start with the same inputs loads the ids instead of tokenizing (the count
 the tokenization are one pass in jaxtune), and a change to one file, the tokenizer, a template
 or a parameter invalidates exactly the entries it affects. Sample ratio, seed, truncation and
 packing are applied after the cache, so changing them reuses every entry.
+
+Image files are not in the key (hashing every image would cost more than the cache saves): a
+line found bad because of its image file (missing, unreadable, another size than image_wh) is
+marked in its entry and checked again whenever the entry is reused, so fixing the file takes
+effect at the next start; an image that breaks after its line was cached is caught when it is
+loaded for a batch (SFTData: a DataError, or the sample skipped with data.skip_bad_samples).
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ class Entry:
   images: np.ndarray    # int64 per held line: <IMG_CONTEXT> tokens
   tokens: np.ndarray    # uint32: the ids (may be shared with other entries, in any order)
   bad: dict[int, str]   # line index -> what is wrong
+  # Bad lines whose problem is an image file, not the line (encoding.EncodedChunk.recheck): the
+  # key does not cover image files, so the pipeline checks these again when it reuses an entry.
+  recheck: frozenset[int] = frozenset()
 
   def covers(self, local: np.ndarray) -> bool:
     at = np.searchsorted(self.lines, local)
@@ -97,13 +106,14 @@ def entry_from_chunks(need: np.ndarray, chunks: list[EncodedChunk],
                       store: np.ndarray | None) -> Entry:
   cat = lambda name: np.concatenate([getattr(c, name) for c in chunks]).astype(np.int64)
   tokens, starts = join_tokens(chunks, store)
-  bad, base = {}, 0
+  bad, recheck, base = {}, set(), 0
   for c in chunks:
     for k, what in c.bad:
       bad[int(need[base + k])] = what
+    recheck.update(int(need[base + k]) for k in c.recheck)
     base += len(c.lengths)
   return Entry(np.asarray(need, np.int64), starts, cat("lengths"), cat("loss"), cat("images"),
-               tokens, bad)
+               tokens, bad, frozenset(recheck))
 
 
 class TokenCache:
@@ -149,6 +159,7 @@ class TokenCache:
       with np.load(os.path.join(path, "lines.npz")) as arrays:
         lines, lengths = arrays["lines"], arrays["lengths"]
         loss, images = arrays["loss"], arrays["images"]
+        recheck = frozenset(arrays["recheck"].tolist())
       ids = os.path.join(path, TOKENS_FILE)
       total = int(lengths.sum())
       if os.path.getsize(ids) != 4 * total:
@@ -157,7 +168,7 @@ class TokenCache:
     except (OSError, ValueError, KeyError):
       return None
     return Entry(lines, np.cumsum(lengths) - lengths, lengths, loss, images,
-                 FileIds(ids, total), bad)
+                 FileIds(ids, total), bad, recheck)
 
   def store(self, src: SourceFile, job: EncodeJob, entry: Entry) -> Entry | None:
     """Writes the entry; returns it read back (its ids then on disk, not in memory), or None
@@ -169,7 +180,8 @@ class TokenCache:
     tmp = tempfile.mkdtemp(dir=self.dir, prefix=".tmp-")
     try:
       np.savez(os.path.join(tmp, "lines.npz"), lines=entry.lines, lengths=entry.lengths,
-               loss=entry.loss, images=entry.images)
+               loss=entry.loss, images=entry.images,
+               recheck=np.asarray(sorted(entry.recheck), np.int64))
       entry.compact()[0].tofile(os.path.join(tmp, TOKENS_FILE))   # raw: mapped page-aligned
       with open(os.path.join(tmp, "bad.json"), "w") as f:
         json.dump({str(k): v for k, v in entry.bad.items()}, f)

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxtune.data import sources, templates
+from jaxtune.data import images, sources, templates
 from jaxtune.data.tokenizer import TokenEncoder
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,19 @@ class EncodedChunk:
   images: np.ndarray          # int64 per line: <IMG_CONTEXT> tokens
   bad: list[tuple[int, str]]  # (position in the chunk, what is wrong)
   stored_at: int | None = None  # where the ids went in the pool's store (then `tokens` is empty)
+  # Bad lines whose problem is an image file (missing, unreadable, another size), not the
+  # line: a cached entry rechecks them, since fixing the file does not change the cache key.
+  recheck: list[int] = dataclasses.field(default_factory=list)
 
   @classmethod
   def build(cls, tokens: np.ndarray, lengths: np.ndarray, bad, image_id: int | None,
-            loss: np.ndarray | None = None):
+            loss: np.ndarray | None = None, recheck: list[int] | None = None):
     starts = np.cumsum(lengths) - lengths
     if loss is None:
       loss = range_sums(tokens >= TRAINED_BIT, starts + 1, starts + lengths)
     images = (range_sums((tokens & ID_MASK) == image_id, starts, starts + lengths)
               if image_id is not None else np.zeros(len(lengths), np.int64))
-    return cls(tokens, lengths, loss, images, bad)
+    return cls(tokens, lengths, loss, images, bad, recheck=list(recheck or ()))
 
 
 def range_sums(flags: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -84,7 +87,7 @@ def encode_lines(encoder: TokenEncoder, job: EncodeJob, path: str,
   """Encodes the lines at byte `spans` ([n, 2]) of `path`; bad lines are recorded, not raised
   (the caller decides, so the first bad line in file order is the one reported)."""
   template = templates.get_template(job.template)
-  lengths, bad = np.zeros(len(spans), np.int64), []
+  lengths, bad, recheck = np.zeros(len(spans), np.int64), [], []
   chunks, flags, sizes = [], [], []   # id bytes of every piece, its flag and token count
   image_id = encoder.added.get(templates.IMG_CONTEXT)
   if len(spans) == 0:
@@ -103,6 +106,8 @@ def encode_lines(encoder: TokenEncoder, job: EncodeJob, path: str,
           n = _encode_general(obj, opts, template, encoder, chunks, flags, sizes)
       except (ValueError, KeyError) as e:
         bad.append((k, str(e)))
+        if isinstance(e, images.ImageError):
+          recheck.append(k)
         del chunks[at_chunk:], flags[at_piece:], sizes[at_piece:]
       else:
         if n == 0:
@@ -115,7 +120,7 @@ def encode_lines(encoder: TokenEncoder, job: EncodeJob, path: str,
   if len(tokens):
     tokens |= np.repeat(np.where(flags_a, TRAINED_BIT, np.uint32(0)), sizes_a)
   return EncodedChunk.build(tokens, lengths, bad, image_id,
-                            _label_counts(sizes_a, flags_a, marks))
+                            _label_counts(sizes_a, flags_a, marks), recheck)
 
 
 def _label_counts(sizes: np.ndarray, flags: np.ndarray, marks: np.ndarray) -> np.ndarray:
@@ -130,8 +135,9 @@ def _label_counts(sizes: np.ndarray, flags: np.ndarray, marks: np.ndarray) -> np
 
 def _encode_general(obj, opts: sources.ParseOptions, template: templates.ChatTemplate,
                     encoder: TokenEncoder, chunks: list, flags: list, sizes: list) -> int:
-  """Any sample: validate, render into pieces, encode each; appends only on success."""
-  messages, tools = sources.parse_sample(obj, opts)
+  """Any sample: validate (image files too: header only), render into pieces, encode each;
+  appends only on success."""
+  messages, tools = sources.parse_sample(obj, opts, check_images=True)
   pieces = templates.render(messages, template, tools, encoder.eos_token)
   encoded = [encoder.encode_bytes(p.text) if not p.image_tokens else
              np.asarray(templates.encode([p], template, encoder)[0], np.uint32).tobytes()

@@ -9,6 +9,12 @@ A plan is a list of spans (sample, offset inside it, length) grouped into packs.
         (each piece is its own segment), the tail shorter than a row is dropped.
   none  one sample per row, padded.
 
+Images (Intern-S1): each sample may bring image tiles, and a row holds at most `max_tiles` of
+them, so that the pixel batch has a static shape. soft and none respect both limits: a sample
+fits a pack when its tokens and its tiles both do (the look-ahead then skips samples with too
+many tiles and keeps looking, since a longer one may have none). Without tiles (or all zero)
+the packs are exactly the text ones. hard cannot carry images: it splits samples.
+
 Rows: labels are already shifted (labels[t] is the target of position t) and -100 on the last
 token of every span and on padding, so nothing learns across a boundary. Segment ids are
 1-based per span (0 = padding); positions restart at 0 in every span.
@@ -34,6 +40,7 @@ class PackPlan:
   offset: np.ndarray    # int64 [spans]: first token of the span inside its sample
   length: np.ndarray    # int64 [spans]
   bounds: np.ndarray    # int64 [packs + 1]: spans of pack p are bounds[p]:bounds[p+1]
+  closed_by_tiles: int = 0   # soft: packs closed because the next sample's tiles did not fit
 
   @property
   def num_packs(self) -> int:
@@ -44,6 +51,12 @@ class PackPlan:
     cum = np.concatenate([[0], np.cumsum(self.length)])
     return cum[self.bounds[1:]] - cum[self.bounds[:-1]]
 
+  def pack_tiles(self, tiles: np.ndarray) -> np.ndarray:
+    """Image tiles of each pack, given the tiles of each sample (int64 [packs])."""
+    pack_of = np.repeat(np.arange(self.num_packs), np.diff(self.bounds))
+    return np.bincount(pack_of, weights=np.asarray(tiles)[self.sample],
+                       minlength=self.num_packs).astype(np.int64)
+
 
 def _plan(groups: list[list[int]], lengths: np.ndarray) -> PackPlan:
   sample = np.fromiter((s for g in groups for s in g), dtype=np.int64)
@@ -52,13 +65,42 @@ def _plan(groups: list[list[int]], lengths: np.ndarray) -> PackPlan:
                   bounds.astype(np.int64))
 
 
-def soft_pack(lengths: np.ndarray, pack_len: int, buffer: int = 100) -> PackPlan:
-  """Packs samples (in the given order) without splitting any; see the module docstring."""
+def _check_tiles(tiles: np.ndarray | None, n: int, max_tiles: int | None) -> np.ndarray | None:
+  """The tiles per sample (None when there are none), checked against the bound."""
+  if tiles is None:
+    return None
+  tiles = np.asarray(tiles, dtype=np.int64)
+  if len(tiles) != n:
+    raise ValueError(f"{len(tiles)} tile counts for {n} samples")
+  if not tiles.any():
+    return None
+  if max_tiles is None:
+    raise ValueError("samples have image tiles: pass max_tiles (the tiles a row holds)")
+  if tiles.max() > max_tiles:
+    raise ValueError(f"a sample of {tiles.max()} image tiles exceeds max_tiles {max_tiles}")
+  return tiles
+
+
+def soft_pack(lengths: np.ndarray, pack_len: int, buffer: int = 100,
+              tiles: np.ndarray | None = None, max_tiles: int | None = None) -> PackPlan:
+  """Packs samples (in the given order) without splitting any; see the module docstring.
+  tiles: image tiles per sample, at most `max_tiles` per pack."""
   lengths = np.asarray(lengths, dtype=np.int64)
   if len(lengths) and lengths.max() > pack_len:
     raise ValueError(f"a sample of {lengths.max()} tokens exceeds pack_max_length {pack_len}")
   n = len(lengths)
-  lens = lengths.tolist()
+  tiles = _check_tiles(tiles, n, max_tiles)
+  if tiles is None:
+    return _plan(_soft_groups(lengths.tolist(), pack_len, buffer), lengths)
+  groups, closed = _soft_groups_tiles(lengths.tolist(), tiles.tolist(), pack_len, int(max_tiles),
+                                      buffer)
+  plan = _plan(groups, lengths)
+  plan.closed_by_tiles = closed
+  return plan
+
+
+def _soft_groups(lens: list[int], pack_len: int, buffer: int) -> list[list[int]]:
+  n = len(lens)
   used = bytearray(n)
   groups, cur, cur_len, p = [], [], 0, 0
   while p < n:
@@ -88,13 +130,58 @@ def soft_pack(lengths: np.ndarray, pack_len: int, buffer: int = 100) -> PackPlan
     cur, cur_len = [], 0
   if cur:
     groups.append(cur)
-  return _plan(groups, lengths)
+  return groups
 
 
-def none_pack(lengths: np.ndarray, pack_len: int) -> PackPlan:
+def _soft_groups_tiles(lens: list[int], tl: list[int], pack_len: int, max_tiles: int,
+                       buffer: int) -> tuple[list[list[int]], int]:
+  """_soft_groups with a second limit, `max_tiles` tiles per pack; also returns how many
+  packs were closed by it (the next sample's tokens fitted, its tiles did not)."""
+  n = len(lens)
+  used = bytearray(n)
+  groups, cur, cur_len, cur_tiles, p, closed = [], [], 0, 0, 0, 0
+  while p < n:
+    if used[p]:
+      p += 1
+      continue
+    fits_len = cur_len + lens[p] <= pack_len
+    if fits_len and cur_tiles + tl[p] <= max_tiles:
+      cur.append(p)
+      cur_len += lens[p]
+      cur_tiles += tl[p]
+      used[p] = 1
+      p += 1
+      continue
+    closed += fits_len
+    gap, tile_gap = pack_len - cur_len, max_tiles - cur_tiles
+    if gap > 0 and buffer > 0:
+      ahead, q = [], p + 1
+      while q < n and len(ahead) < buffer:
+        if not used[q]:
+          ahead.append(q)
+        q += 1
+      for q in sorted(ahead, key=lens.__getitem__):
+        if lens[q] > gap:
+          break  # sorted: nothing longer fits either
+        if tl[q] > tile_gap:
+          continue  # a longer sample with fewer tiles may still fit
+        cur.append(q)
+        used[q] = 1
+        gap -= lens[q]
+        tile_gap -= tl[q]
+    groups.append(cur)
+    cur, cur_len, cur_tiles = [], 0, 0
+  if cur:
+    groups.append(cur)
+  return groups, closed
+
+
+def none_pack(lengths: np.ndarray, pack_len: int, tiles: np.ndarray | None = None,
+              max_tiles: int | None = None) -> PackPlan:
   lengths = np.asarray(lengths, dtype=np.int64)
   if len(lengths) and lengths.max() > pack_len:
     raise ValueError(f"a sample of {lengths.max()} tokens exceeds pack_max_length {pack_len}")
+  _check_tiles(tiles, len(lengths), max_tiles)
   return _plan([[i] for i in range(len(lengths))], lengths)
 
 
@@ -117,13 +204,18 @@ def hard_pack(lengths: np.ndarray, pack_len: int) -> PackPlan:
                   (span_end - cuts).astype(np.int64), bounds)
 
 
-def make_plan(level: str, lengths: np.ndarray, pack_len: int, buffer: int = 100) -> PackPlan:
+def make_plan(level: str, lengths: np.ndarray, pack_len: int, buffer: int = 100,
+              tiles: np.ndarray | None = None, max_tiles: int | None = None) -> PackPlan:
+  """tiles / max_tiles: image tiles per sample and per pack (soft and none only)."""
   if level in ("soft", "expand_soft"):
-    return soft_pack(lengths, pack_len, buffer)
+    return soft_pack(lengths, pack_len, buffer, tiles, max_tiles)
   if level == "hard":
+    if tiles is not None and np.any(tiles):
+      raise ValueError("pack_level 'hard' splits samples, and so an image's tokens from its "
+                       "tiles: pack samples with images with 'soft' or 'none'")
     return hard_pack(lengths, pack_len)
   if level == "none":
-    return none_pack(lengths, pack_len)
+    return none_pack(lengths, pack_len, tiles, max_tiles)
   raise ValueError(f"unknown pack_level '{level}'; choose one of {list(LEVELS)}")
 
 
@@ -216,6 +308,32 @@ def build_rows(plan: PackPlan, packs: np.ndarray, tokens: np.ndarray, starts: np
   return {"input_ids": ids.reshape(rows, pack_len), "labels": labels.reshape(rows, pack_len),
           "segment_ids": segment_ids.reshape(rows, pack_len),
           "positions": positions.reshape(rows, pack_len)}
+
+
+def tile_slots(plan: PackPlan, packs: np.ndarray, tiles: np.ndarray,
+               max_tiles: int) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+  """Where the image tiles of rows `packs` go: (tile_segment_ids int32 [rows, max_tiles]: the
+  segment id (as build_rows numbers them, 1-based) of the sample owning each slot, 0 unused;
+  [(row, segment, sample, first slot)] of every span with tiles).
+
+  Slots follow the row's image tokens: spans in order, each span's tiles contiguous.
+  """
+  packs = np.asarray(packs, np.int64)
+  owner = np.zeros((len(packs), max_tiles), np.int32)
+  owned = []
+  for row, p in enumerate(packs.tolist()):
+    slot = 0
+    lo, hi = int(plan.bounds[p]), int(plan.bounds[p + 1])
+    for seg, s in enumerate(plan.sample[lo:hi].tolist(), start=1):
+      n = int(tiles[s])
+      if n == 0:
+        continue
+      if slot + n > max_tiles:
+        raise ValueError(f"pack {p} holds more than max_tiles={max_tiles} image tiles")
+      owner[row, slot:slot + n] = seg
+      owned.append((row, seg, s, slot))
+      slot += n
+  return owner, owned
 
 
 @functools.lru_cache(maxsize=4)

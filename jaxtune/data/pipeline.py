@@ -7,21 +7,33 @@ line once (worker processes; `cache_dir` reuses earlier results), truncate, and 
 Iteration: packs are reshuffled every epoch with (seed, epoch); step k of an epoch is packs
 order[k*R:(k+1)*R] (R = this host's rows), so `batches(epoch, start_step)` seeks in O(1) and a
 resumed run sees exactly the batches of an uninterrupted one.
+
+Images (Intern-S1, `image_size=448`): a sample's images are checked at start-up (header only:
+the file exists, reads, has the size `image_wh` says), its tiles (<IMG_CONTEXT> tokens / 256)
+are counted from the tokens, and packs hold at most data.max_tiles_per_pack tiles. When any
+sample has images, every batch then also carries `pixel_values` uint8 [rows, max_tiles, 448, 448, 3] (the model
+normalises them on the device: a quarter of the bytes to cache and send) and
+`tile_segment_ids` int32 [rows, max_tiles]; tile k of a row covers the row's image tokens
+[256k, 256k + 256). Pixels are decoded while the batch is built (the prefetch thread), in a
+thread pool, with recently decoded images kept in a bounded LRU (data.image_cache_mb).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
 import functools
 import hashlib
 import logging
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from jaxtune.data import cache as cache_lib
-from jaxtune.data import encoding, idstore, packing, sources, templates
+from jaxtune.data import encoding, idstore, images, packing, sources, templates
 from jaxtune.data.cache import TokenCache
 from jaxtune.data.sources import DataError, DatasetSpec
 from jaxtune.data.tokenizer import ENDOFTEXT, TokenEncoder, tokenizer_dir
@@ -54,9 +66,16 @@ class SFTData:
   def __init__(self, data_cfg, tokenizer, *, global_batch_size: int, process_index: int = 0,
                process_count: int = 1, data_parallel: int | None = None,
                allgather: Callable[[int], Sequence[int]] | None = None,
-               allow_images: bool = False, global_order: bool = False,
-               host_rows: Sequence[int] | None = None):
-    """global_order: every host reads all samples and builds the order of one host reading
+               image_size: int | None = None, image_token_id: int | None = None,
+               global_order: bool = False, host_rows: Sequence[int] | None = None):
+    """image_size: the vision tower's tile size (448: Intern-S1's; the only one the token
+    counts support). Samples with images are packed with their tiles and every batch carries
+    `pixel_values` and `tile_segment_ids` (see the module docstring), text-only batches too,
+    so that the layout is static. None (a text model): samples with images are an error.
+    image_token_id: the model's image token (its config), checked against the tokenizer's
+    <IMG_CONTEXT>, whose id the batches are laid out with.
+
+    global_order: every host reads all samples and builds the order of one host reading
     all global_batch_size rows; this host then takes rows `host_rows` of each batch (default:
     its contiguous block). So the batches do not depend on the host count, and a run resumes
     on another number of hosts with exactly the remaining batches (what training needs).
@@ -80,7 +99,21 @@ class SFTData:
     # XTuner turns length grouping off for pack_level 'none' (it refuses both at once).
     self.group_by_length = bool(data_cfg.get("group_by_length", True)) and self.level != "none"
     self.micro_batch_size = int(data_cfg.get("micro_batch_size", 1))
-    self.allow_images = allow_images
+    if image_size is not None and int(image_size) != images.TILE:
+      raise ValueError(f"image_size={image_size}: only {images.TILE} (Intern-S1's tiles) is "
+                       f"supported: the <IMG_CONTEXT> counts assume {images.TILE}-pixel tiles "
+                       f"of {images.TOKENS_PER_TILE} tokens")
+    self.image_size = None if image_size is None else int(image_size)
+    # Every tile brings 256 tokens: a row can never hold more than pack_len // 256 of them.
+    bound = data_cfg.get("max_tiles_per_pack")
+    if bound is None:
+      bound = max(1, self.pack_len // images.TOKENS_PER_TILE)
+    elif isinstance(bound, bool) or not isinstance(bound, (int, np.integer)) or bound < 1:
+      raise DataError(f"data.max_tiles_per_pack must be a positive integer (image tiles per "
+                      f"packed row) or None (pack_max_length // {images.TOKENS_PER_TILE}), got "
+                      f"{bound!r}")
+    self.tile_bound = int(bound) if self.image_size is not None else 0  # the packer's limit
+    self.image_cache_bytes = int(float(data_cfg.get("image_cache_mb", 512)) * 2**20)
     self.process_index, self.process_count = int(process_index), int(process_count)
     if global_batch_size % process_count:
       raise ValueError(f"global_batch_size ({global_batch_size}) must be a multiple of the "
@@ -97,18 +130,35 @@ class SFTData:
       self.host_rows = (np.arange(self.process_index * share, (self.process_index + 1) * share)
                         if host_rows is None else np.asarray(host_rows, np.int64))
     self.pad_id = self.encoder.added.get(ENDOFTEXT, 0)
+    self.image_token_id = self.encoder.added.get(templates.IMG_CONTEXT)
+    if image_token_id is not None and image_token_id != self.image_token_id:
+      raise DataError(
+          f"the model's image_token_id is {image_token_id} but the tokenizer at "
+          f"{getattr(self.encoder, 'path', '?')} has "
+          + (f"{templates.IMG_CONTEXT} = {self.image_token_id}" if self.image_token_id
+             is not None else f"no {templates.IMG_CONTEXT} token")
+          + ": the model would put image features at the wrong tokens. Use the model's own "
+          "tokenizer (tokenizer_path), or fix model.image_token_id")
     self.specs = [DatasetSpec.from_config(d, i) for i, d in enumerate(data_cfg.get("datasets"))]
     if not self.specs:
       raise DataError("data.datasets is empty: add at least one dataset")
     self.num_workers = encoding.resolve_workers(int(data_cfg.get("num_workers", 0)))
     self.cache = TokenCache(data_cfg.get("cache_dir"), self.encoder)
-    self.opts = [sources.ParseOptions(s.media_root, int(data_cfg.get("min_dynamic_patch", 1)),
-                                      int(data_cfg.get("max_dynamic_patch", 12)))
+    self.min_patch = int(data_cfg.get("min_dynamic_patch", 1))
+    self.max_patch = int(data_cfg.get("max_dynamic_patch", 12))
+    self.opts = [sources.ParseOptions(s.media_root, self.min_patch, self.max_patch)
                  for s in self.specs]
     stale = idstore.clean_stale_stores()
     if stale:
       log.info("data: removed %d token store file(s) left in TMPDIR by an earlier crash",
                len(stale))
+    self._image_lock = threading.Lock()
+    self._tile_cache: collections.OrderedDict = collections.OrderedDict()   # LRU, guarded
+    self._tile_cache_bytes = 0
+    self._decode_pool: cf.ThreadPoolExecutor | None = None
+    self._image_failures: dict[tuple, str] = {}   # image -> why it failed to decode
+    self._skipped_samples: set[int] = set()       # unique samples skipped for it
+    self._refs: dict[int, list[sources.ImageRef]] = {}
     self._build(clock)
     max_gib = data_cfg.get("cache_max_gib")
     pruned = self.cache.prune(None if max_gib is None else float(max_gib) * 2**30)
@@ -140,7 +190,7 @@ class SFTData:
       key = occ_ds * (1 << 40) + occ_line
       uniq, occ_uid = np.unique(key, return_inverse=True)
       u_ds, u_line = uniq >> 40, uniq & ((1 << 40) - 1)
-      tokens, starts, lengths, loss, images, bad = self._encode(pool, files, u_ds, u_line)
+      tokens, starts, lengths, loss, n_image, bad = self._encode(pool, files, u_ds, u_line)
     clock.lap("tokenize")
     if bad and not self.skip_bad:
       raise DataError(bad[0][1] + (f" (and {len(bad) - 1} more bad line(s); set "
@@ -159,29 +209,62 @@ class SFTData:
       first = starts[occ_uid[truncated]]
       occ_loss[truncated] = encoding.range_sums(tokens >= encoding.TRAINED_BIT, first + 1,
                                                 first + cut[truncated])
+    occ_images = n_image[occ_uid]
     dropped = self._image_drops(tokens, starts, lengths, occ_uid, cut,
-                                truncated & (images[occ_uid] > 0))
+                                truncated & (occ_images > 0))
     keep &= ~dropped
+    self._check_images_allowed(np.bincount(occ_ds[keep & (occ_images > 0)],
+                                           minlength=len(self.specs)))
+    occ_tiles = occ_images // images.TOKENS_PER_TILE
+    # A sample with more tiles than a row holds is dropped (reported), like a cut image.
+    over_tiles = keep & (occ_tiles > self.tile_bound) if self.image_size is not None \
+        else np.zeros(len(keep), bool)
+    keep &= ~over_tiles
     self._samples = occ_uid[keep]                     # packed sample -> unique sample
     self._lengths = cut[keep]
     self._sample_ds = occ_ds[keep]
+    self._tiles = occ_tiles[keep]                     # image tiles of each packed sample
     self._tokens, self._starts = tokens, starts       # unique sample u: _starts[u] on
     self._sample_starts = starts[self._samples]       # where each packed sample's ids begin
-    self._images = np.bincount(occ_ds[keep & (images[occ_uid] > 0)], minlength=len(self.specs))
-    if self._images.any() and not self.allow_images:
-      names = [s.name for s, n in zip(self.specs, self._images) if n]
-      raise DataError(f"dataset(s) {names} hold samples with images; SFTData builds text "
-                      "batches and does not load pixels (that is the image pipeline's job).")
+    self._images = np.bincount(occ_ds[keep & (occ_images > 0)], minlength=len(self.specs))
+    # To read the lines of image samples back at batch time (their files, flattened).
+    self._files = [f for fs in files for f in fs] if self._images.any() else None
     clock.lap("truncate")
-    self.plan = packing.make_plan(self.level, self._lengths, self.pack_len, self.buffer)
+    tiles = self._tiles if self.image_size is not None else None
+    self.plan = packing.make_plan(self.level, self._lengths, self.pack_len, self.buffer,
+                                  tiles, self.tile_bound or None)
+    # The batches' tile slots: the fullest pack's tiles (<= the bound; 0 without images, so
+    # text-only data carries no pixel arrays and the model's layout has none).
+    self.max_tiles = int(self.plan.pack_tiles(self._tiles).max(initial=0)) \
+        if self.image_size is not None else 0
     clock.lap("pack")
     digest = hashlib.sha1(self.encoder.fingerprint.encode())
     for arr in (self._samples, self._lengths, self.plan.sample, self.plan.length):
       digest.update(np.ascontiguousarray(arr).tobytes())
+    if self.image_size is not None:   # text data keeps the hash it always had
+      digest.update(np.ascontiguousarray(self._tiles).tobytes() + b"%d" % self.tile_bound)
     self.data_hash = digest.hexdigest()[:16]
-    self._record_stats(files, ds_lines, occ_ds, keep, truncated, dropped, occ_loss, bad, u_ds)
+    self._record_stats(files, ds_lines, occ_ds, keep, truncated, dropped, over_tiles, occ_loss,
+                       occ_tiles, bad, u_ds)
     clock.lap("stats")
     self.stats["startup_seconds"] = clock.laps
+
+  def _check_images_allowed(self, per_ds: np.ndarray) -> None:
+    """Samples with images need an image model and a packing that keeps them whole."""
+    if not per_ds.any():
+      return
+    names = [s.name for s, n in zip(self.specs, per_ds) if n]
+    if self.image_size is None:
+      raise DataError(
+          f"dataset(s) {names} hold samples with images, but this data is built for a text "
+          "model (SFTData without image_size): train them with an Intern-S1 model type, "
+          f"whose data carries pixel tiles (image_size={images.TILE}), or remove the image "
+          "samples from these datasets")
+    if self.level == "hard":
+      raise DataError(
+          f"dataset(s) {names} hold samples with images, and data.pack_level='hard' splits "
+          "samples across rows, which would separate an image's <IMG_CONTEXT> tokens from its "
+          "tiles: set data.pack_level='soft' (XTuner's default for multimodal data) or 'none'")
 
   def _max_len(self, spec: DatasetSpec) -> int:
     """Tokens a sample keeps: sample_max_length (at most pack_max_length); unlimited with
@@ -214,8 +297,12 @@ class SFTData:
 
   def _encode(self, pool, files, u_ds, u_line):
     """The unique lines' ids (one array; line k's begin at starts[k]), starts, lengths,
-    loss, images and the bad list."""
+    loss, images and the bad list. Also records where each unique line is (self._u_file,
+    self._u_local: its file in `files` flattened, its index there)."""
     slots, tasks = [], []
+    file_base = np.cumsum([0] + [len(fs) for fs in files])
+    self._u_file = np.zeros(len(u_ds), np.int64)
+    self._u_local = np.zeros(len(u_ds), np.int64)
     for d in np.unique(u_ds):
       at = np.flatnonzero(u_ds == d)
       bounds = np.cumsum([0] + [len(s) for s in files[d]])
@@ -224,8 +311,9 @@ class SFTData:
       for f in np.unique(f_of):
         src, pos = files[d][f], at[f_of == f]
         local = u_line[pos] - bounds[f]
+        self._u_file[pos], self._u_local[pos] = file_base[d] + f, local
         entry = self.cache.load(src, job)
-        if entry is not None and entry.covers(local):
+        if entry is not None and entry.covers(local) and self._still_bad(entry, src, job, local):
           slots.append((d, src, job, pos, local, entry, None))
           continue
         # With a cache, encode the whole file, so that any ratio, seed or host reuses it.
@@ -263,6 +351,23 @@ class SFTData:
                              for k in (2, 3, 4))
     return tokens, starts, lengths, loss, images, sorted(bad)
 
+  def _still_bad(self, entry: cache_lib.Entry, src: sources.SourceFile, job, local) -> bool:
+    """Whether a cached entry's lines that were bad because of an image file still are; the
+    cache key does not cover image files, so these are checked again (header only). When one
+    passes now, the file is tokenized again (False)."""
+    again = sorted(entry.recheck.intersection(local.tolist())) if entry.recheck else ()
+    for l in again:
+      try:
+        sources.parse_sample(sources.decode_line(src.line(l)), job.opts, check_images=True)
+      except ValueError as e:
+        entry.bad[l] = str(e)                  # the problem now (it may be another one)
+      else:
+        log.info("data: %s:%d: its image now passes the check; tokenizing the file again",
+                 src.path, int(src.lineno[l]))
+        self.cache.hits, self.cache.misses = self.cache.hits - 1, self.cache.misses + 1
+        return False
+    return True
+
   def _image_drops(self, tokens, starts, lengths, occ_uid, cut, candidates) -> np.ndarray:
     """Truncated multimodal samples whose image tokens would be cut are dropped instead."""
     dropped = np.zeros(len(occ_uid), bool)
@@ -286,8 +391,8 @@ class SFTData:
     return int(max(agreed) if self.round_up else min(agreed))
 
   # ---------------------------------------------------------------- stats
-  def _record_stats(self, files, ds_lines, occ_ds, keep, truncated, dropped, occ_loss, bad,
-                    u_ds) -> None:
+  def _record_stats(self, files, ds_lines, occ_ds, keep, truncated, dropped, over_tiles,
+                    occ_loss, occ_tiles, bad, u_ds) -> None:
     loss = occ_loss[keep]
     per_ds = {}
     for d, spec in enumerate(self.specs):
@@ -298,9 +403,11 @@ class SFTData:
           samples=int((occ_ds == d).sum()), packed_samples=int(mask_ds.sum()),
           tokens=int(self._lengths[mask_ds].sum()), loss_tokens=int(loss[mask_ds].sum()),
           truncated=int((truncated & (occ_ds == d)).sum()),
-          image_samples=int(self._images[d]),
+          image_samples=int(self._images[d]), image_tiles=int(self._tiles[mask_ds].sum()),
           dropped_image_cut=int((dropped & (occ_ds == d)).sum()),
-          bad=int(((~keep) & ~dropped & (occ_ds == d)).sum()), bad_lines=len(bad_ds),
+          dropped_tile_bound=int((over_tiles & (occ_ds == d)).sum()),
+          bad=int(((~keep) & ~dropped & ~over_tiles & (occ_ds == d)).sum()),
+          bad_lines=len(bad_ds),
           bad_locations=bad_ds[:_SHOWN_LOCATIONS],
           sample_max_length=None if self.level == "hard" else self._max_len(spec))
       per_ds[spec.name] = entry
@@ -310,6 +417,11 @@ class SFTData:
       if entry["dropped_image_cut"]:
         log.warning("dataset '%s': %d multimodal sample(s) dropped: truncation would cut "
                     "their image tokens", spec.name, entry["dropped_image_cut"])
+      if entry["dropped_tile_bound"]:
+        log.warning("dataset '%s': %d multimodal sample(s) dropped: more than %d image tiles "
+                    "(data.max_tiles_per_pack), so they fit no row; raise the bound or lower "
+                    "data.max_dynamic_patch", spec.name, entry["dropped_tile_bound"],
+                    self.tile_bound)
       if bad_ds:
         log.warning("dataset '%s': skipped %d bad line(s) (skip_bad_samples=True), first: %s",
                     spec.name, len(bad_ds), "; ".join(bad_ds[:_SHOWN_LOCATIONS]))
@@ -328,6 +440,21 @@ class SFTData:
         packs_repeated_per_epoch=max(0, used - packs),
         group_by_length=self.group_by_length, group_rows=self.group_rows,
         process_index=self.process_index, process_count=self.process_count)
+    if self.image_size is not None:
+      per_pack = self.plan.pack_tiles(self._tiles)
+      self.stats.update(
+          image_size=self.image_size, max_tiles_per_pack=self.tile_bound,
+          tile_slots=self.max_tiles,
+          image_samples=int(self._images.sum()), image_tiles=int(per_pack.sum()),
+          packs_with_images=int((per_pack > 0).sum()),
+          tiles_per_pack_max=int(per_pack.max()) if packs else 0,
+          tiles_per_pack_mean=float(per_pack.mean()) if packs else 0.0,
+          tile_slot_use=float(per_pack.sum() / max(1, packs * self.max_tiles)),
+          packs_closed_by_tile_limit=int(self.plan.closed_by_tiles),
+          dropped_tile_bound=sum(d["dropped_tile_bound"]
+                                 for d in self.stats["datasets"].values()),
+          image_decode_failures=0, image_decode_skipped_samples=0,
+          image_decode_failure_locations=[])
     if packs > used:
       log.info("data: %d pack(s) per epoch left out (data.round_up=False: the last incomplete "
                "batch of %d rows is dropped; which ones changes every epoch)", packs - used,
@@ -374,8 +501,158 @@ class SFTData:
     packs = order[step * self.rows:(step + 1) * self.rows]
     if self.host_rows is not None and len(packs) == self.rows:  # this host's rows of the batch
       packs = packs[self.host_rows]
-    return packing.build_rows(self.plan, packs, self._tokens, self._sample_starts,
+    return self.pack_rows(packs)
+
+  def pack_rows(self, packs: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows of packs `packs` (indices into the plan), with their pixels when
+    image_size is set."""
+    packs = np.asarray(packs, np.int64)
+    rows = packing.build_rows(self.plan, packs, self._tokens, self._sample_starts,
                               self.pack_len, self.pad_id)
+    if self.max_tiles:   # data with images: every batch (text-only rows too) has the arrays
+      self._add_images(rows, packs)
+    return rows
+
+  # ---------------------------------------------------------------- images
+  def _add_images(self, rows: dict[str, np.ndarray], packs: np.ndarray) -> None:
+    """pixel_values [rows, max_tiles, S, S, 3] and tile_segment_ids [rows, max_tiles].
+
+    A row's tiles follow its image tokens: its samples in order, each sample's images in
+    order, each image's tiles as load_tiles gives them."""
+    size, n_rows = self.image_size, len(packs)
+    if self._files is None:             # no sample has images: every slot stays unused
+      owner, owned = np.zeros((n_rows, self.max_tiles), np.int32), []
+    else:
+      owner, owned = packing.tile_slots(self.plan, packs, self._tiles, self.max_tiles)
+    pixels = np.zeros((n_rows, self.max_tiles, size, size, 3), np.uint8)
+    refs = {s: self._sample_refs(s) for _, _, s, _ in owned}
+    tiles = self._decode({self._image_key(r) for rs in refs.values() for r in rs})
+    for row, seg, s, slot in owned:
+      failed = [(r, tiles[self._image_key(r)]) for r in refs[s]
+                if isinstance(tiles[self._image_key(r)], str)]
+      if failed:
+        self._decode_failed(rows, row, seg, s, failed)
+        continue   # its slots stay owned (the row's image tokens still need features): zeros
+      for r in refs[s]:
+        pixels[row, slot:slot + r.tiles] = tiles[self._image_key(r)]
+        slot += r.tiles
+    image_id = self.image_token_id
+    counts = ((rows["input_ids"] == image_id).sum(1) if image_id is not None
+              else np.zeros(n_rows, np.int64))
+    used = (owner > 0).sum(1)
+    if not np.array_equal(counts, used * images.TOKENS_PER_TILE):
+      r = int(np.flatnonzero(counts != used * images.TOKENS_PER_TILE)[0])
+      raise RuntimeError(f"row {r} (pack {int(packs[r])}) holds {int(counts[r])} "
+                         f"{templates.IMG_CONTEXT} tokens but {int(used[r])} tiles x "
+                         f"{images.TOKENS_PER_TILE}: a jaxtune bug, please report it")
+    rows["pixel_values"] = pixels
+    rows["tile_segment_ids"] = owner
+
+  def _where(self, s: int) -> str:
+    """`file:line (dataset 'name')` of packed sample s."""
+    u = int(self._samples[s])
+    src = self._files[int(self._u_file[u])]
+    return sources.where(src.path, int(src.lineno[self._u_local[u]]),
+                         self.specs[int(self._sample_ds[s])].name)
+
+  def _sample_refs(self, s: int) -> list[sources.ImageRef]:
+    """The images of packed sample s, read back from its line (memoised per line): only
+    lines with images are read again, so text data costs nothing here."""
+    u = int(self._samples[s])
+    refs = self._refs.get(u)
+    if refs is not None:
+      return refs
+    src = self._files[int(self._u_file[u])]
+    opts = self.opts[int(self._sample_ds[s])]
+    try:
+      refs = sources.sample_images(sources.decode_line(src.line(int(self._u_local[u]))), opts)
+    except ValueError as e:
+      raise DataError(f"{self._where(s)}: {e} (it parsed at start-up: was the file changed "
+                      "during the run? Restart to read it again)") from None
+    if sum(r.tiles for r in refs) != self._tiles[s]:
+      raise DataError(f"{self._where(s)}: the line now has {sum(r.tiles for r in refs)} "
+                      f"image tiles, {int(self._tiles[s])} at start-up: was the file changed "
+                      "during the run? Restart to read it again")
+    self._refs[u] = refs
+    return refs
+
+  def _image_key(self, ref: sources.ImageRef) -> tuple:
+    return (ref.path, ref.image_wh, ref.n_images)
+
+  def _decode(self, keys: set[tuple]) -> dict[tuple, np.ndarray | str]:
+    """Tiles of each image (read-only uint8 [n, S, S, 3]), or why it cannot be decoded:
+    from the LRU, else decoded in the thread pool (Pillow releases the GIL while decoding and
+    resizing). A failure is remembered, so every later batch sees the same."""
+    out, todo = {}, []
+    with self._image_lock:
+      for key in sorted(keys):
+        if key in self._image_failures:
+          out[key] = self._image_failures[key]
+        elif key in self._tile_cache:
+          self._tile_cache.move_to_end(key)
+          out[key] = self._tile_cache[key]
+        else:
+          todo.append(key)
+    if not todo:
+      return out
+    lo, hi = self.min_patch, self.max_patch
+    load = lambda key: images.load_tiles(key[0], key[1], key[2], lo, hi, self.image_size,
+                                         normalized=False)
+    if len(todo) == 1 or self.num_workers <= 1:
+      futures = None
+    else:
+      with self._image_lock:
+        if self._decode_pool is None:
+          self._decode_pool = cf.ThreadPoolExecutor(
+              min(self.num_workers, 32), thread_name_prefix="jaxtune-image-decode")
+      futures = [self._decode_pool.submit(load, key) for key in todo]
+    for k, key in enumerate(todo):
+      try:
+        tiles = futures[k].result() if futures is not None else load(key)
+      except (images.ImageError, OSError) as e:
+        out[key] = str(e)
+        with self._image_lock:
+          self._image_failures[key] = str(e)
+        continue
+      tiles.flags.writeable = False
+      out[key] = tiles
+      self._remember(key, tiles)
+    return out
+
+  def _remember(self, key: tuple, tiles: np.ndarray) -> None:
+    """Into the LRU of decoded images (data.image_cache_mb), oldest out first."""
+    if tiles.nbytes > self.image_cache_bytes:
+      return
+    with self._image_lock:
+      if key in self._tile_cache:
+        return
+      self._tile_cache[key] = tiles
+      self._tile_cache_bytes += tiles.nbytes
+      while self._tile_cache_bytes > self.image_cache_bytes:
+        _, old = self._tile_cache.popitem(last=False)
+        self._tile_cache_bytes -= old.nbytes
+
+  def _decode_failed(self, rows, row: int, seg: int, s: int, failed: list) -> None:
+    """A sample whose image passed the start-up check (header) but does not decode."""
+    where = self._where(s)
+    if not self.skip_bad:
+      raise DataError(f"{where}: {failed[0][1]} (its header passed the start-up check; only "
+                      "decoding found this). Fix or replace the file, or set "
+                      "data.skip_bad_samples=True to train without this sample")
+    rows["labels"][row][rows["segment_ids"][row] == seg] = packing.IGNORE
+    with self._image_lock:
+      first = not self._skipped_samples
+      new = int(self._samples[s]) not in self._skipped_samples
+      self._skipped_samples.add(int(self._samples[s]))
+      stats = self.stats
+      stats["image_decode_failures"] = len(self._image_failures)
+      stats["image_decode_skipped_samples"] = len(self._skipped_samples)
+      if new and len(stats["image_decode_failure_locations"]) < _SHOWN_LOCATIONS:
+        stats["image_decode_failure_locations"].append(f"{where}: {failed[0][1]}")
+    if first:
+      log.warning("data: %s: %s; its labels are masked and its tiles left zero "
+                  "(data.skip_bad_samples=True; counted in stats['image_decode_failures'], "
+                  "this warning is shown once)", where, failed[0][1])
 
   def grain_dataset(self, epoch: int) -> "grain.MapDataset":
     """Epoch `epoch` as a random-access Grain dataset: element k is the batch of step k."""
@@ -416,7 +693,9 @@ class SFTData:
                 steps_per_epoch=self.steps_per_epoch, data_hash=self.data_hash,
                 round_up=self.round_up,
                 group_rows=self.group_rows if self.group_by_length else 0,
-                micro_steps=self.micro_steps if self.group_by_length else 0)
+                micro_steps=self.micro_steps if self.group_by_length else 0,
+                **({} if self.image_size is None else
+                   dict(image_size=self.image_size, max_tiles=self.max_tiles)))
 
 
 class DataIterator:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import mmap
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -201,14 +201,38 @@ def _tool_calls_text(calls: Any, what: str) -> str:
 _PLAIN_ROLES = frozenset(ROLES)
 
 
-def parse_sample(obj: Any, opts: ParseOptions) -> tuple[list[Message], list | None]:
-  """Validated messages and tools of one decoded JSON line; ValueError says what is wrong."""
+class ImageRef(NamedTuple):
+  """One image of a sample, in the order of its <IMG_CONTEXT> tokens."""
+  path: str                # the url joined to the dataset's media_root
+  image_wh: tuple[int, int]
+  n_images: int            # images of the sample: they share max_dynamic_patch tiles
+  tiles: int               # tiles it gets (its <IMG_CONTEXT> tokens // 256)
+
+
+def parse_sample(obj: Any, opts: ParseOptions, *,
+                 check_images: bool = False) -> tuple[list[Message], list | None]:
+  """Validated messages and tools of one decoded JSON line; ValueError says what is wrong.
+
+  check_images: also check every image's file (it exists, its header reads, its size after
+  EXIF orientation is image_wh; no pixel is decoded). A failure is an `images.ImageError`."""
+  messages, tools, _ = _parse(obj, opts, check_images)
+  return messages, tools
+
+
+def sample_images(obj: Any, opts: ParseOptions) -> list[ImageRef]:
+  """The images of one decoded JSON line, in the order of its <IMG_CONTEXT> tokens (and so of
+  its tiles); [] for a text sample. The same rules as parse_sample (ValueError if invalid)."""
+  return _parse(obj, opts, False)[2]
+
+
+def _parse(obj: Any, opts: ParseOptions,
+           check_images: bool) -> tuple[list[Message], list | None, list[ImageRef]]:
   tools = None
   if isinstance(obj, dict):
     if "messages" in obj or "dialogs" in obj:   # XTuner reads either key
       tools, obj = obj.get("tools"), obj.get("messages", obj.get("dialogs"))
     elif isinstance(obj.get("content", obj.get("text")), str):
-      return [Message("pretrain", obj.get("content", obj.get("text")))], None
+      return [Message("pretrain", obj.get("content", obj.get("text")))], None, []
     else:
       raise ValueError("no 'messages' (and no pretraining 'content'): expected a list of "
                        "messages, {\"messages\": [...]} or {\"content\": \"...\"}")
@@ -252,28 +276,42 @@ def parse_sample(obj: Any, opts: ParseOptions) -> tuple[list[Message], list | No
   if total != len(image_refs):
     raise ValueError(f"{total} {IMG_CONTEXT} placeholder(s) but {len(image_refs)} image(s); "
                      "the text needs exactly one placeholder per image, in order")
+  refs = []
   if image_refs:
-    counts = _image_token_counts(image_refs, opts)
+    refs = _image_refs(image_refs, opts, check_images)
     k = 0
     for i, n in enumerate(n_placeholders):
       if n:
-        messages[i] = messages[i]._replace(image_tokens=tuple(counts[k:k + n]))
+        messages[i] = messages[i]._replace(image_tokens=tuple(
+            r.tiles * images.TOKENS_PER_TILE for r in refs[k:k + n]))
         k += n
-  return messages, tools
+  return messages, tools, refs
 
 
-def _image_token_counts(refs: list[dict], opts: ParseOptions) -> list[int]:
-  counts = []
-  for ref in refs:
-    wh = ref.get("image_wh")
+def _image_refs(parts: list[dict], opts: ParseOptions, check: bool) -> list[ImageRef]:
+  """Each image part's path, size and tile count. `image_wh` is required: the tokens are laid
+  out from it before any pixel is read (XTuner gives a sample without it 0 tokens and drops
+  it); a missing file is reported as such first."""
+  refs = []
+  for part in parts:
+    path = os.path.join(opts.media_root, part["url"])
+    wh = part.get("image_wh")
     if wh is None:
-      wh = images.image_size(os.path.join(opts.media_root, ref["url"]))
-    elif (not isinstance(wh, (list, tuple)) or len(wh) != 2
-          or not all(isinstance(v, int) and v > 0 for v in wh)):
-      raise ValueError(f"image '{ref['url']}': image_wh must be [width, height], got {wh!r}")
-    counts.append(images.image_tokens(wh[0], wh[1], len(refs), opts.min_dynamic_patch,
-                                      opts.max_dynamic_patch))
-  return counts
+      images.check_image(path, None)
+      raise ValueError(f"image '{path}': image_url has no image_wh; add \"image_wh\": "
+                       "[width, height] (the size after EXIF orientation) to it: the "
+                       "<IMG_CONTEXT> tokens are counted from it without decoding the image")
+    if (not isinstance(wh, (list, tuple)) or len(wh) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in wh)):
+      raise ValueError(f"image '{path}': image_wh must be [width, height] (positive "
+                       f"integers), got {wh!r}")
+    if check:
+      images.check_image(path, wh)
+    tokens = images.image_tokens(wh[0], wh[1], len(parts), opts.min_dynamic_patch,
+                                 opts.max_dynamic_patch)
+    refs.append(ImageRef(path, (int(wh[0]), int(wh[1])), len(parts),
+                         tokens // images.TOKENS_PER_TILE))
+  return refs
 
 
 def decode_line(raw: bytes) -> Any:
