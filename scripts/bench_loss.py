@@ -1,14 +1,21 @@
 """Memory and FLOPs of the LM-head loss + gradient: eager (full logits) vs chunked.
 
-At XTuner's documented shape (32,768 tokens, vocab 151,936, hidden 4,096, bf16 hidden,
-chunk 1,024) everything comes from `lower(abstract args).compile()`: nothing is allocated,
-so it runs on a laptop CPU. A small shape is also run and timed on the default backend; on a
-GPU the large shape is run and timed too (`--run-large auto`).
+Modes: 'eager' (full [N, V] logits), 'chunk_v1' (the previous chunked version, kept here
+for comparison: token chunks of [C, V] logits and a float32 [D, V] kernel-gradient
+accumulator), 'chunk' (today's pure-JAX path: token chunks x vocab tiles) and, on a GPU,
+'pallas' (the fused kernels of jaxtune/ops/pallas_loss.py).
+
+At the issue's shape (16,384 tokens x 4,096 hidden x 151,936 vocab, bf16 hidden and head)
+and XTuner's documented one (32,768 tokens, bf16 hidden, float32 head, chunk 1,024)
+everything comes from `lower(abstract args).compile()`: nothing is allocated, so it runs on
+a laptop CPU. A small shape is also run and timed on the default backend; on a GPU the large
+shapes are run and timed too (`--run-large auto`).
 
 `flops` counts the matmuls (2NDV each: eager 3, chunked 4, as its backward recomputes the
-logits). `flops_xla` is XLA's cost_analysis, multiplied by the chunk count for the chunked
-version because a while-loop body is counted once, not once per trip; on GPU it leaves out
-cuBLAS calls, so it is only a cross-check on the CPU.
+logits; pallas 5: each backward kernel recomputes them). `flops_xla` is XLA's cost_analysis,
+multiplied by the trip count of the innermost loop (chunks for 'chunk_v1', chunks x vocab
+tiles for 'chunk') because a while-loop body is counted once, not once per trip; on GPU it
+leaves out cuBLAS calls and Pallas kernels, so it is only a cross-check on the CPU.
 
   python scripts/bench_loss.py [--small N,D,V,C] [--run-large auto|yes|no] [--out FILE]
 """
@@ -16,6 +23,7 @@ cuBLAS calls, so it is only a cross-check on the CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -37,11 +45,83 @@ import numpy as np  # pylint: disable=wrong-import-position
 from jaxtune.ops.loss import (  # pylint: disable=wrong-import-position
     chunked_cross_entropy, eager_cross_entropy)
 
+VOCAB_TILE = 4096  # chunked_cross_entropy's default
+
+
+# ---- the previous chunked loss (token chunks only), for the memory comparison ------------
+
+def _v1_chunks(x, chunk, k, fill):
+  pad = chunk * k - x.shape[0]
+  if pad:
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+  return jnp.swapaxes(x.reshape((chunk, k) + x.shape[1:]), 0, 1)
+
+
+def _v1_geometry(n, chunk_size):
+  chunk = max(1, min(chunk_size, n))
+  return chunk, -(-n // chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def chunked_ce_v1(hidden_nd, kernel_dv, labels_n, weights_n, chunk_size):
+  """jaxtune's chunked loss before vocab tiling: [C, V] float32 logits per chunk and a
+  float32 [D, V] kernel-gradient accumulator (7.2 GiB at the issue's shape)."""
+  return _v1_fwd(hidden_nd, kernel_dv, labels_n, weights_n, chunk_size)[0]
+
+
+def _v1_fwd(hidden_nd, kernel_dv, labels_n, weights_n, chunk_size):
+  chunk, k = _v1_geometry(hidden_nd.shape[0], chunk_size)
+  w_dv = kernel_dv.astype(hidden_nd.dtype)
+
+  def body(_, xs):
+    h_cd, y_c, wt_c = xs
+    logits_cv = jnp.dot(h_cd, w_dv, preferred_element_type=jnp.float32)
+    lse_c = jax.nn.logsumexp(logits_cv, axis=-1)
+    target_c = jnp.take_along_axis(logits_cv, jnp.maximum(y_c, 0)[:, None], axis=-1)[:, 0]
+    return None, (lse_c, jnp.where(y_c >= 0, wt_c * (lse_c - target_c), 0.0))
+
+  xs = (_v1_chunks(hidden_nd, chunk, k, 0), _v1_chunks(labels_n, chunk, k, -1),
+        _v1_chunks(weights_n.astype(jnp.float32), chunk, k, 0))
+  _, (lse_kc, wce_kc) = jax.lax.scan(body, None, xs)
+  return jnp.sum(wce_kc), (hidden_nd, kernel_dv, labels_n, weights_n, lse_kc)
+
+
+def _v1_bwd(chunk_size, res, g):
+  hidden_nd, kernel_dv, labels_n, weights_n, lse_kc = res
+  n = hidden_nd.shape[0]
+  chunk, k = _v1_geometry(n, chunk_size)
+  dtype = hidden_nd.dtype
+  w_dv = kernel_dv.astype(dtype)
+  y_kc = _v1_chunks(labels_n, chunk, k, -1)
+  coef_kc = jnp.where(y_kc >= 0, g * _v1_chunks(weights_n.astype(jnp.float32), chunk, k, 0), 0.0)
+
+  def body(dw_dv, xs):
+    h_cd, y_c, coef_c, lse_c = xs
+    logits_cv = jnp.dot(h_cd, w_dv, preferred_element_type=jnp.float32)
+    hit_cv = jax.lax.broadcasted_iota(jnp.int32, logits_cv.shape, 1) == y_c[:, None]
+    dlogits_cv = (coef_c[:, None] * (jnp.exp(logits_cv - lse_c[:, None]) - hit_cv)).astype(dtype)
+    dh_cd = jnp.dot(dlogits_cv, w_dv.T, preferred_element_type=jnp.float32).astype(dtype)
+    return dw_dv + jnp.dot(h_cd.T, dlogits_cv, preferred_element_type=jnp.float32), dh_cd
+
+  dw_dv, dh_kcd = jax.lax.scan(body, jnp.zeros(kernel_dv.shape, jnp.float32),
+                               (_v1_chunks(hidden_nd, chunk, k, 0), y_kc, coef_kc, lse_kc))
+  dh_nd = jnp.swapaxes(dh_kcd, 0, 1).reshape(-1, hidden_nd.shape[1])[:n]
+  return dh_nd, dw_dv.astype(kernel_dv.dtype), None, None
+
+
+chunked_ce_v1.defvjp(_v1_fwd, _v1_bwd)
+
+
+# ---- the benchmark ----------------------------------------------------------------------
 
 def _loss_fn(mode: str, chunk: int):
   if mode == "eager":
     return eager_cross_entropy
-  return lambda h, w, y, wt: chunked_cross_entropy(h, w, y, wt, chunk_size=chunk)
+  if mode == "chunk_v1":
+    return lambda h, w, y, wt: chunked_ce_v1(h, w, y, wt, chunk)
+  impl = {"chunk": "jax", "pallas": "pallas"}[mode]
+  return lambda h, w, y, wt: chunked_cross_entropy(h, w, y, wt, chunk_size=chunk, impl=impl,
+                                                   vocab_tile=VOCAB_TILE)
 
 
 def _value_and_grad(mode: str, chunk: int):
@@ -70,14 +150,18 @@ def compiled_stats(mode: str, n: int, d: int, v: int, chunk: int, hidden_dtype,
   out = dict(temp_bytes=int(mem.temp_size_in_bytes),
              argument_bytes=int(mem.argument_size_in_bytes),
              output_bytes=int(mem.output_size_in_bytes))
+  out["temp_gib"] = round(out["temp_bytes"] / 2**30, 3)
   out["total_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"]
   out["total_gib"] = round(out["total_bytes"] / 2**30, 3)
-  matmuls = 3 if mode == "eager" else 4  # chunked recomputes the logits in the backward
+  # chunked versions recompute the logits in the backward; pallas in each backward kernel
+  matmuls = {"eager": 3, "chunk_v1": 4, "chunk": 4, "pallas": 5}[mode]
   out["flops"] = float(matmuls * 2 * n * d * v)
-  # Both chunk loops run once per chunk and hold all but a negligible part of the work.
-  chunks = 1 if mode == "eager" else -(-n // min(chunk, n))
+  # The innermost loops hold all but a negligible part of the work.
+  trips = {"eager": 1, "chunk_v1": -(-n // min(chunk, n)),
+           "chunk": -(-n // min(chunk, n)) * -(-v // min(VOCAB_TILE, v)),
+           "pallas": float("nan")}[mode]
   out["flops_xla_raw"] = _flops(compiled)
-  out["flops_xla"] = out["flops_xla_raw"] * chunks
+  out["flops_xla"] = out["flops_xla_raw"] * trips
   out["compile_s"] = round(compile_s, 2)
   return out
 
@@ -109,10 +193,12 @@ def measured(mode: str, n: int, d: int, v: int, chunk: int, hidden_dtype, kernel
   return out
 
 
-def measured_in_subprocess(mode: str, n: int, d: int, v: int, chunk: int, repeats: int) -> dict:
+def measured_in_subprocess(mode: str, n: int, d: int, v: int, chunk: int, hidden_dtype,
+                           kernel_dtype, repeats: int) -> dict:
   """`measured` in a fresh process, so the allocator's peak is this mode's alone (compiling
   the eager version autotunes its [N, V] matmul on the device, which would dominate it)."""
-  cmd = [sys.executable, __file__, "--measure", f"{mode},{n},{d},{v},{chunk}",
+  dtypes = f"{jnp.dtype(hidden_dtype).name},{jnp.dtype(kernel_dtype).name}"
+  cmd = [sys.executable, __file__, "--measure", f"{mode},{n},{d},{v},{chunk},{dtypes}",
          "--repeats", str(repeats)]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_CHILD_ENV)
   if done.returncode:
@@ -120,25 +206,30 @@ def measured_in_subprocess(mode: str, n: int, d: int, v: int, chunk: int, repeat
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench(n, d, v, chunk, hidden_dtype, kernel_dtype, run: bool, repeats: int) -> dict:
-  shape = dict(tokens=n, hidden=d, vocab=v, chunk=chunk, hidden_dtype=jnp.dtype(hidden_dtype).name,
+def bench(n, d, v, chunk, hidden_dtype, kernel_dtype, run: bool, repeats: int,
+          modes: tuple[str, ...]) -> dict:
+  shape = dict(tokens=n, hidden=d, vocab=v, chunk=chunk, vocab_tile=VOCAB_TILE,
+               hidden_dtype=jnp.dtype(hidden_dtype).name,
                kernel_dtype=jnp.dtype(kernel_dtype).name,
                full_logits_f32_gib=round(n * v * 4 / 2**30, 3))
   res = dict(shape=shape)
-  for mode in ("eager", "chunk"):
+  for mode in modes:
     res[mode] = compiled_stats(mode, n, d, v, chunk, hidden_dtype, kernel_dtype)
   if run:
-    for mode in ("eager", "chunk"):
-      res[mode]["run"] = measured_in_subprocess(mode, n, d, v, chunk, repeats)
+    for mode in modes:
+      res[mode]["run"] = measured_in_subprocess(mode, n, d, v, chunk, hidden_dtype,
+                                                kernel_dtype, repeats)
       res[mode]["run"]["tflops_per_s"] = round(res[mode]["flops"] / res[mode]["run"]["median_s"]
                                                / 1e12, 2)
-  res["chunk_over_eager"] = dict(
-      temp_bytes=round(res["chunk"]["temp_bytes"] / res["eager"]["temp_bytes"], 4),
-      total_bytes=round(res["chunk"]["total_bytes"] / res["eager"]["total_bytes"], 4),
-      flops=round(res["chunk"]["flops"] / res["eager"]["flops"], 4))
-  if run:
-    res["chunk_over_eager"]["time"] = round(res["chunk"]["run"]["median_s"]
-                                            / res["eager"]["run"]["median_s"], 4)
+  for mode in modes:
+    if mode == "eager":
+      continue
+    ratio = res[f"{mode}_over_eager"] = dict(
+        temp_bytes=round(res[mode]["temp_bytes"] / res["eager"]["temp_bytes"], 4),
+        total_bytes=round(res[mode]["total_bytes"] / res["eager"]["total_bytes"], 4),
+        flops=round(res[mode]["flops"] / res["eager"]["flops"], 4))
+    if run:
+      ratio["time"] = round(res[mode]["run"]["median_s"] / res["eager"]["run"]["median_s"], 4)
   return res
 
 
@@ -149,28 +240,32 @@ def main() -> None:
                   help="also run and time XTuner's shape (auto: only on an accelerator)")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=None, help="also write the JSON here")
-  ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # MODE,N,D,V,C: one run
+  ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # MODE,N,D,V,C,HT,KT
   args = ap.parse_args()
   if args.measure:
-    mode, *dims = args.measure.split(",")
-    print(json.dumps(measured(mode, *(int(x) for x in dims), jnp.bfloat16, jnp.float32,
-                              args.repeats)))
+    mode, *dims, hidden_dtype, kernel_dtype = args.measure.split(",")
+    print(json.dumps(measured(mode, *(int(x) for x in dims), jnp.dtype(hidden_dtype),
+                              jnp.dtype(kernel_dtype), args.repeats)))
     return
   backend = jax.default_backend()
   run_large = args.run_large == "yes" or (args.run_large == "auto" and backend != "cpu")
+  modes = ("eager", "chunk_v1", "chunk") + (("pallas",) if backend == "gpu" else ())
   n, d, v, c = (int(x) for x in args.small.split(","))
   report = dict(
       backend=backend, device=str(jax.devices()[0].device_kind), jax=jax.__version__,
       machine=platform.machine(),
       note=("bytes: per device, from compiled.memory_analysis(); flops: the matmuls, "
-            "2NDV each (eager 3, chunked 4: the backward recomputes the logits); flops_xla: "
-            "cost_analysis, times the chunk count for 'chunk' (a loop body is counted once; "
-            "on GPU it leaves out cuBLAS calls); run: median wall time of value_and_grad in a "
-            "fresh process; the kernel is float32 like jaxtune's master weights, cast to bf16 "
-            "for the matmuls"),
+            "2NDV each (eager 3, chunked 4: the backward recomputes the logits, pallas 5); "
+            "flops_xla: cost_analysis, times the innermost loop's trip count (a loop body is "
+            "counted once; on GPU it leaves out cuBLAS calls and Pallas kernels); run: median "
+            "wall time of value_and_grad in a fresh process; chunk_v1: the chunked loss "
+            "before vocab tiling; issue_shape has a bf16 head, xtuner_shape and small_shape "
+            "a float32 one like jaxtune's master weights, cast to bf16 for the matmuls"),
+      issue_shape=bench(16384, 4096, 151936, 1024, jnp.bfloat16, jnp.bfloat16, run_large,
+                        args.repeats, modes),
       xtuner_shape=bench(32768, 4096, 151936, 1024, jnp.bfloat16, jnp.float32, run_large,
-                         args.repeats),
-      small_shape=bench(n, d, v, c, jnp.bfloat16, jnp.float32, True, args.repeats),
+                         args.repeats, modes),
+      small_shape=bench(n, d, v, c, jnp.bfloat16, jnp.float32, True, args.repeats, modes),
   )
   text = json.dumps(report, indent=2)
   print(text)

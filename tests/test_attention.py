@@ -1,5 +1,7 @@
 """Packed causal attention, RoPE and RMSNorm against independent references."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +47,7 @@ def _packed_inputs(num_heads, num_kv_heads, head_dim=8, seed=0):
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 2), (4, 1)])
-@pytest.mark.parametrize("impl", ["xla", "dpa_xla"])
+@pytest.mark.parametrize("impl", ["xla", "dpa_xla", "blockwise"])
 def test_matches_naive_per_sample_attention(impl, num_heads, num_kv_heads):
   q, k, v, segment_ids = _packed_inputs(num_heads, num_kv_heads)
   out = jax.jit(lambda *a: attention(*a, impl=impl))(q, k, v, segment_ids)
@@ -56,21 +58,128 @@ def test_matches_naive_per_sample_attention(impl, num_heads, num_kv_heads):
   np.testing.assert_allclose(out[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
+def _torch_per_sample(q, k, v, segment_ids, cotangent):
+  """float64 autograd reference: each sample alone; returns (out, dq, dk, dv) for
+  loss = sum(out * cotangent). Padding tokens get no output and no gradient."""
+  qt, kt, vt = (torch.tensor(np.asarray(x, np.float64), requires_grad=True) for x in (q, k, v))
+  group = q.shape[2] // k.shape[2]
+  loss, outs = 0.0, np.zeros(q.shape)
+  for b in range(q.shape[0]):
+    for segment in np.unique(segment_ids[b]):
+      if segment == 0:
+        continue
+      idx = torch.tensor(np.nonzero(segment_ids[b] == segment)[0])
+      qs = qt[b, idx].transpose(0, 1)                                       # [N, L, H]
+      ks = kt[b, idx].repeat_interleave(group, dim=1).transpose(0, 1)
+      vs = vt[b, idx].repeat_interleave(group, dim=1).transpose(0, 1)
+      scores = qs @ ks.transpose(1, 2) / math.sqrt(q.shape[-1])
+      causal = torch.ones(len(idx), len(idx), dtype=torch.bool).tril()
+      out = torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1) @ vs
+      out = out.transpose(0, 1)                                             # [L, N, H]
+      outs[b, idx.numpy()] = out.detach().numpy()
+      loss = loss + (out * torch.tensor(np.asarray(cotangent[b, idx.numpy()], np.float64))).sum()
+  loss.backward()
+  return outs, qt.grad.numpy(), kt.grad.numpy(), vt.grad.numpy()
+
+
+def _long_packed_inputs(num_heads, num_kv_heads, dtype=np.float32, seed=1):
+  """Two rows of 37 tokens (a prime: no block divides it), 1-4 samples each + padding."""
+  rng = np.random.RandomState(seed)
+  segment_ids = np.array([[1] * 9 + [2] * 1 + [3] * 17 + [4] * 6 + [0] * 4,
+                          [1] * 30 + [0] * 7], np.int32)
+  shape, head_dim = segment_ids.shape, 16
+  q = rng.randn(*shape, num_heads, head_dim).astype(dtype)
+  k = rng.randn(*shape, num_kv_heads, head_dim).astype(dtype)
+  v = rng.randn(*shape, num_kv_heads, head_dim).astype(dtype)
+  cotangent = rng.randn(*shape, num_heads, head_dim) * (segment_ids > 0)[:, :, None, None]
+  return q, k, v, segment_ids, cotangent.astype(np.float32)
+
+
+def _value_and_grads(impl, q, k, v, segment_ids, cotangent, **blocks):
+  def loss(q, k, v):
+    out = attention(q, k, v, segment_ids, impl=impl, **blocks)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return (out, *grads)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,block_q,block_kv", [
+    (4, 4, 8, 8),       # GQA group 1; 37 tokens padded to 40
+    (8, 2, 16, 4),      # group 4; query blocks span several kv blocks
+    (8, 2, 5, 12),      # blocks that divide neither T nor each other
+    (8, 2, 512, 512),   # the defaults: one block capped at T
+])
+def test_blockwise_forward_and_gradients_match_per_sample(num_heads, num_kv_heads, block_q,
+                                                          block_kv):
+  """Packed rows against each sample run alone (not against the packed xla path): the
+  MaxText #4476 trap, in the forward values and in dq, dk, dv."""
+  q, k, v, segment_ids, cotangent = _long_packed_inputs(num_heads, num_kv_heads)
+  got = _value_and_grads("blockwise", q, k, v, segment_ids, cotangent, block_q=block_q,
+                         block_kv=block_kv)
+  expected = _torch_per_sample(q, k, v, segment_ids, cotangent)
+  real = segment_ids > 0
+  assert all(np.isfinite(np.asarray(x)).all() for x in got)
+  np.testing.assert_allclose(np.asarray(got[0])[real], expected[0][real], atol=1e-5, rtol=1e-5)
+  for name, g, e in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
+    np.testing.assert_allclose(np.asarray(g), e, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_blockwise_bfloat16_within_bfloat16_tolerance():
+  q, k, v, segment_ids, cotangent = _long_packed_inputs(8, 2)
+  bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+  got = _value_and_grads("blockwise", *bf16, segment_ids, cotangent, block_q=8, block_kv=16)
+  assert all(x.dtype == jnp.bfloat16 for x in got)
+  # Reference on the bf16-rounded inputs, so only the kernel's own rounding is measured.
+  rounded = [np.asarray(x.astype(jnp.float32)) for x in bf16]
+  expected = _torch_per_sample(*rounded, segment_ids, cotangent)
+  real = segment_ids > 0
+  np.testing.assert_allclose(np.asarray(got[0], np.float32)[real], expected[0][real], atol=3e-2)
+  for name, g, e in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
+    scale = np.abs(e).max()
+    np.testing.assert_allclose(np.asarray(g, np.float32), e, atol=3e-2 * scale, err_msg=name)
+
+
+def test_blockwise_memory_is_linear_in_length():
+  """value_and_grad at T=8192, one head: blockwise temporaries are far below one [T, T]
+  float32 score matrix, which the xla path exceeds (compiled, not run)."""
+  t, h = 8192, 64
+  args = (jax.ShapeDtypeStruct((1, t, 1, h), jnp.float32),) * 3 + (
+      jax.ShapeDtypeStruct((1, t), jnp.int32),)
+  def temp_bytes(impl):
+    loss = lambda q, k, v, s: jnp.sum(attention(q, k, v, s, impl=impl))
+    vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    return vg.lower(*args).compile().memory_analysis().temp_size_in_bytes
+  scores_bytes = t * t * 4
+  blockwise, xla = temp_bytes("blockwise"), temp_bytes("xla")
+  assert blockwise < 0.25 * scores_bytes, (blockwise, scores_bytes)
+  assert xla > scores_bytes, (xla, scores_bytes)
+
+
+def test_auto_picks_blockwise_off_gpu():
+  q, k, v, segment_ids = _packed_inputs(4, 2)
+  if jax.default_backend() == "gpu":
+    pytest.skip("auto picks cudnn for bf16 on a GPU")
+  fn = lambda *a: attention(*a, impl="auto", block_q=4, block_kv=4)
+  jaxpr = str(jax.make_jaxpr(fn)(q, k, v, segment_ids))
+  assert "custom_vjp" in jaxpr and "while" in jaxpr
+
+
 def test_tokens_never_see_other_samples():
   """Changing sample 1's keys and values leaves sample 2's outputs untouched."""
   q, k, v, segment_ids = _packed_inputs(4, 2)
-  out = np.asarray(attention(q, k, v, segment_ids))
+  fn = jax.jit(lambda *a: attention(*a, block_q=4, block_kv=4))
+  out = np.asarray(fn(q, k, v, segment_ids))
   k2, v2 = k.copy(), v.copy()
   k2[0, :5] += 10.0
   v2[0, :5] -= 10.0
-  out2 = np.asarray(attention(q, k2, v2, segment_ids))
+  out2 = np.asarray(fn(q, k2, v2, segment_ids))
   np.testing.assert_array_equal(out[0, 5:14], out2[0, 5:14])
   assert np.abs(out[0, :5] - out2[0, :5]).max() > 1.0
 
 
 def test_bfloat16_inputs_accumulate_in_float32():
   q, k, v, segment_ids = _packed_inputs(4, 2)
-  out = attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), segment_ids)
+  out = jax.jit(attention)(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), segment_ids)
   assert out.dtype == jnp.bfloat16
   real = segment_ids > 0
   expected = _naive_attention(q, k, v, segment_ids)
@@ -84,6 +193,8 @@ def test_cudnn_needs_a_gpu_and_unknown_impl_is_rejected():
       attention(q, k, v, segment_ids, impl="cudnn")
   with pytest.raises(ValueError, match="unknown attention impl"):
     attention(q, k, v, segment_ids, impl="flash")
+  with pytest.raises(ValueError, match="block sizes"):
+    attention(q, k, v, segment_ids, impl="blockwise", block_q=0)
   with pytest.raises(ValueError, match="multiple of kv heads"):
     attention(q[:, :, :3], k, v, segment_ids)
 

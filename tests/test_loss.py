@@ -1,5 +1,6 @@
-"""The chunked cross-entropy against full-logits references (JAX and PyTorch), its memory
-bound, its behaviour under jit / scan / sharding, and XTuner's loss_reduction weights."""
+"""The chunked cross-entropy (pure-JAX path; the Pallas kernels are in test_pallas_loss.py)
+against full-logits references (JAX and PyTorch), its memory bound, its behaviour under
+jit / scan / sharding, and XTuner's loss_reduction weights."""
 
 import re
 
@@ -43,8 +44,9 @@ def _torch_ref(h, w, y, wt):
   return loss.item(), ht.grad.numpy(), wt_.grad.numpy()
 
 
-def _chunked_vg(chunk_size):
-  f = lambda h, w, y, wt: chunked_cross_entropy(h, w, y, wt, chunk_size=chunk_size)
+def _chunked_vg(chunk_size, vocab_tile=4096):
+  f = lambda h, w, y, wt: chunked_cross_entropy(h, w, y, wt, chunk_size=chunk_size,
+                                                vocab_tile=vocab_tile)
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
 
@@ -54,16 +56,17 @@ def _close(actual, expected, rtol):
   np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("n,v,chunk", [
-    (151, 1000, 16),     # N not a multiple of the chunk, even vocab
-    (151, 1000, 151),    # one exact chunk
-    (151, 1000, 4096),   # chunk larger than N
-    (151, 257, 1),       # odd (prime) vocab, one token per chunk
-    (200, 151, 64),      # padding of 56 tokens in the last chunk
+@pytest.mark.parametrize("n,v,chunk,vocab_tile", [
+    (151, 1000, 16, 128),    # N not a multiple of the chunk; 7 vocab tiles + a tail of 104
+    (151, 1000, 151, 1000),  # one exact chunk, one exact vocab tile
+    (151, 1000, 4096, 4096), # chunk larger than N, tile larger than V
+    (151, 257, 1, 64),       # odd (prime) vocab, one token per chunk, a 1-column tail
+    (200, 151, 64, 50),      # padding of 56 tokens in the last chunk; 3 exact tiles + 1
 ])
-def test_matches_torch_and_naive(n, v, chunk):
+def test_matches_torch_and_naive(n, v, chunk, vocab_tile):
   h, w, y, wt = _problem(n, 24, v)
-  loss, (dh, dw) = _chunked_vg(chunk)(h, w, y, wt)
+  y[1], y[2] = v - 1, 0  # labels in the first and the last (tail) vocab tile
+  loss, (dh, dw) = _chunked_vg(chunk, vocab_tile)(h, w, y, wt)
   t_loss, t_dh, t_dw = _torch_ref(h, w, y, wt)
   np.testing.assert_allclose(float(loss), t_loss, rtol=2e-6)
   _close(dh, t_dh, 1e-5)
@@ -83,7 +86,7 @@ def test_any_negative_label_is_ignored_whatever_its_weight():
   h, w, y, wt = _problem(96, 16, 300, ignore_label=-1)
   y[7] = -100
   wt[::5] = 1e6  # huge weights on the ignored tokens must not leak in
-  loss, (dh, dw) = _chunked_vg(40)(h, w, y, wt)
+  loss, (dh, dw) = _chunked_vg(40, vocab_tile=128)(h, w, y, wt)
   keep = y >= 0
   ref, (r_dh, r_dw) = jax.value_and_grad(_naive, argnums=(0, 1))(h[keep], w, y[keep], wt[keep])
   np.testing.assert_allclose(float(loss), float(ref), rtol=2e-6)
@@ -102,7 +105,7 @@ def test_all_ignored_gives_zero_loss_and_gradients():
 def test_bfloat16_hidden_with_float32_kernel():
   h, w, y, wt = _problem(300, 64, 1000, seed=1)
   h16 = jnp.asarray(h, jnp.bfloat16)
-  loss, (dh, dw) = _chunked_vg(128)(h16, w, y, wt)
+  loss, (dh, dw) = _chunked_vg(128, vocab_tile=384)(h16, w, y, wt)
   assert loss.dtype == jnp.float32 and dh.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
   # Reference on the values the matmul actually sees: both operands rounded to bf16.
   w16 = np.asarray(jnp.asarray(w, jnp.bfloat16).astype(jnp.float32))
@@ -172,6 +175,20 @@ def test_compiled_memory_never_holds_full_logits(dtype):
   assert eager > logits_bytes, (eager, logits_bytes)
 
 
+@pytest.mark.parametrize("kernel_dtype", [jnp.bfloat16, jnp.float32])
+def test_compiled_memory_at_qwen_scale_is_under_one_gib(kernel_dtype):
+  """Loss + gradients at 16,384 tokens x 4,096 hidden x 151,936 vocab, bf16 hidden: <= 1 GiB
+  of temporaries (compiled only). The previous [C, V]-chunked version needed 7.2 GiB, the
+  full logits 20.9 GiB (bf16 kernel): the float32 [D, V] kernel-gradient accumulator, whole
+  [C, V] float32 logit chunks and a bf16 copy of the kernel are all gone."""
+  n, d, v = 16384, 4096, 151936
+  args = _abstract(n, d, v, jnp.bfloat16)
+  args = (args[0], jax.ShapeDtypeStruct((d, v), kernel_dtype)) + args[2:]
+  temp = _temp_bytes(lambda h, w, y, wt: chunked_cross_entropy(h, w, y, wt, chunk_size=1024),
+                     args)
+  assert temp <= 2**30, temp / 2**30
+
+
 def _mesh(axis_type, shape=(4,), names=("x",)):
   if jax.device_count() < 4:
     pytest.skip("needs 4 (simulated) devices; tests/conftest.py sets them")
@@ -183,12 +200,13 @@ def _mesh(axis_type, shape=(4,), names=("x",)):
 @pytest.mark.parametrize("kernel_spec", [P(), P("x", None), P(None, "x")])
 @pytest.mark.parametrize("n,token_axes", [(256, None), (250, None), (256, "x")])
 def test_sharded_inputs(axis_type, kernel_spec, n, token_axes):
-  """Tokens sharded over 4 devices; kernel replicated, FSDP-style on D, or vocab-parallel."""
+  """Tokens sharded over 4 devices; kernel replicated, FSDP-style on D, or vocab-parallel
+  (vocab tiles of 128 then cut across the kernel's shards)."""
   mesh = _mesh(axis_type)
   h, w, y, wt = _problem(n, 16, 300, seed=3)
   t_loss, t_dh, t_dw = _torch_ref(h, w, y, wt)
   f = lambda h, w, y, wt: chunked_cross_entropy(h, w, y, wt, chunk_size=32,
-                                                token_axes=token_axes)
+                                                token_axes=token_axes, vocab_tile=128)
   with jax.set_mesh(mesh):
     tokens = NamedSharding(mesh, P("x")) if n % 4 == 0 else NamedSharding(mesh, P())
     args = (jax.device_put(h, tokens), jax.device_put(w, NamedSharding(mesh, kernel_spec)),
@@ -303,3 +321,5 @@ def test_rejects_bad_shapes():
     chunked_cross_entropy(h, w, y[:5], wt, chunk_size=4)
   with pytest.raises(ValueError):
     chunked_cross_entropy(h, w, y, wt, chunk_size=0)
+  with pytest.raises(ValueError, match="vocab_tile"):
+    chunked_cross_entropy(h, w, y, wt, chunk_size=4, vocab_tile=0)

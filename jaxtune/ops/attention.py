@@ -5,13 +5,18 @@ Packed rows carry `segment_ids` [B, T]: 1, 2, ... per sample and 0 for padding. 
 no row of the softmax is empty (no NaN); their outputs are never used.
 
 Implementations:
-  "xla"     plain jnp: einsum, mask, float32 softmax. Runs everywhere; O(T^2) scores memory.
+  "blockwise" flash-style blocks in pure JAX (ops/flash_attention.py): online softmax, custom
+            VJP that recomputes scores block by block, causal blocks skipped. Runs everywhere;
+            O(T * block) memory in forward and backward.
+  "xla"     plain jnp: einsum, mask, float32 softmax. Runs everywhere; O(T^2) scores memory
+            (a Qwen3-8B layer at 16k tokens: ~128 GiB of temporaries for value_and_grad).
   "cudnn"   jax.nn.dot_product_attention(implementation="cudnn") with the same dense segment
             mask (turned into an additive bias by JAX). GPU only; bf16/fp16 inputs.
   "dpa_xla" the "cudnn" call with implementation="xla": the CPU twin of the cudnn path, so
             tests check the mask and layout we hand to jax.nn.dot_product_attention.
   "auto"    "cudnn" on a GPU with bf16/fp16 inputs (4.6x faster than "xla" for Qwen3-0.6B at
-            8k tokens on an H100; docs/benchmarks.md), "xla" otherwise.
+            8k tokens on an H100; docs/benchmarks.md), "blockwise" otherwise (CPU, TPU, float32
+            on GPU): the only path here whose memory does not grow with T^2.
 """
 
 import math
@@ -19,7 +24,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "dpa_xla")
+from jaxtune.ops.flash_attention import blockwise_attention
+
+IMPLEMENTATIONS = ("auto", "blockwise", "xla", "cudnn", "dpa_xla")
 
 
 def segment_causal_mask(segment_ids_bt: jax.Array) -> jax.Array:
@@ -55,23 +62,30 @@ def _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, implementation):
 
 
 def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
-              segment_ids_bt: jax.Array, *, impl: str = "xla") -> jax.Array:
-  """Packed causal GQA attention with scale 1/sqrt(H); returns [B, T, N, H] in v's dtype."""
+              segment_ids_bt: jax.Array, *, impl: str = "auto", block_q: int = 512,
+              block_kv: int = 512) -> jax.Array:
+  """Packed causal GQA attention with scale 1/sqrt(H); returns [B, T, N, H] in v's dtype.
+
+  `block_q` / `block_kv` are the "blockwise" tile sizes (capped at T); other impls ignore them.
+  """
   num_heads, num_kv_heads = q_btnh.shape[2], k_btkh.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
   if impl == "auto":
     on_gpu = jax.default_backend() == "gpu" and q_btnh.dtype in (jnp.bfloat16, jnp.float16)
-    impl = "cudnn" if on_gpu else "xla"
+    impl = "cudnn" if on_gpu else "blockwise"
+  if impl == "blockwise":
+    return blockwise_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, block_q=block_q,
+                               block_kv=block_kv).astype(v_btkh.dtype)
   if impl == "xla":
     return _xla_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt)
   if impl == "cudnn":
     if jax.default_backend() != "gpu":
       raise ValueError(f"attention impl 'cudnn' needs an NVIDIA GPU, but JAX's backend is "
-                       f"'{jax.default_backend()}'. Use attention='xla' on this machine.")
+                       f"'{jax.default_backend()}'. Use attention='auto' (blockwise) here.")
     if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
       raise ValueError(f"attention impl 'cudnn' needs bfloat16 or float16 inputs, got "
-                       f"{q_btnh.dtype}; set compute_dtype='bfloat16' or attention='xla'.")
+                       f"{q_btnh.dtype}; set compute_dtype='bfloat16' or attention='auto'.")
     return _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, "cudnn")
   if impl == "dpa_xla":
     return _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, "xla")
