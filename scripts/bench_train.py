@@ -115,7 +115,8 @@ def main() -> None:
       compute_dtype=args.compute_dtype, compile_s=round(compile_s, 2),
       step_time_s=round(step_time, 4), tokens=tokens,
       tokens_per_sec_per_device=round(tokens / step_time / n_dev, 1),
-      mfu=round(flops / step_time / (peak * n_dev), 4), loss=float(out["loss"]),
+      mfu=None if peak is None else round(metrics_lib.mfu(flops, step_time, peak, n_dev), 4),
+      loss=float(out["loss"]),
       temp_gib=round(memory.temp_size_in_bytes / 2**30, 3) if memory else None,
       peak_gib=metrics_lib.device_memory_gib().get("mem_peak_gib"),
   )

@@ -45,6 +45,9 @@ def test_metrics_keep_contract_fields_and_add_timing_and_memory(reference):
   assert [r["step"] for r in records] == list(range(1, cfg.total_steps + 1))
   for r in records:
     for field in CONTRACT_FIELDS:
+      if field == "mfu":  # no known peak FLOP/s on a CPU: null, not a made-up number
+        assert r[field] is None
+        continue
       assert isinstance(r[field], (int, float)) and np.isfinite(r[field]), (field, r)
     assert r["tokens_per_sec"] == pytest.approx(r["tokens"] / r["step_time"])
     assert r["data_time"] >= 0 and r["host_mem_peak_gib"] > 0 and r["skipped"] is False
@@ -62,7 +65,8 @@ def test_tensorboard_events_are_readable_and_match_metrics(reference):
     for value in event.summary.value:
       scalars.setdefault(value.tag, {})[event.step] = value.simple_value
   records = read_metrics(summary["run_dir"])
-  for field in ("loss", "grad_norm", "lr", "mfu", "tokens_per_sec_per_device", "data_time"):
+  assert "train/mfu" not in scalars    # null on a CPU: not plotted
+  for field in ("loss", "grad_norm", "lr", "tokens_per_sec_per_device", "data_time"):
     assert scalars[f"train/{field}"] == pytest.approx(
         {r["step"]: r[field] for r in records}, rel=1e-6), field
 
@@ -110,10 +114,17 @@ def test_summary_and_log_report_the_run(reference):
   assert summary["tokens_this_session"] == summary["consumed_tokens"] == sum(
       r["tokens"] for r in records)
   assert summary["train_time_s"] == pytest.approx(sum(r["step_time"] for r in records), abs=2e-3)
-  assert summary["mean_mfu"] == pytest.approx(np.mean([r["mfu"] for r in records]))
+  assert summary["mean_mfu"] is None                   # a CPU has no known peak FLOP/s
   assert summary["tokens_per_sec_per_device"] > 0 and summary["skipped_steps"] == 0
   assert not summary["stopped_by_signal"]
   with open(os.path.join(summary["run_dir"], "train.log"), encoding="utf-8") as f:
     text = f.read()
   assert f"step {cfg.total_steps}/{cfg.total_steps}" in text and "done: 6/6 steps" in text
   assert "HF export: " + summary["hf_export"] in text
+
+
+def test_mfu_is_model_flops_over_the_devices_peak_and_null_without_one():
+  from jaxtune.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  assert metrics_lib.peak_flops_per_device() is None          # the CPU
+  assert metrics_lib.mfu(4e12, 2.0, 1e12, 4) == pytest.approx(0.5)
+  assert metrics_lib.mfu(4e12, 2.0, None, 4) is None

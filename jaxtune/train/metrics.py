@@ -15,17 +15,21 @@ _PEAK_FLOPS = {
     "h100": 989e12, "h200": 989e12, "h800": 989e12, "gh200": 989e12,
     "b200": 2250e12, "a100": 312e12, "a800": 312e12, "l40s": 362e12,
 }
-# No meaningful peak exists for the CPU; a nominal figure keeps `mfu` a number there. MFU is
-# only meaningful on accelerators.
-_NOMINAL_CPU_FLOPS = 1e11
 
 
-def peak_flops_per_device(device: jax.Device | None = None) -> float:
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+  """The device's peak, or None where none is known (a CPU): `mfu` is then null, not a
+  number made up from a nominal figure."""
   kind = (device or jax.devices()[0]).device_kind.lower()
   for name, flops in _PEAK_FLOPS.items():
     if name in kind.replace(" ", ""):
       return flops
-  return _NOMINAL_CPU_FLOPS
+  return None
+
+
+def mfu(flops: float, step_time: float, peak: float | None, n_devices: int) -> float | None:
+  """Model FLOPs utilisation of one step, None without a known peak."""
+  return None if peak is None else flops / step_time / (peak * n_devices)
 
 
 def device_memory_gib() -> dict:

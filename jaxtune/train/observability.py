@@ -52,7 +52,7 @@ class RunMonitor:
     self.started = started if started is not None else time.perf_counter()
     self._steps_started = time.perf_counter()
     self.totals = dict(steps=0, tokens=0, step_time=0.0, data_time=0.0, eval_time=0.0,
-                       mfu=0.0, skipped=0)
+                       mfu=0.0, mfu_steps=0, skipped=0)
     self.last_eval: dict[str, float] = {}
 
   def start(self) -> None:
@@ -69,7 +69,9 @@ class RunMonitor:
     t["step_time"] += record["step_time"]
     t["data_time"] += record.get("data_time", 0.0)
     t["eval_time"] += record.get("eval_time", 0.0)
-    t["mfu"] += record["mfu"]
+    if record["mfu"] is not None:  # None: no known peak for this device (a CPU)
+      t["mfu"] += record["mfu"]
+      t["mfu_steps"] += 1
     t["skipped"] += int(record.get("skipped", False))
     evals = {k: v for k, v in record.items() if k.startswith("eval_loss_")}
     self.last_eval.update(evals)
@@ -80,16 +82,19 @@ class RunMonitor:
         if key not in _NOT_PLOTTED and isinstance(value, (int, float)) and math.isfinite(value):
           tag = f"eval/{key[len('eval_loss_'):]}" if key in evals else f"train/{key}"
           self._tb.add_scalar(tag, value, step)
-    self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                          tgs=f"{record['tokens_per_sec_per_device']:.0f}",
-                          mfu=f"{record['mfu']:.3f}", refresh=False)
+    postfix = dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                   tgs=f"{record['tokens_per_sec_per_device']:.0f}")
+    if record["mfu"] is not None:
+      postfix["mfu"] = f"{record['mfu']:.3f}"
+    self._bar.set_postfix(**postfix, refresh=False)
     self._bar.update(1)  # redraws, with this step's postfix
     if step % self.log_interval == 0 or step == self.total_steps:
       step_log.info(
-          "step %d/%d epoch %d loss %.4f grad_norm %.3f lr %.3e tokens/s/device %.0f mfu %.3f "
+          "step %d/%d epoch %d loss %.4f grad_norm %.3f lr %.3e tokens/s/device %.0f%s "
           "step %.3fs data %.3fs eta %s", step, self.total_steps, record["epoch"],
           record["loss"], record["grad_norm"], record["lr"],
-          record["tokens_per_sec_per_device"], record["mfu"], record["step_time"],
+          record["tokens_per_sec_per_device"],
+          "" if record["mfu"] is None else f" mfu {record['mfu']:.3f}", record["step_time"],
           record.get("data_time", 0.0), self._eta(step))
     if evals:  # also on the console when the progress bar hides the step lines
       log.info("eval after step %d: %s (%.1f s)", step,
@@ -114,7 +119,7 @@ class RunMonitor:
         data_time_s=round(t["data_time"], 3), eval_time_s=round(t["eval_time"], 3),
         tokens_per_sec_per_device=(t["tokens"] / t["step_time"] / self.n_devices
                                    if t["step_time"] else None),
-        mean_mfu=t["mfu"] / t["steps"] if t["steps"] else None,
+        mean_mfu=t["mfu"] / t["mfu_steps"] if t["mfu_steps"] else None,
         skipped_steps=t["skipped"], **self.last_eval)
     return out
 
