@@ -33,6 +33,10 @@ def base_config() -> ConfigDict:
   c = ConfigDict()
   c.model = presets.qwen3_0_6b()
   c.load_from = config_dict.placeholder(str)       # HF directory; None = random init
+  # True: with load_from set, `model` is presets.from_hf(load_from) (the recipe's training
+  # fields, e.g. freeze_vision, kept) and tokenizer_path is load_from, so one recipe is both a
+  # from-scratch demo and, with --config.load_from=DIR, the real run (configs/sft_mini.py).
+  c.model_from_checkpoint = False
   c.tokenizer_path = config_dict.placeholder(str)  # HF tokenizer directory
 
   c.data = ConfigDict()
@@ -49,6 +53,9 @@ def base_config() -> ConfigDict:
   c.data.prefetch = 2                  # packed batches prepared ahead of the step
   c.data.min_dynamic_patch = 1         # Intern-S1 image tiling: tiles per image, min and max
   c.data.max_dynamic_patch = 12
+  c.data.max_tiles_per_pack = config_dict.placeholder(int)  # image tiles per packed row; None =
+                                       # pack_max_length // tokens per tile (never binding)
+  c.data.image_cache_mb = 512          # decoded tiles kept per host (repeated images, epochs)
   c.data.round_up = True               # XTuner's: ceil(packs / batch) steps, last batch topped up
   c.data.group_by_length = True        # XTuner's: micro-batches of packs of similar attention cost
   c.data.cache_max_gib = config_dict.placeholder(float)  # prune cache_dir (oldest first) to this
@@ -68,7 +75,8 @@ def base_config() -> ConfigDict:
   c.param_dtype = "float32"            # master weights
   c.compute_dtype = "bfloat16"         # 'float32' gives exact parity with the reference on CPU
   c.remat = "full"                     # full | none: recompute each layer in the backward pass
-  c.attention = "auto"                 # auto (cudnn on GPU, else xla) | xla | cudnn
+  c.attention = "auto"                 # auto (cudnn on GPU, else blockwise) | blockwise | xla |
+                                       # cudnn
 
   c.global_batch_size = 8              # packed rows per optimizer step, all ranks
   c.epoch_num = config_dict.placeholder(int)    # exactly one of these two; on the command
@@ -101,7 +109,7 @@ _CHOICES = {
     "param_dtype": _DTYPES,
     "compute_dtype": _DTYPES,
     "remat": ("full", "none"),
-    "attention": ("auto", "xla", "cudnn"),
+    "attention": ("auto", "blockwise", "xla", "cudnn"),
 }
 
 
@@ -184,6 +192,12 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
                       "Start from a preset, e.g. jaxtune.models.presets.qwen3_8b(), or "
                       "jaxtune.models.presets.from_hf(<HF directory>).")
   base.model = presets.FAMILIES[family].defaults()
+  if "text" in base.model:  # a VLM's text model: checked against its own family's fields
+    text_type = cfg.model.get("text", {}).get("type")
+    if text_type not in presets.FAMILIES or "text" in presets.FAMILIES[text_type].defaults():
+      raise ConfigError(f"config key 'model.text.type' must name a text model family, got "
+                        f"{text_type!r}")
+    base.model.text = presets.FAMILIES[text_type].defaults()
   _check_keys_and_types(cfg, base, "")
 
   cfg = ConfigDict(cfg.to_dict())  # a copy: resolving aliases must not edit the caller's dict
@@ -245,13 +259,15 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
 
   _check_run_keys(cfg)
 
+  if cfg.load_from is not None:
+    if cfg.model_from_checkpoint:
+      _take_model_from_checkpoint(cfg)
+    _check_against_hf_config(cfg)
   if cfg.tokenizer_path is None:
     raise ConfigError("tokenizer_path is not set: point it at a directory holding tokenizer.json "
                       "(usually the same as load_from).")
   if not os.path.isdir(cfg.tokenizer_path):
     raise ConfigError(f"tokenizer_path '{cfg.tokenizer_path}' is not a directory.")
-  if cfg.load_from is not None:
-    _check_against_hf_config(cfg)
 
   if num_devices is not None:
     dp = data_parallel_size(cfg, num_devices)
@@ -319,6 +335,30 @@ def _differences(recipe: ConfigDict, checkpoint: ConfigDict, where: str,
     if as_tuple(mine) != as_tuple(theirs):
       out.append(f"{path}: recipe {mine!r} vs config.json {theirs!r}")
   return out
+
+
+def _take_model_from_checkpoint(cfg: ConfigDict) -> None:
+  """model_from_checkpoint: the architecture and tokenizer of load_from, the recipe's training
+  choices (the family's recipe_only fields, e.g. freeze_vision)."""
+  try:
+    checkpoint = presets.from_hf(cfg.load_from)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"load_from '{cfg.load_from}': {e}") from None
+  if checkpoint.type == cfg.model.type:
+    _copy_fields(cfg.model, checkpoint, presets.FAMILIES[checkpoint.type].recipe_only)
+  cfg.model = checkpoint
+  cfg.tokenizer_path = cfg.load_from
+
+
+def _copy_fields(source: ConfigDict, target: ConfigDict, names: tuple[str, ...]) -> None:
+  """`names` (at any depth) from source into target, where both have them."""
+  for key, value in source.items():
+    if key not in target:
+      continue
+    if isinstance(value, ConfigDict) and isinstance(target[key], ConfigDict):
+      _copy_fields(value, target[key], names)
+    elif key in names:
+      target[key] = value
 
 
 def _check_against_hf_config(cfg: ConfigDict) -> None:

@@ -253,7 +253,7 @@ def test_a_tiny_moe_recipe_trains_from_hf_weights_to_an_hf_export(tmp_path):
   shipped chats -> metrics with the router losses -> an export transformers loads, whose
   logits equal ours from the same files."""
   from jaxtune import Trainer  # pylint: disable=import-outside-toplevel
-  from jaxtune.recipes.sft_mini import get_config  # pylint: disable=import-outside-toplevel
+  from jaxtune.recipes.qwen3_mini import get_config  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(1)
   fields = {**FIELDS, "vocab_size": 151936, "hidden_size": 64, "num_hidden_layers": 2,

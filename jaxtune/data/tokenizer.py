@@ -116,7 +116,7 @@ def _merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
   return parts[0], parts[1]
 
 
-def _tokenizer_json(ranks: dict[bytes, int]) -> dict[str, Any]:
+def _tokenizer_json(ranks: dict[bytes, int], added_tokens) -> dict[str, Any]:
   byte_char = _bytes_to_unicode()
 
   def text(b: bytes) -> str:
@@ -130,7 +130,7 @@ def _tokenizer_json(ranks: dict[bytes, int]) -> dict[str, Any]:
       left, right = _merge_of(tok, ranks)
       merges.append([text(left), text(right)])
   added = [dict(id=i, content=c, single_word=False, lstrip=False, rstrip=False,
-                normalized=False, special=s) for i, c, s in QWEN3_ADDED_TOKENS]
+                normalized=False, special=s) for i, c, s in added_tokens]
   return {
       "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
       "normalizer": {"type": "NFC"},
@@ -150,42 +150,54 @@ def _tokenizer_json(ranks: dict[bytes, int]) -> dict[str, Any]:
   }
 
 
-def _tokenizer_config() -> dict[str, Any]:
+def _tokenizer_config(added_tokens, chat_template: str) -> dict[str, Any]:
   return {
       "add_bos_token": False, "add_prefix_space": False,
       "added_tokens_decoder": {str(i): dict(content=c, lstrip=False, normalized=False,
                                             rstrip=False, single_word=False, special=s)
-                               for i, c, s in QWEN3_ADDED_TOKENS},
-      "additional_special_tokens": [c for i, c, s in QWEN3_ADDED_TOKENS if s and i > 151643],
-      "bos_token": None, "chat_template": _CHAT_TEMPLATE,
+                               for i, c, s in added_tokens},
+      "additional_special_tokens": [c for i, c, s in added_tokens if s and i > 151643],
+      "bos_token": None, "chat_template": chat_template,
       "clean_up_tokenization_spaces": False, "eos_token": IM_END, "errors": "replace",
       "model_max_length": 131072, "pad_token": ENDOFTEXT, "split_special_tokens": False,
       "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
   }
 
 
-def _is_valid_dir(out_dir: str) -> bool:
+def _is_valid_dir(out_dir: str, expected_config: dict[str, Any]) -> bool:
   try:
     with open(os.path.join(out_dir, "tokenizer_config.json")) as f:
       config = json.load(f)
+    # Rebuilt when the added tokens or the template rules change.
     return (os.path.getsize(os.path.join(out_dir, "tokenizer.json")) > 1_000_000
-            and config.get("added_tokens_decoder", {}).get("151645", {}).get("content") == IM_END
-            and config.get("chat_template") == _CHAT_TEMPLATE)  # rebuilt when the rules change
+            and config.get("added_tokens_decoder") == expected_config["added_tokens_decoder"]
+            and config.get("chat_template") == expected_config["chat_template"])
   except (OSError, ValueError):
     return False
 
 
-def build_qwen_tokenizer(out_dir: str) -> str:
+# Intern-S1's image tokens, after Qwen3's added tokens (the official Intern-S1 tokenizer has
+# them at other ids in its larger vocabulary: ids always come from the tokenizer).
+INTERN_S1_IMAGE_TOKENS: tuple[tuple[int, str, bool], ...] = (
+    (151669, "<img>", True), (151670, "</img>", True), (151671, "<IMG_CONTEXT>", True))
+
+
+def build_qwen_tokenizer(out_dir: str, *, image_tokens: bool = False) -> str:
   """Writes the Qwen3 tokenizer into `out_dir` (no network) and returns `out_dir`.
 
+  image_tokens: also Intern-S1's `<img>`, `</img>`, `<IMG_CONTEXT>`, and the `intern-s1` chat
+  template (the tokenizer of the miniature Intern-S1 recipe).
   Idempotent: a directory that already holds it is returned at once. Takes ~3 s otherwise.
   """
-  if _is_valid_dir(out_dir):
+  added = QWEN3_ADDED_TOKENS + (INTERN_S1_IMAGE_TOKENS if image_tokens else ())
+  config = _tokenizer_config(added, templates.jinja(templates.TEMPLATES["intern-s1"])
+                             if image_tokens else _CHAT_TEMPLATE)
+  if _is_valid_dir(out_dir, config):
     return out_dir
   os.makedirs(out_dir, exist_ok=True)
   ranks = load_ranks(qwen_ranks_path())
-  for name, payload in (("tokenizer.json", _tokenizer_json(ranks)),
-                        ("tokenizer_config.json", _tokenizer_config())):
+  for name, payload in (("tokenizer.json", _tokenizer_json(ranks, added)),
+                        ("tokenizer_config.json", config)):
     # Write then rename, so a concurrent reader never sees a half-written file.
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -28,11 +28,13 @@ from ml_collections import ConfigDict
 
 from jaxtune.hf.load import SAFETENSORS_DTYPES, check_table, flat_params, hf_names, hf_shape
 from jaxtune.models import HFWeight, family
+from jaxtune.models.presets import read_hf_config
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' classic "5GB" shards
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-                   "generation_config.json")
+                   "generation_config.json", "preprocessor_config.json",
+                   "processor_config.json", "video_preprocessor_config.json")
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
@@ -126,8 +128,12 @@ def _write_header(f, shard: list[tuple[str, tuple[int, ...]]], dtype: np.dtype) 
 
 
 def _tokenizer_files(tokenizer_path: str) -> list[str]:
+  """The tokenizer (and image processor) files, and any custom code beside them (Intern-S1's
+  Hub checkpoints load their tokenizer and model through `*.py` files in the directory)."""
   found = [os.path.join(tokenizer_path, name) for name in TOKENIZER_FILES
            if os.path.isfile(os.path.join(tokenizer_path, name))]
+  found += sorted(os.path.join(tokenizer_path, name) for name in os.listdir(tokenizer_path)
+                  if name.endswith(".py") and os.path.isfile(os.path.join(tokenizer_path, name)))
   if not any(os.path.basename(p) in ("tokenizer.json", "vocab.json") for p in found):
     raise ValueError(f"tokenizer_path {tokenizer_path} holds no tokenizer.json or vocab.json; "
                      "point it at an HF tokenizer directory.")
@@ -147,9 +153,12 @@ def _replace_dir(tmp_dir: str, out_dir: str) -> None:
 
 
 def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, *, dtype: str = "bfloat16",
-              tokenizer_path: str | None = None,
+              tokenizer_path: str | None = None, source_dir: str | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
-  """Writes `model` as an HF checkpoint in `dtype` to `out_dir`; returns `out_dir`."""
+  """Writes `model` as an HF checkpoint in `dtype` to `out_dir`; returns `out_dir`.
+
+  source_dir: the HF directory the weights were loaded from; its config.json is handed to the
+  family's `hf_config` (which may keep keys it does not model, e.g. custom-code `auto_map`)."""
   np_dtype = np.dtype(jnp.dtype(dtype))
   dtype = np_dtype.name  # "bfloat16", also when given jnp.bfloat16
   if np_dtype not in _SAFETENSORS_NAMES:
@@ -201,7 +210,8 @@ def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, *, dtype: 
     with open(os.path.join(tmp_dir, "model.safetensors.index.json"), "w") as f:
       json.dump(index, f, indent=2)
     with open(os.path.join(tmp_dir, "config.json"), "w") as f:
-      json.dump(family(model_cfg.type).hf_config(model_cfg, dtype), f, indent=2)
+      source = read_hf_config(source_dir) if source_dir else None
+      json.dump(family(model_cfg.type).hf_config(model_cfg, dtype, source), f, indent=2)
     for path in tokenizer_files:
       shutil.copy2(path, os.path.join(tmp_dir, os.path.basename(path)))
     _replace_dir(tmp_dir, out_dir)

@@ -11,15 +11,25 @@ its presets. `train/`, `hf/` and `config` reach a model only through what it def
                                          objective;
       step_metrics(stats) -> dict        the statistics, summed over the step's micro-batches,
                                          reduced to the scalars that go in metrics.jsonl.
-  batch_layout(cfg, rows, length)  name -> (shape, dtype) of every array of a global batch;
+  data_options(cfg)                the keyword arguments SFTData needs for this model's batches
+                                   (an image model: its tile size and image token id);
+  batch_layout(cfg, rows, length, max_tiles=0)
+                                   name -> (shape, dtype) of every array of a global batch
+                                   (max_tiles: the data's tiles-per-pack bound, 0 = no pixels);
   train_flops(cfg, batch)          model FLOPs of a training step on this (host) batch;
   trainable(cfg)                   an nnx filter of the params that train (the rest is frozen:
                                    no gradient, no optimizer state, no weight decay);
   hf_weight_map(cfg)               the HF tensor-name table (`HFWeight` rows), walked by both
                                    `jaxtune.hf.load` and `jaxtune.hf.export`;
-  hf_config(cfg, dtype)            the HF `config.json` dict written with an export;
-  config_from_hf(hf)               the recipe's `model` ConfigDict from a `config.json` dict
-                                   (behind `presets.from_hf`).
+  hf_config(cfg, dtype, source=None)
+                                   the HF `config.json` dict written with an export (source:
+                                   the loaded checkpoint's config.json, when there is one);
+  config_from_hf(hf, hf_dir=None)  the recipe's `model` ConfigDict from a `config.json` dict
+                                   and its directory (behind `presets.from_hf`).
+
+Sub-models: a family may wrap another's model (Intern-S1 wraps Qwen3 / Qwen3-MoE as
+`language_model`): decoders expose `forward_embeddings(x_btd, batch)` next to `forward`, and
+name tables compose with `HFWeight.with_prefix`.
 
 JAX is imported inside the functions so `import jaxtune.models.presets` (and so
 `import jaxtune.config`) stays light.

@@ -137,6 +137,72 @@ def qwen3_235b_a22b(**overrides) -> ConfigDict:
                               num_attention_heads=64), **overrides})
 
 
+def _intern_vit(**fields) -> ConfigDict:
+  """InternViT-300M, Intern-S1-mini's vision tower (HF `InternVLVisionConfig` field names)."""
+  base = dict(
+      hidden_size=1024,
+      intermediate_size=4096,
+      num_hidden_layers=24,
+      num_attention_heads=16,
+      attention_bias=True,
+      use_qk_norm=False,
+      norm_type="layer_norm",
+      layer_norm_eps=1e-6,
+      layer_scale_init_value=0.1,
+      image_size=448,
+      patch_size=14,
+      num_channels=3,
+      use_mean_pooling=True,     # True: no final LayerNorm (HF's naming)
+      hidden_act="gelu",
+  )
+  return _with_fields("InternViT", base, fields)
+
+
+def _intern_s1(default_text: ConfigDict, default_vision: ConfigDict, **fields) -> ConfigDict:
+  """Intern-S1 / InternVL: vision tower -> pixel shuffle -> projector -> Qwen3 (or -MoE)."""
+  base = dict(
+      type="intern_s1",
+      text=default_text,
+      vision=default_vision,
+      projector=ConfigDict(dict(downsample_ratio=0.5, hidden_act="gelu")),
+      image_token_id=152957,
+      vision_feature_layer=-1,
+      tie_word_embeddings=False,
+      # How exports name tensors and config.json: internvl (transformers' own class, loadable
+      # without custom code), internvl_legacy (its llava-style names) or interns1 (the official
+      # checkpoints' custom-code config); from_hf keeps the checkpoint's.
+      hf_layout="internvl",
+      freeze_vision=False,       # training choices (not in config.json)
+      freeze_projector=False,
+      freeze_language=False,
+  )
+  cfg = _with_fields("Intern-S1", base, fields)
+  cfg.text.tie_word_embeddings = cfg.tie_word_embeddings  # one switch, HF's top-level one
+  return cfg
+
+
+def intern_s1_mini(**overrides) -> ConfigDict:
+  """internlm/Intern-S1-mini: InternViT-300M + Qwen3-8B (vocab 153,216)."""
+  return _intern_s1(qwen3_8b(vocab_size=153216), _intern_vit(), **overrides)
+
+
+def intern_s1(**overrides) -> ConfigDict:
+  """internlm/Intern-S1: InternViT-6B (RMSNorm, qk-norm, no q/k/v bias) + Qwen3-235B-A22B."""
+  vision = _intern_vit(hidden_size=3200, intermediate_size=12800, num_hidden_layers=45,
+                       num_attention_heads=25, attention_bias=False, use_qk_norm=True,
+                       norm_type="rms_norm")
+  return _intern_s1(qwen3_235b_a22b(vocab_size=153216), vision, **overrides)
+
+
+def intern_s1_tiny(**overrides) -> ConfigDict:
+  """A miniature Intern-S1-mini (the real architecture and 448-pixel tiles, tiny widths) for the
+  CPU demo and tests. image_token_id is the bundled tokenizer's <IMG_CONTEXT>."""
+  vision = _intern_vit(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2)
+  return _intern_s1(qwen3_tiny(tie_word_embeddings=False), vision,
+                    **{**dict(image_token_id=151671), **overrides})
+
+
 class Family(NamedTuple):
   """A registered model family.
 
@@ -157,6 +223,9 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("jaxtune.models.qwen3", qwen3_0_6b, ("qwen3",)),
     "qwen3_moe": Family("jaxtune.models.qwen3_moe", qwen3_30b_a3b, ("qwen3_moe",),
                         recipe_only=("router_aux_loss_coef", "router_z_loss_coef")),
+    "intern_s1": Family("jaxtune.models.intern_s1", intern_s1_mini, ("interns1", "internvl"),
+                        recipe_only=("freeze_vision", "freeze_projector", "freeze_language",
+                                     "router_aux_loss_coef", "router_z_loss_coef")),
 }
 
 
@@ -180,7 +249,8 @@ def from_hf(path: str) -> ConfigDict:
   model_type = hf.get("model_type")
   for name, fam in FAMILIES.items():
     if model_type in fam.hf_model_types:
-      cfg = importlib.import_module(fam.module).config_from_hf(hf)
+      cfg = importlib.import_module(fam.module).config_from_hf(
+          hf, path if os.path.isdir(path) else os.path.dirname(path))
       assert cfg.type == name, (cfg.type, name)
       return cfg
   known = sorted(t for fam in FAMILIES.values() for t in fam.hf_model_types)

@@ -183,7 +183,12 @@ class Qwen3Model(nnx.Module):
 
   def __call__(self, input_ids_bt: jax.Array, positions_bt: jax.Array,
                segment_ids_bt: jax.Array) -> jax.Array:
-    x_btd = shard_activation(self.embed_tokens(input_ids_bt), _BTD)
+    return self.decode(self.embed_tokens(input_ids_bt), positions_bt, segment_ids_bt)
+
+  def decode(self, x_btd: jax.Array, positions_bt: jax.Array,
+             segment_ids_bt: jax.Array) -> jax.Array:
+    """Input embeddings [B, T, D] (a VLM merges image features into them) -> hidden states."""
+    x_btd = shard_activation(x_btd, _BTD)
     cos_bth, sin_bth = rope_cos_sin(positions_bt, self.head_dim, self.rope_theta)
     x_btd, _ = scan_layers(self.layers, x_btd, cos_bth, sin_bth, segment_ids_bt,
                            remat=self.remat)
@@ -228,9 +233,13 @@ class Qwen3ForCausalLM(nnx.Module):
                              segment_ids=segment_ids)).hidden
 
   def forward(self, batch: dict) -> ForwardOutput:
-    """The family interface: a dense decoder has no auxiliary losses or statistics."""
-    return ForwardOutput(self.model(batch["input_ids"], batch["positions"],
-                                    batch["segment_ids"]))
+    """The family interface: the batch's token ids through the decoder."""
+    return self.forward_embeddings(self.model.embed_tokens(batch["input_ids"]), batch)
+
+  def forward_embeddings(self, x_btd: jax.Array, batch: dict) -> ForwardOutput:
+    """`forward` from input embeddings (a VLM's merged text and image features). A dense
+    decoder has no auxiliary losses or statistics."""
+    return ForwardOutput(self.model.decode(x_btd, batch["positions"], batch["segment_ids"]))
 
   def aux_loss_coefficients(self) -> dict[str, float]:
     return {}
@@ -257,8 +266,14 @@ MODEL_CLASS = Qwen3ForCausalLM
 
 # ---- the family interface (see jaxtune.models) ---------------------------------------------
 
-def batch_layout(cfg: ConfigDict, rows: int, length: int) -> dict:
+def data_options(cfg: ConfigDict) -> dict:
+  """Text batches: SFTData needs nothing more."""
   del cfg
+  return {}
+
+
+def batch_layout(cfg: ConfigDict, rows: int, length: int, max_tiles: int = 0) -> dict:
+  del cfg, max_tiles  # a text model reads no pixels
   return text_batch_layout(rows, length)
 
 
@@ -327,12 +342,14 @@ def _special_id(cfg: ConfigDict, token_id: int) -> int | None:
   return token_id if token_id < cfg.vocab_size else None
 
 
-def hf_config(cfg: ConfigDict, dtype: str) -> dict:
+def hf_config(cfg: ConfigDict, dtype: str, source: dict | None = None) -> dict:
   """The HF `config.json` of a Qwen3ForCausalLM with this architecture.
 
   `rope_parameters` is transformers 5's form; the flat `rope_theta` keeps older readers
-  (transformers 4, vLLM) working.
+  (transformers 4, vLLM) working. `source` (the loaded checkpoint's config.json) adds nothing:
+  every field is written from the architecture.
   """
+  del source
   num_layers = cfg.num_hidden_layers
   special_id = lambda token_id: _special_id(cfg, token_id)
   return {
@@ -389,7 +406,8 @@ def fields_from_hf(hf: dict, model_type: str, fields) -> dict:
   return out
 
 
-def config_from_hf(hf: dict) -> ConfigDict:
+def config_from_hf(hf: dict, hf_dir: str | None = None) -> ConfigDict:
+  del hf_dir  # the names of a text model's tensors do not vary
   from jaxtune.models import presets  # pylint: disable=import-outside-toplevel
   names = [k for k in presets.qwen3_0_6b().keys() if k != "type"]
   return presets.qwen3_0_6b(**fields_from_hf(hf, "qwen3", names))

@@ -161,7 +161,12 @@ class Qwen3MoeModel(nnx.Module):
   def __call__(self, input_ids_bt: jax.Array, positions_bt: jax.Array,
                segment_ids_bt: jax.Array) -> tuple[jax.Array, dict]:
     """-> (final hidden states [B, T, D], router outputs stacked over the sparse layers)."""
-    x_btd = shard_activation(self.embed_tokens(input_ids_bt), _BTD)
+    return self.decode(self.embed_tokens(input_ids_bt), positions_bt, segment_ids_bt)
+
+  def decode(self, x_btd: jax.Array, positions_bt: jax.Array,
+             segment_ids_bt: jax.Array) -> tuple[jax.Array, dict]:
+    """`__call__` from input embeddings [B, T, D]."""
+    x_btd = shard_activation(x_btd, _BTD)
     cos_bth, sin_bth = rope_cos_sin(positions_bt, self.head_dim, self.rope_theta)
     args = (cos_bth, sin_bth, segment_ids_bt)
     routers = []
@@ -185,8 +190,8 @@ class Qwen3MoeForCausalLM(qwen3.Qwen3ForCausalLM):
   """Qwen3's causal LM with the MoE decoder; the family interface adds the router losses."""
   MODEL = Qwen3MoeModel
 
-  def forward(self, batch: dict) -> ForwardOutput:
-    hidden, router = self.model(batch["input_ids"], batch["positions"], batch["segment_ids"])
+  def forward_embeddings(self, x_btd: jax.Array, batch: dict) -> ForwardOutput:
+    hidden, router = self.model.decode(x_btd, batch["positions"], batch["segment_ids"])
     # XTuner sums the per-layer losses over the sparse layers (see jaxtune.ops.moe).
     return ForwardOutput(hidden,
                          aux_losses=dict(aux_loss=router["aux_loss"].sum(),
@@ -208,8 +213,14 @@ MODEL_CLASS = Qwen3MoeForCausalLM
 
 # ---- the family interface (see jaxtune.models) ---------------------------------------------
 
-def batch_layout(cfg: ConfigDict, rows: int, length: int) -> dict:
+def data_options(cfg: ConfigDict) -> dict:
+  """Text batches: SFTData needs nothing more."""
   del cfg
+  return {}
+
+
+def batch_layout(cfg: ConfigDict, rows: int, length: int, max_tiles: int = 0) -> dict:
+  del cfg, max_tiles  # a text model reads no pixels
   return text_batch_layout(rows, length)
 
 
@@ -253,9 +264,9 @@ def hf_weight_map(cfg: ConfigDict) -> tuple[HFWeight, ...]:
   return tuple(qwen3.embedding_rows() + table + qwen3.head_rows(cfg))
 
 
-def hf_config(cfg: ConfigDict, dtype: str) -> dict:
+def hf_config(cfg: ConfigDict, dtype: str, source: dict | None = None) -> dict:
   """The HF `config.json` of a Qwen3MoeForCausalLM with this architecture."""
-  out = qwen3.hf_config(cfg, dtype)
+  out = qwen3.hf_config(cfg, dtype, source)
   out.update(
       architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
       moe_intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.num_experts,
@@ -266,7 +277,8 @@ def hf_config(cfg: ConfigDict, dtype: str) -> dict:
   return out
 
 
-def config_from_hf(hf: dict) -> ConfigDict:
+def config_from_hf(hf: dict, hf_dir: str | None = None) -> ConfigDict:
+  del hf_dir  # the names of a text model's tensors do not vary
   from jaxtune.models import presets  # pylint: disable=import-outside-toplevel
   names = [k for k in presets.qwen3_30b_a3b().keys() if k not in ("type", "router_z_loss_coef")]
   return presets.qwen3_30b_a3b(**qwen3.fields_from_hf(hf, "qwen3_moe", names))

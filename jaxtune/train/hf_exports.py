@@ -46,8 +46,10 @@ class HFExporter:
   """Writes exports of one run; `max_keep <= 0` keeps all."""
 
   def __init__(self, run_dir: str, model_cfg, *, dtype: str, tokenizer_path: str | None,
-               max_keep: int):
+               max_keep: int, source_dir: str | None = None):
+    """source_dir: the HF directory the run loaded (load_from), for the family's config."""
     self.run_dir, self.model_cfg, self.dtype = run_dir, model_cfg, dtype
+    self.source_dir = source_dir
     self.tokenizer_path, self.max_keep = tokenizer_path, max_keep
     self.last: str | None = None
 
@@ -56,7 +58,7 @@ class HFExporter:
     out_dir = os.path.join(self.run_dir, f"hf-{step}")
     try:
       export_hf(model_def.merge(params), self.model_cfg, out_dir, dtype=self.dtype,
-                tokenizer_path=self.tokenizer_path)
+                tokenizer_path=self.tokenizer_path, source_dir=self.source_dir)
     except Exception as e:  # pylint: disable=broad-except  (named, then raised)
       # The cause names the file or tensor (OSError's filename, export_hf's tensor names).
       raise HFExportError(

@@ -133,7 +133,8 @@ class Trainer:
     data = SFTData(cfg.data, encoder, global_batch_size=cfg.global_batch_size,
                    process_index=jax.process_index(), process_count=jax.process_count(),
                    data_parallel=dp, global_order=True,
-                   host_rows=_host_rows(mesh, cfg.global_batch_size))
+                   host_rows=_host_rows(mesh, cfg.global_batch_size),
+                   **models.family(cfg.model.type).data_options(cfg.model))
     _check_same_data(data)
     total_steps = cfg.total_steps or cfg.epoch_num * data.steps_per_epoch
     num_micro = cfg.global_batch_size // (dp * cfg.data.micro_batch_size)
@@ -214,7 +215,8 @@ class _Loop:
     self.mesh, self.data, self.encoder, self.model_def = mesh, data, encoder, model_def
     self.family = models.family(self.cfg.model.type)
     self.batch_layout = self.family.batch_layout(self.cfg.model, self.cfg.global_batch_size,
-                                                 self.cfg.data.pack_max_length)
+                                                 self.cfg.data.pack_max_length,
+                                                 max_tiles=data.max_tiles)
     self.optimizer, self.schedule, self.num_micro = optimizer, schedule, num_micro
     self.total_steps, self.checkpointer, self.is_main = total_steps, checkpointer, is_main
     self.n_devices = jax.device_count()
@@ -222,7 +224,8 @@ class _Loop:
     cfg = self.cfg
     self.exporter = HFExporter(
         self.run_dir, cfg.model, tokenizer_path=cfg.tokenizer_path, max_keep=cfg.hf_max_keep,
-        dtype=read_hf_dtype(cfg.load_from) if cfg.load_from else cfg.param_dtype)
+        dtype=read_hf_dtype(cfg.load_from) if cfg.load_from else cfg.param_dtype,
+        source_dir=cfg.load_from)
     self.compile_time = 0.0
 
   def _due(self, interval: int, step: int) -> bool:
@@ -288,8 +291,7 @@ class _Loop:
     cfg = self.cfg
     step_fn = self._compile(state)
     evaluator = (Evaluator(cfg, self.mesh, self.model_def, tokenizer=self.encoder,
-                           data_parallel=config_lib.data_parallel_size(cfg, self.n_devices),
-                           batch_keys=tuple(self.batch_layout))
+                           data_parallel=config_lib.data_parallel_size(cfg, self.n_devices))
                  if cfg.eval_datasets else None)
     guard = NonFiniteGuard(cfg.max_consecutive_nonfinite)
     profiler = Profiler(self.run_dir, tuple(cfg.profile_steps))
@@ -347,7 +349,7 @@ class _Loop:
         grad_norm=float(out["grad_norm"]), step_time=step_time,
         tokens_per_sec=tokens / step_time,
         tokens_per_sec_per_device=tokens / step_time / self.n_devices,
-        mfu=flops / step_time / (self.peak_flops * self.n_devices),
+        mfu=metrics_lib.mfu(flops, step_time, self.peak_flops, self.n_devices),
         data_time=data_time, consumed_tokens=consumed_tokens, skipped=bool(out["skipped"]),
         nonfinite=bool(out["nonfinite"]),
         **{k: float(v) for k, v in out["model"].items()},
