@@ -99,6 +99,16 @@ def soft_pack(lengths: np.ndarray, pack_len: int, buffer: int = 100,
   return plan
 
 
+def _look_ahead(used: bytearray, p: int, buffer: int, lens: list[int]) -> list[int]:
+  """The next `buffer` unused samples after p, shortest first (XTuner's gap filling)."""
+  ahead, q = [], p + 1
+  while q < len(used) and len(ahead) < buffer:
+    if not used[q]:
+      ahead.append(q)
+    q += 1
+  return sorted(ahead, key=lens.__getitem__)
+
+
 def _soft_groups(lens: list[int], pack_len: int, buffer: int) -> list[list[int]]:
   n = len(lens)
   used = bytearray(n)
@@ -115,12 +125,7 @@ def _soft_groups(lens: list[int], pack_len: int, buffer: int) -> list[list[int]]
       continue
     gap = pack_len - cur_len
     if gap > 0 and buffer > 0:
-      ahead, q = [], p + 1
-      while q < n and len(ahead) < buffer:
-        if not used[q]:
-          ahead.append(q)
-        q += 1
-      for q in sorted(ahead, key=lens.__getitem__):
+      for q in _look_ahead(used, p, buffer, lens):
         if lens[q] > gap:
           break  # sorted: nothing larger fits either
         cur.append(q)
@@ -155,12 +160,7 @@ def _soft_groups_tiles(lens: list[int], tl: list[int], pack_len: int, max_tiles:
     closed += fits_len
     gap, tile_gap = pack_len - cur_len, max_tiles - cur_tiles
     if gap > 0 and buffer > 0:
-      ahead, q = [], p + 1
-      while q < n and len(ahead) < buffer:
-        if not used[q]:
-          ahead.append(q)
-        q += 1
-      for q in sorted(ahead, key=lens.__getitem__):
+      for q in _look_ahead(used, p, buffer, lens):
         if lens[q] > gap:
           break  # sorted: nothing longer fits either
         if tl[q] > tile_gap:

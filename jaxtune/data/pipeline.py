@@ -20,8 +20,6 @@ thread pool, with recently decoded images kept in a bounded LRU (data.image_cach
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures as cf
 import functools
 import hashlib
 import logging
@@ -36,6 +34,7 @@ from jaxtune.data import cache as cache_lib
 from jaxtune.data import encoding, idstore, images, packing, sources, templates
 from jaxtune.data.cache import TokenCache
 from jaxtune.data.sources import DataError, DatasetSpec
+from jaxtune.data.tiles import TileDecoder
 from jaxtune.data.tokenizer import ENDOFTEXT, TokenEncoder, tokenizer_dir
 
 if TYPE_CHECKING:
@@ -152,12 +151,12 @@ class SFTData:
     if stale:
       log.info("data: removed %d token store file(s) left in TMPDIR by an earlier crash",
                len(stale))
-    self._image_lock = threading.Lock()
-    self._tile_cache: collections.OrderedDict = collections.OrderedDict()   # LRU, guarded
-    self._tile_cache_bytes = 0
-    self._decode_pool: cf.ThreadPoolExecutor | None = None
-    self._image_failures: dict[tuple, str] = {}   # image -> why it failed to decode
-    self._skipped_samples: set[int] = set()       # unique samples skipped for it
+    self._image_lock = threading.Lock()           # guards the decode-failure bookkeeping
+    self._tiles_decoder = TileDecoder(image_size=self.image_size or images.TILE,
+                                      min_patch=self.min_patch, max_patch=self.max_patch,
+                                      max_bytes=self.image_cache_bytes,
+                                      workers=self.num_workers)
+    self._skipped_samples: set[int] = set()       # unique samples skipped for a decode failure
     self._refs: dict[int, list[sources.ImageRef]] = {}
     self._build(clock)
     max_gib = data_cfg.get("cache_max_gib")
@@ -526,7 +525,8 @@ class SFTData:
       owner, owned = packing.tile_slots(self.plan, packs, self._tiles, self.max_tiles)
     pixels = np.zeros((n_rows, self.max_tiles, size, size, 3), np.uint8)
     refs = {s: self._sample_refs(s) for _, _, s, _ in owned}
-    tiles = self._decode({self._image_key(r) for rs in refs.values() for r in rs})
+    tiles = self._tiles_decoder.decode({self._image_key(r) for rs in refs.values()
+                                        for r in rs})
     for row, seg, s, slot in owned:
       failed = [(r, tiles[self._image_key(r)]) for r in refs[s]
                 if isinstance(tiles[self._image_key(r)], str)]
@@ -579,59 +579,6 @@ class SFTData:
   def _image_key(self, ref: sources.ImageRef) -> tuple:
     return (ref.path, ref.image_wh, ref.n_images)
 
-  def _decode(self, keys: set[tuple]) -> dict[tuple, np.ndarray | str]:
-    """Tiles of each image (read-only uint8 [n, S, S, 3]), or why it cannot be decoded:
-    from the LRU, else decoded in the thread pool (Pillow releases the GIL while decoding and
-    resizing). A failure is remembered, so every later batch sees the same."""
-    out, todo = {}, []
-    with self._image_lock:
-      for key in sorted(keys):
-        if key in self._image_failures:
-          out[key] = self._image_failures[key]
-        elif key in self._tile_cache:
-          self._tile_cache.move_to_end(key)
-          out[key] = self._tile_cache[key]
-        else:
-          todo.append(key)
-    if not todo:
-      return out
-    lo, hi = self.min_patch, self.max_patch
-    load = lambda key: images.load_tiles(key[0], key[1], key[2], lo, hi, self.image_size,
-                                         normalized=False)
-    if len(todo) == 1 or self.num_workers <= 1:
-      futures = None
-    else:
-      with self._image_lock:
-        if self._decode_pool is None:
-          self._decode_pool = cf.ThreadPoolExecutor(
-              min(self.num_workers, 32), thread_name_prefix="jaxtune-image-decode")
-      futures = [self._decode_pool.submit(load, key) for key in todo]
-    for k, key in enumerate(todo):
-      try:
-        tiles = futures[k].result() if futures is not None else load(key)
-      except (images.ImageError, OSError) as e:
-        out[key] = str(e)
-        with self._image_lock:
-          self._image_failures[key] = str(e)
-        continue
-      tiles.flags.writeable = False
-      out[key] = tiles
-      self._remember(key, tiles)
-    return out
-
-  def _remember(self, key: tuple, tiles: np.ndarray) -> None:
-    """Into the LRU of decoded images (data.image_cache_mb), oldest out first."""
-    if tiles.nbytes > self.image_cache_bytes:
-      return
-    with self._image_lock:
-      if key in self._tile_cache:
-        return
-      self._tile_cache[key] = tiles
-      self._tile_cache_bytes += tiles.nbytes
-      while self._tile_cache_bytes > self.image_cache_bytes:
-        _, old = self._tile_cache.popitem(last=False)
-        self._tile_cache_bytes -= old.nbytes
-
   def _decode_failed(self, rows, row: int, seg: int, s: int, failed: list) -> None:
     """A sample whose image passed the start-up check (header) but does not decode."""
     where = self._where(s)
@@ -645,7 +592,7 @@ class SFTData:
       new = int(self._samples[s]) not in self._skipped_samples
       self._skipped_samples.add(int(self._samples[s]))
       stats = self.stats
-      stats["image_decode_failures"] = len(self._image_failures)
+      stats["image_decode_failures"] = len(self._tiles_decoder.failures)
       stats["image_decode_skipped_samples"] = len(self._skipped_samples)
       if new and len(stats["image_decode_failure_locations"]) < _SHOWN_LOCATIONS:
         stats["image_decode_failure_locations"].append(f"{where}: {failed[0][1]}")

@@ -28,11 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from ml_collections import ConfigDict
 
 from jaxtune.models import HFWeight
-from jaxtune.models.qwen3 import check_remat, scan_layers, stack_layers
-from jaxtune.ops.norms import rms_norm
+from jaxtune.models.qwen3 import (ATTENTION_OUT, Qwen3RMSNorm, check_remat, scan_layers,
+                                  stack_layers)
 from jaxtune.parallel.sharding import shard_activation
 
 # XTuner's / HF's `initializer_range`: matrices (and the patch conv) draw from N(0, 0.02).
@@ -102,17 +103,8 @@ class LayerNorm(nnx.Module):
     return out.astype(self.compute_dtype)
 
 
-class RMSNorm(nnx.Module):
-  """HF's `InternVLVisionRMSNorm`: `weight * x / rms(x)`, no bias; statistics in float32."""
-
-  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32,
-               compute_dtype=jnp.bfloat16):
-    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-    self.eps = eps
-    self.compute_dtype = compute_dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return rms_norm(x, self.weight[...], self.eps, out_dtype=self.compute_dtype)
+# HF's `InternVLVisionRMSNorm` is Qwen3's: `weight * x / rms(x)`, no bias, float32 statistics.
+RMSNorm = Qwen3RMSNorm
 
 
 _NORMS = {"layer_norm": LayerNorm, "rms_norm": RMSNorm}
@@ -275,6 +267,7 @@ class InternVisionAttention(nnx.Module):
                              preferred_element_type=jnp.float32) * self.head_dim ** -0.5
     probs_bnts = jax.nn.softmax(scores_bnts, axis=-1).astype(v_btnh.dtype)
     o_btnh = jnp.einsum("bnts,bsnh->btnh", probs_bnts, v_btnh)
+    o_btnh = checkpoint_name(o_btnh, ATTENTION_OUT)  # what remat='save_attention' keeps
     return self.projection_layer(o_btnh.reshape(batch, tokens, -1))
 
 
