@@ -8,6 +8,10 @@ Iteration: packs are reshuffled every epoch with (seed, epoch); step k of an epo
 order[k*R:(k+1)*R] (R = this host's rows), so `batches(epoch, start_step)` seeks in O(1) and a
 resumed run sees exactly the batches of an uninterrupted one.
 
+Stages as Grain datasets (samples(d), mixed(), packs(), grain_dataset(epoch)) let a user insert
+a Grain transform between them: sample_transform before packing, batch_transform after
+batching (docs/data.md, "Composing with Grain").
+
 Images (Intern-S1, `image_size=448`): a sample's images are checked at start-up (header only:
 the file exists, reads, has the size `image_wh` says), its tiles (<IMG_CONTEXT> tokens / 256)
 are counted from the tokens, and packs hold at most data.max_tiles_per_pack tiles. When any
@@ -31,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from jaxtune.data import cache as cache_lib
-from jaxtune.data import encoding, idstore, images, packing, sources, templates
+from jaxtune.data import encoding, idstore, images, packing, sources, stages, templates
 from jaxtune.data.cache import TokenCache
 from jaxtune.data.sources import DataError, DatasetSpec
 from jaxtune.data.tiles import TileDecoder
@@ -66,7 +70,9 @@ class SFTData:
                process_count: int = 1, data_parallel: int | None = None,
                allgather: Callable[[int], Sequence[int]] | None = None,
                image_size: int | None = None, image_token_id: int | None = None,
-               global_order: bool = False, host_rows: Sequence[int] | None = None):
+               global_order: bool = False, host_rows: Sequence[int] | None = None,
+               sample_transform: Callable[[Any], Any] | None = None,
+               batch_transform: Callable[[Any], Any] | None = None):
     """image_size: the vision tower's tile size (448: Intern-S1's; the only one the token
     counts support). Samples with images are packed with their tiles and every batch carries
     `pixel_values` and `tile_segment_ids` (see the module docstring), text-only batches too,
@@ -79,7 +85,15 @@ class SFTData:
     its contiguous block). So the batches do not depend on the host count, and a run resumes
     on another number of hosts with exactly the remaining batches (what training needs).
     Without it each host tokenizes and packs only its own share (evaluation: every pack is seen
-    once whatever the split)."""
+    once whatever the split).
+
+    sample_transform: a function from the mixed samples (a grain.MapDataset, see mixed()) to
+    a grain.MapDataset or IterDataset of the samples to pack, run once at start-up before
+    packing (packing needs every length): filter, map (a sample keeps its `index`), or move
+    the work to Grain's worker processes with to_iter_dataset(...).mp_prefetch(...).
+    batch_transform: a function from grain_dataset(epoch) to a grain.MapDataset of the same
+    length (map / random_map: random access, so resume stays exact) that the batches of
+    batches() and iterator() then come from."""
     clock = _Clock()
     self.encoder = make_encoder(tokenizer)
     clock.lap("encoder")
@@ -158,6 +172,7 @@ class SFTData:
                                       workers=self.num_workers)
     self._skipped_samples: set[int] = set()       # unique samples skipped for a decode failure
     self._refs: dict[int, list[sources.ImageRef]] = {}
+    self.sample_transform, self.batch_transform = sample_transform, batch_transform
     self._build(clock)
     max_gib = data_cfg.get("cache_max_gib")
     pruned = self.cache.prune(None if max_gib is None else float(max_gib) * 2**30)
@@ -219,12 +234,22 @@ class SFTData:
     over_tiles = keep & (occ_tiles > self.tile_bound) if self.image_size is not None \
         else np.zeros(len(keep), bool)
     keep &= ~over_tiles
+    # The unique samples, for samples(d): their ids stay in the store.
+    self._store, self._starts = tokens, starts        # unique sample u: _starts[u] on
+    self._u_ds, self._u_line, self._u_lengths, self._u_images = u_ds, u_line, lengths, n_image
+    occ_start, filtered, self._transformed = starts[occ_uid], np.zeros(len(keep), bool), False
+    if self.sample_transform is not None:
+      tokens, occ_start, cut, self._transformed = stages.apply_sample_transform(
+          self.sample_transform, tokens, occ_start, cut, occ_ds, occ_line,
+          occ_tiles if self.image_size is not None else None, keep, filtered, occ_loss, limits)
+      keep &= ~filtered
     self._samples = occ_uid[keep]                     # packed sample -> unique sample
     self._lengths = cut[keep]
     self._sample_ds = occ_ds[keep]
+    self._sample_line = occ_line[keep]
     self._tiles = occ_tiles[keep]                     # image tiles of each packed sample
-    self._tokens, self._starts = tokens, starts       # unique sample u: _starts[u] on
-    self._sample_starts = starts[self._samples]       # where each packed sample's ids begin
+    self._tokens = tokens                             # the ids packed rows are built from
+    self._sample_starts = occ_start[keep]             # where each packed sample's ids begin
     self._images = np.bincount(occ_ds[keep & (occ_images > 0)], minlength=len(self.specs))
     # To read the lines of image samples back at batch time (their files, flattened).
     self._files = [f for fs in files for f in fs] if self._images.any() else None
@@ -242,9 +267,11 @@ class SFTData:
       digest.update(np.ascontiguousarray(arr).tobytes())
     if self.image_size is not None:   # text data keeps the hash it always had
       digest.update(np.ascontiguousarray(self._tiles).tobytes() + b"%d" % self.tile_bound)
+    if self._transformed:             # a sample_transform changed ids: they are the data now
+      digest.update(np.ascontiguousarray(self._tokens).tobytes())
     self.data_hash = digest.hexdigest()[:16]
     self._record_stats(files, ds_lines, occ_ds, keep, truncated, dropped, over_tiles, occ_loss,
-                       occ_tiles, bad, u_ds)
+                       occ_tiles, bad, u_ds, filtered)
     clock.lap("stats")
     self.stats["startup_seconds"] = clock.laps
 
@@ -391,7 +418,7 @@ class SFTData:
 
   # ---------------------------------------------------------------- stats
   def _record_stats(self, files, ds_lines, occ_ds, keep, truncated, dropped, over_tiles,
-                    occ_loss, occ_tiles, bad, u_ds) -> None:
+                    occ_loss, occ_tiles, bad, u_ds, filtered) -> None:
     loss = occ_loss[keep]
     per_ds = {}
     for d, spec in enumerate(self.specs):
@@ -405,10 +432,12 @@ class SFTData:
           image_samples=int(self._images[d]), image_tiles=int(self._tiles[mask_ds].sum()),
           dropped_image_cut=int((dropped & (occ_ds == d)).sum()),
           dropped_tile_bound=int((over_tiles & (occ_ds == d)).sum()),
-          bad=int(((~keep) & ~dropped & ~over_tiles & (occ_ds == d)).sum()),
+          bad=int(((~keep) & ~dropped & ~over_tiles & ~filtered & (occ_ds == d)).sum()),
           bad_lines=len(bad_ds),
           bad_locations=bad_ds[:_SHOWN_LOCATIONS],
           sample_max_length=None if self.level == "hard" else self._max_len(spec))
+      if self.sample_transform is not None:
+        entry["filtered"] = int((filtered & (occ_ds == d)).sum())
       per_ds[spec.name] = entry
       if entry["truncated"]:
         log.warning("dataset '%s': %d sample(s) longer than %d tokens were truncated",
@@ -601,12 +630,52 @@ class SFTData:
                   "(data.skip_bad_samples=True; counted in stats['image_decode_failures'], "
                   "this warning is shown once)", where, failed[0][1])
 
-  def grain_dataset(self, epoch: int) -> "grain.MapDataset":
-    """Epoch `epoch` as a random-access Grain dataset: element k is the batch of step k."""
+  # ---------------------------------------------------------------- stages (Grain datasets)
+  def samples(self, dataset: int | str) -> "grain.MapDataset":
+    """The tokenized lines of one dataset (index or name) that this host read, in line order,
+    before ratio, truncation and sample_transform: element i is a sample dict (stages), its
+    ids read from the store on access."""
+    d = dataset if isinstance(dataset, (int, np.integer)) else \
+        [s.name for s in self.specs].index(dataset)
+    at = np.flatnonzero(self._u_ds == d)
+    tiles = self._u_images[at] // images.TOKENS_PER_TILE if self.image_size is not None else None
+    return stages.source(stages.SampleSource(self._store, self._starts[at], self._u_lengths[at],
+                                             self._u_ds[at], self._u_line[at], tiles))
+
+  def mixed(self) -> "grain.MapDataset":
+    """The packed samples in packing order (ratio applied, mixed with data.seed, truncated,
+    after sample_transform): element k is sample k of the plan, with its dataset and line."""
+    tiles = self._tiles if self.image_size is not None else None
+    return stages.source(stages.SampleSource(self._tokens, self._sample_starts, self._lengths,
+                                             self._sample_ds, self._sample_line, tiles))
+
+  def packs(self, order: Sequence[int] | None = None) -> "grain.MapDataset":
+    """Built rows: element k is pack order[k] (default: pack k) as pack_rows gives it, one
+    row (arrays without the batch axis)."""
+    return stages.source(stages.PackSource(self, order))
+
+  def grain_dataset(self, epoch: int, composed: bool = False) -> "grain.MapDataset":
+    """Epoch `epoch` as a random-access Grain dataset: element k is the batch of step k
+    (this host's rows), with batch_transform applied.
+
+    composed: the batches as packs(this host's order).batch(rows), element for element the
+    same; building rows one by one is slower than one batch at once (the default)."""
     import grain  # pylint: disable=import-outside-toplevel
     order = self.epoch_order(epoch)
-    return grain.MapDataset.range(self.steps_per_epoch).map(
-        functools.partial(self._batch_at, epoch, order))
+    if composed:
+      mine = order.reshape(self.steps_per_epoch, self.rows)
+      mine = mine if self.host_rows is None else mine[:, self.host_rows]
+      ds = self.packs(mine.reshape(-1)).batch(mine.shape[1], batch_fn=stages.stack_rows)
+    else:
+      ds = grain.MapDataset.range(self.steps_per_epoch).map(
+          functools.partial(self._batch_at, epoch, order))
+    if self.batch_transform is None:
+      return ds
+    out = self.batch_transform(ds)
+    if not isinstance(out, grain.MapDataset) or len(out) != self.steps_per_epoch:
+      raise DataError("batch_transform must return a grain.MapDataset of one batch per step "
+                      f"({self.steps_per_epoch}): map or random_map, not filter or batch")
+    return out
 
   def _batch_at(self, epoch: int, order: np.ndarray, step: int) -> dict[str, np.ndarray]:
     return self.batch(epoch, int(step), order)
@@ -621,6 +690,9 @@ class SFTData:
       raise IndexError(f"start_step {start_step} outside epoch of {self.steps_per_epoch} steps")
     if start_step == self.steps_per_epoch:
       return iter(())
+    if self.prefetch <= 0 and self.batch_transform is not None:
+      ds = self.grain_dataset(epoch)
+      return (ds[k] for k in range(start_step, self.steps_per_epoch))
     if self.prefetch <= 0:
       order = self.epoch_order(epoch)
       return (self.batch(epoch, k, order) for k in range(start_step, self.steps_per_epoch))
