@@ -64,6 +64,9 @@ def base_config() -> ConfigDict:
                             max_grad_norm=1.0))
   # XTuner's: skip the update of a step whose gradient norm exceeds this (None = never).
   c.optim.skip_grad_norm_threshold = config_dict.placeholder(float)
+  # Adam's moments (mu, nu): float32, or bfloat16 to halve the optimizer state (the update is
+  # still computed in float32; jaxtune.train.optim.scale_by_adam_stored_in).
+  c.optim.state_dtype = "float32"
   c.lr = ConfigDict(dict(lr_type="cosine", warmup_ratio=0.03, lr_min=1e-6))
   # With warmup 0, updates 0 and 1 both run at optim.lr and the decay follows one update late,
   # as XTuner's torch SequentialLR chain does (jaxtune.train.optim.lr_schedule); False: the
@@ -74,7 +77,10 @@ def base_config() -> ConfigDict:
 
   c.param_dtype = "float32"            # master weights
   c.compute_dtype = "bfloat16"         # 'float32' gives exact parity with the reference on CPU
-  c.remat = "full"                     # full | none: recompute each layer in the backward pass
+  # What each layer keeps for the backward pass (jaxtune.models.qwen3.remat_policy): full
+  # (its input only, recompute the rest) | dots (weight-matmul outputs) | save_attention
+  # (the attention output) | offload (the dots, in pinned host memory) | none (everything).
+  c.remat = "full"
   c.attention = "auto"                 # auto (cudnn on GPU, else blockwise) | blockwise | xla |
                                        # cudnn
 
@@ -108,7 +114,8 @@ _CHOICES = {
     "loss.loss_reduction": ("token", "sample", "square"),
     "param_dtype": _DTYPES,
     "compute_dtype": _DTYPES,
-    "remat": ("full", "none"),
+    "remat": ("full", "none", "dots", "save_attention", "offload"),  # = models.qwen3.REMAT
+    "optim.state_dtype": ("float32", "bfloat16"),
     "attention": ("auto", "blockwise", "xla", "cudnn"),
 }
 

@@ -19,15 +19,19 @@ V vocab, L layers.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from ml_collections import ConfigDict, FrozenConfigDict
 
 from jaxtune.models import ForwardOutput, HFWeight, text_batch_layout
 from jaxtune.models.flops import decoder_train_flops
 from jaxtune.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jaxtune.ops.attention import attention as attention_op
+from jaxtune.ops import flash_attention
 from jaxtune.ops.norms import rms_norm
 from jaxtune.ops.rope import apply_rope, rope_cos_sin
 from jaxtune.parallel.sharding import shard_activation
@@ -35,6 +39,8 @@ from jaxtune.parallel.sharding import shard_activation
 # HF's Qwen3 `initializer_range`: random init draws every weight from N(0, 0.02).
 _INIT_STD = 0.02
 _BTD = ("activation_batch", "activation_length", "activation_embed")
+# The name every attention block gives its kernel's output (see `remat_policy`).
+ATTENTION_OUT = "attention_out"
 
 
 def _weight_init(logical_axes: tuple[str, ...]):
@@ -92,6 +98,7 @@ class Qwen3Attention(nnx.Module):
     k_btkh = shard_activation(apply_rope(k_btkh, cos_bth, sin_bth), kv_heads)
     v_btkh = shard_activation(v_btkh, kv_heads)
     o_btnh = attention_op(q_btnh, k_btkh, v_btkh, segment_ids_bt, impl=self.attention)
+    o_btnh = checkpoint_name(o_btnh, ATTENTION_OUT)  # what remat='save_attention' keeps
     return self.o_proj(o_btnh.reshape(batch, seq_len, -1))
 
 
@@ -147,6 +154,7 @@ def scan_layers(stack: nnx.Module, x_btd: jax.Array, *args, remat: str,
   """Runs layers [start, stop) of a stacked module over `x_btd`: a `jax.lax.scan`, so one
   layer is traced and compiled once. A layer returns x or (x, per-layer outputs); the
   per-layer outputs come back stacked along a leading axis (None when there are none).
+  `remat` names what each layer keeps for its backward pass (`remat_policy`).
   """
   graphdef, state = nnx.split(stack)
   if start or stop is not None:
@@ -156,15 +164,63 @@ def scan_layers(stack: nnx.Module, x_btd: jax.Array, *args, remat: str,
     out = nnx.merge(graphdef, layer_state)(carry_btd, *args)
     return out if isinstance(out, tuple) else (out, None)
 
-  if remat == "full":
-    # Keep only each layer's input for the backward pass; recompute the rest.
-    layer_step = jax.checkpoint(layer_step, prevent_cse=False)
+  if remat != "none":
+    layer_step = jax.checkpoint(layer_step, prevent_cse=False, policy=remat_policy(remat))
   return jax.lax.scan(layer_step, x_btd, state)
 
 
+# `remat` (config key): what each scanned layer keeps for the backward pass; the rest of the
+# layer is recomputed there. Every family runs its layers through `scan_layers`, so this is
+# the one place that maps the names to policies.
+REMAT = ("none", "full", "dots", "save_attention", "offload")
+
+
+def remat_policy(remat: str):
+  """The `jax.checkpoint` policy of a `remat` name (None: "full", keep nothing).
+
+    full            the layer's input only (the scan's carry): least memory, one extra forward.
+    dots            `dots_with_no_batch_dims_saveable`: the outputs of the weight matmuls
+                    (q/k/v/o projections, gate/up/down), not the batched einsums inside
+                    attention, which for attention='xla' are [B, N, T, T] score tensors
+                    (`dots_saveable` would keep those and lose most of what remat saves).
+                    Norms, RoPE, SwiGLU and the attention kernel are recomputed.
+    save_attention  the attention output (`ATTENTION_OUT`) and, for the blockwise kernel, its
+                    own residuals (output and logsumexp): no attention forward is recomputed.
+    offload         what "dots" keeps, moved to pinned host memory in the forward pass and
+                    back in the backward pass: device memory near "full", compute near "dots".
+  The other kernels' custom backward passes (cuDNN) need residuals that carry no name, so
+  every policy but "none" recomputes their forward.
+  """
+  policies = jax.checkpoint_policies
+  if remat == "full":
+    return None
+  if remat == "dots":
+    return policies.dots_with_no_batch_dims_saveable
+  if remat == "save_attention":
+    return policies.save_only_these_names(ATTENTION_OUT, *flash_attention.RESIDUAL_NAMES)
+  if remat == "offload":
+    return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+  raise ValueError(f"remat {remat!r} has no checkpoint policy; choose from {REMAT}")
+
+
 def check_remat(remat: str) -> None:
-  if remat not in ("full", "none"):
-    raise ValueError(f"remat must be 'full' or 'none', got {remat!r}")
+  """A clear error for an unknown name, or for "offload" where there is no host memory space
+  to offload to (then "full" uses as little device memory, recomputing instead)."""
+  if remat not in REMAT:
+    raise ValueError(f"remat must be one of {list(REMAT)}, got {remat!r}")
+  if remat == "offload" and not _has_pinned_host():
+    raise ValueError(f"remat='offload' needs a 'pinned_host' memory space, which the "
+                     f"{jax.default_backend()} backend does not have; use remat='full' (as "
+                     "little device memory, recomputing instead) or 'dots'")
+
+
+@functools.cache
+def _has_pinned_host() -> bool:
+  try:
+    jax.local_devices()[0].memory("pinned_host")
+  except Exception:  # pylint: disable=broad-except  (backends differ in what they raise)
+    return False
+  return True
 
 
 class Qwen3Model(nnx.Module):

@@ -23,6 +23,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+# The forward's residuals, named so a remat policy can keep them (qwen3.remat_policy's
+# "save_attention"): then the backward pass needs no recomputed attention forward.
+RESIDUAL_NAMES = ("attention_out", "attention_lse")
 
 # Finite, so a row whose keys are all masked in the blocks seen so far keeps a finite running
 # max (exp(mask - mask) would be 1, not NaN; `where` zeroes those probabilities anyway).
@@ -107,6 +112,8 @@ def _flash(q_btkgh, k_btkh, v_btkh, seg_bt, block_q, block_kv):
 
 def _flash_fwd(q_btkgh, k_btkh, v_btkh, seg_bt, block_q, block_kv):
   out_btkgh, lse_bkgt = _flash_fwd_impl(q_btkgh, k_btkh, v_btkh, seg_bt, block_q, block_kv)
+  out_btkgh = checkpoint_name(out_btkgh, RESIDUAL_NAMES[0])
+  lse_bkgt = checkpoint_name(lse_bkgt, RESIDUAL_NAMES[1])
   return out_btkgh, (q_btkgh, k_btkh, v_btkh, seg_bt, out_btkgh, lse_bkgt)
 
 

@@ -12,6 +12,7 @@ one `torch.optim.AdamW` group over every trainable parameter (decay applied to a
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable
 
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
+
+log = logging.getLogger("jaxtune")
 
 
 def warmup_steps(lr_cfg: ConfigDict, total_steps: int) -> int:
@@ -93,13 +96,32 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def scale_by_adam_stored_in(dtype, *, b1: float, b2: float, eps: float
+                            ) -> optax.GradientTransformation:
+  """optax.scale_by_adam with mu *and* nu stored in `dtype` (optax's `mu_dtype` covers mu).
+
+  The update is computed in float32 from the stored moments (optax upcasts them against the
+  float32 gradients) and only the new moments are rounded to `dtype` (to nearest): the step's
+  own update is float32 arithmetic, the rounding error enters through the state. optax casts
+  the new nu like the old one, so starting nu in `dtype` is all it takes.
+  """
+  inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=dtype)
+
+  def init_fn(params):
+    state = inner.init(params)
+    return state._replace(nu=jax.tree.map(lambda v: v.astype(dtype), state.nu))
+
+  return optax.GradientTransformation(init_fn, inner.update)
+
+
 def make_optimizer(optim_cfg: ConfigDict, schedule: optax.Schedule | None = None, *,
                    mask: Any | Callable[[Any], Any] | None = None
                    ) -> optax.GradientTransformation:
   """Clip (skipped when max_grad_norm <= 0), then AdamW on one parameter group.
 
   Args:
-    optim_cfg: the `optim` section: weight_decay, betas, eps, max_grad_norm (lr is in the
+    optim_cfg: the `optim` section: weight_decay, betas, eps, max_grad_norm, state_dtype
+      (float32, or bfloat16 for Adam's moments: `scale_by_adam_stored_in`; lr is in the
       schedule already).
     schedule: update count -> learning rate, e.g. `lr_schedule(...)`, read from the
       optimizer's own count. None: a unit learning rate, for the train step, which scales the
@@ -114,9 +136,21 @@ def make_optimizer(optim_cfg: ConfigDict, schedule: optax.Schedule | None = None
       which would move "frozen" parameters.
   """
   b1, b2 = (float(b) for b in optim_cfg.betas)
-  adamw = optax.adamw(learning_rate=1.0 if schedule is None else schedule, b1=b1, b2=b2,
-                      eps=float(optim_cfg.eps),
-                      weight_decay=float(optim_cfg.weight_decay))
+  learning_rate = 1.0 if schedule is None else schedule
+  state_dtype = jnp.dtype(optim_cfg.get("state_dtype", "float32"))
+  if state_dtype == jnp.float32:
+    adamw = optax.adamw(learning_rate=learning_rate, b1=b1, b2=b2, eps=float(optim_cfg.eps),
+                        weight_decay=float(optim_cfg.weight_decay))
+  else:  # optax.adamw's own chain, with both moments stored in state_dtype
+    if b2 > 0.99:
+      log.warning("optim.state_dtype=%s with betas[1]=%g: nu's per-step change (%.2g%%) is "
+                  "below bfloat16's rounding (0.39%%), so nu can only follow large gradients; "
+                  "use float32 state with betas[1] > 0.99", state_dtype.name, b2,
+                  100 * (1 - b2))
+    adamw = optax.chain(scale_by_adam_stored_in(state_dtype, b1=b1, b2=b2,
+                                                eps=float(optim_cfg.eps)),
+                        optax.add_decayed_weights(float(optim_cfg.weight_decay)),
+                        optax.scale_by_learning_rate(learning_rate))
   max_norm = float(optim_cfg.max_grad_norm)
   inner = optax.chain(clip_by_global_norm(max_norm), adamw) if max_norm > 0 else adamw
   if mask is None:
