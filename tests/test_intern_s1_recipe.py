@@ -110,9 +110,11 @@ def test_xtuner_example_files_train_without_edits(tmp_path):
                                  media_root=examples, chat_template="intern-s1",
                                  sample_ratio=0.1 if name == "text" else 1.0)
               for name in ("text", "single_image", "multi_image")]
+  # A small tile budget keeps the step light (the files are as XTuner ships them).
   cfg = _short(tmp_path, steps=1, **{"data.datasets": datasets, "eval_datasets": [],
-                                     "data.pack_max_length": 4096,
-                                     "data.sample_max_length": 4096, "hf_interval": -1,
+                                     "data.pack_max_length": 2048,
+                                     "data.sample_max_length": 2048, "hf_interval": -1,
+                                     "data.max_dynamic_patch": 4,
                                      "global_batch_size": 4, "data.skip_bad_samples": True})
   summary = Trainer(cfg).fit()
   records = _records(summary["run_dir"])
