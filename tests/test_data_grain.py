@@ -3,7 +3,6 @@
 import json
 import os
 import pickle
-import tempfile
 
 import numpy as np
 import pytest
@@ -12,32 +11,10 @@ from ml_collections import ConfigDict
 from jaxtune.config import dataset
 from jaxtune.data import DataError, SFTData, stages
 from jaxtune.data.packing import IGNORE
-from jaxtune.data.tokenizer import TokenEncoder, build_qwen_tokenizer
+from jaxtune.data.tokenizer import TokenEncoder
 
-TOK_DIR = os.path.join(tempfile.gettempdir(), "jaxtune-tests", "qwen3-tokenizer")
-KEYS = ("input_ids", "labels", "segment_ids", "positions")
-WORDS = ["alpha", "beta", "gamma", "delta"]
-
-
-@pytest.fixture(scope="module")
-def enc():
-  return TokenEncoder(build_qwen_tokenizer(TOK_DIR))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  paths = {}
-  for tag, n in (("a", 60), ("b", 25)):
-    paths[tag] = str(root / f"{tag}.jsonl")
-    with open(paths[tag], "w") as f:
-      for i in range(n):
-        q = " ".join(rng.choice(WORDS) for _ in range(rng.integers(2, 40)))
-        f.write(json.dumps({"messages": [
-            {"role": "user", "content": f"[{tag}{i}] {q}"},
-            {"role": "assistant", "content": f"answer {tag}{i}"}]}) + "\n")
-  return paths
+# The tokenizer and the two-dataset chat corpus of the pipeline tests (the same lines).
+from test_data_pipeline import KEYS, corpus, enc, tok  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
 
 
 def cfg_for(corpus, **kw):
