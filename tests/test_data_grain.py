@@ -1,7 +1,6 @@
 """The pipeline's stages as Grain datasets: equal to what SFTData builds, and composable."""
 
 import json
-import os
 import pickle
 
 import numpy as np
