@@ -114,3 +114,24 @@ def test_shard_activation_is_a_noop_without_mesh():
   with jax.set_mesh(mesh):
     y = jax.jit(lambda x: shard_activation(x * 2, ("activation_batch", None, None)))(x)
   assert y.sharding.spec[0] in ("fsdp", ("data", "fsdp"), ("data", "fsdp", "expert"))
+
+
+def test_large_replicated_params_are_named_in_a_warning(caplog):
+  """A parameter over 1 M elements that no rule can split is copied onto every device: the
+  warning names it; the sharded ones are not named."""
+  mesh = make_mesh(dict(fsdp=4))
+  # hidden 1,001 is odd and fsdp splits the hidden axis: the 2 M-element embedding (whose vocab
+  # axis maps to the size-1 tensor axis) ends up whole on every device.
+  odd = presets.qwen3_tiny(vocab_size=2000, hidden_size=1001, num_attention_heads=1,
+                           num_key_value_heads=1, head_dim=8, intermediate_size=12,
+                           num_hidden_layers=1)
+  with caplog.at_level("WARNING", logger="jaxtune.parallel.sharding"):
+    param_shardings(abstract_model(odd, mesh), mesh)
+  assert "model.embed_tokens.embedding (2000, 1001)" in caplog.text
+  caplog.clear()
+  even = presets.qwen3_tiny(vocab_size=2000, hidden_size=1024, num_attention_heads=1,
+                            num_key_value_heads=1, head_dim=8, intermediate_size=12,
+                            num_hidden_layers=1)
+  with caplog.at_level("WARNING", logger="jaxtune.parallel.sharding"):
+    param_shardings(abstract_model(even, mesh), mesh)
+  assert "replicated" not in caplog.text

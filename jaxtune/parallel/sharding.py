@@ -10,6 +10,7 @@ The table is ordered: for each dimension the first rule for its name whose mesh 
 model (2 kv heads on 4 tensor devices) still runs, only less sharded.
 """
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +47,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
 )
 
 _KNOWN_NAMES = frozenset(name for name, _ in LOGICAL_AXIS_RULES)
+# A parameter this large copied whole onto every device is worth a warning (memory).
+REPLICATED_WARNING_ELEMENTS = 1_000_000
+log = logging.getLogger(__name__)
 
 
 def _as_tuple(mesh_axes: MeshAxes) -> tuple[str, ...]:
@@ -111,6 +115,7 @@ def param_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
   passed as jit in/out_shardings for `nnx.state(model)`. Variables without names replicate.
   """
   state = nnx.state(abstract_state) if isinstance(abstract_state, nnx.Module) else abstract_state
+  replicated = []
 
   def one(path, variable):
     if not isinstance(variable, nnx.Variable):
@@ -121,10 +126,18 @@ def param_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
       spec = logical_to_spec(tuple(names), shape, mesh)
     except ValueError as e:
       raise ValueError(f"parameter {_path_str(path)}: {e}") from None
+    split = math.prod(mesh.shape[a] for axes in spec for a in _as_tuple(axes))
+    if mesh.size > 1 and split == 1 and math.prod(shape) > REPLICATED_WARNING_ELEMENTS:
+      replicated.append(f"{_path_str(path)} {tuple(shape)}")
     return variable.replace(NamedSharding(mesh, spec))
 
-  return jax.tree_util.tree_map_with_path(
+  out = jax.tree_util.tree_map_with_path(
       one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  if replicated:
+    log.warning("%d parameter(s) over %.0e elements are replicated on every device of mesh %s "
+                "(no rule for their axes divides them): %s", len(replicated),
+                REPLICATED_WARNING_ELEMENTS, dict(mesh.shape), "; ".join(replicated[:8]))
+  return out
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
