@@ -8,12 +8,14 @@ user can make in a recipe into one `ConfigError` that names the key and the fix.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 from ml_collections import ConfigDict, FieldReference, config_dict
 
 from jaxtune.models import presets
+from jaxtune.parallel import sharding
 
 
 class ConfigError(ValueError):
@@ -74,6 +76,9 @@ def base_config() -> ConfigDict:
   c.lr.zero_warmup_repeats_base_lr = True
   c.loss = ConfigDict(dict(mode="chunk", chunk_size=1024, loss_reduction="token"))
   c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  # Overrides of the logical-axis rules (jaxtune.parallel.sharding.DEFAULT_RULES): (name, mesh
+  # axes) pairs; a name listed here gets exactly these rules, e.g. (("embed", None),) = no FSDP.
+  c.mesh.logical_axis_rules = ()
 
   c.param_dtype = "float32"            # master weights
   c.compute_dtype = "bfloat16"         # 'float32' gives exact parity with the reference on CPU
@@ -82,6 +87,7 @@ def base_config() -> ConfigDict:
   # (the attention output) | offload (the dots, in pinned host memory) | none (everything).
   c.remat = "full"
   c.attention = "auto"                 # auto (cudnn on GPU, else blockwise) | blockwise | xla |
+                                       # pallas (GPU packed kernel, no [T, T] mask) |
                                        # cudnn
 
   c.global_batch_size = 8              # packed rows per optimizer step, all ranks
@@ -116,7 +122,7 @@ _CHOICES = {
     "compute_dtype": _DTYPES,
     "remat": ("full", "none", "dots", "save_attention", "offload"),  # = models.qwen3.REMAT
     "optim.state_dtype": ("float32", "bfloat16"),
-    "attention": ("auto", "blockwise", "xla", "cudnn"),
+    "attention": ("auto", "blockwise", "xla", "cudnn", "pallas"),
 }
 
 
@@ -157,14 +163,21 @@ def _get(cfg: ConfigDict, path: str) -> Any:
   return node
 
 
-def data_parallel_size(cfg: ConfigDict, num_devices: int) -> int:
-  """Ranks that see different rows: mesh.data x mesh.fsdp x mesh.expert (-1 resolved).
+def axis_rules(cfg: ConfigDict) -> sharding.Rules:
+  """The run's logical-axis rules: the defaults with `mesh.logical_axis_rules` applied."""
+  try:
+    return sharding.merge_rules(cfg.mesh.get("logical_axis_rules", ()))
+  except ValueError as e:
+    raise ConfigError(f"config key {e}") from None
 
-  `expert` splits the batch too: an expert-parallel group is data parallel outside the MoE
-  blocks (jaxtune.parallel.mesh.BATCH_AXES).
+
+def data_parallel_size(cfg: ConfigDict, num_devices: int) -> int:
+  """Ranks that see different rows: the product of the data-parallel axes' sizes (-1
+  resolved). Those axes come from the rules (`sharding.batch_axes`): data x fsdp x expert by
+  default, since an expert-parallel group is data parallel outside the MoE blocks.
   """
   sizes = mesh_shape(cfg, num_devices)
-  return sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  return math.prod(sizes[axis] for axis in sharding.batch_axes(axis_rules(cfg)))
 
 
 def mesh_shape(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
@@ -244,6 +257,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     raise ConfigError(f"optim.skip_grad_norm_threshold must be positive or None, got "
                       f"{cfg.optim.skip_grad_norm_threshold}")
   _check_attention_heads(cfg.model, "model")
+  axis_rules(cfg)  # a bad override fails here, naming its entry
 
   if not cfg.data.datasets:
     raise ConfigError("data.datasets is empty: add at least one "

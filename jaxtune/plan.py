@@ -111,6 +111,7 @@ def plan(cfg: ConfigDict, num_devices: int | None = None, *,
   from jaxtune import config as config_lib
   from jaxtune import models
   from jaxtune.parallel.mesh import make_mesh
+  from jaxtune.parallel import sharding
   from jaxtune.parallel.sharding import batch_sharding
   from jaxtune.train.logs import quiet_libraries
   from jaxtune.train.optim import lr_schedule, make_optimizer
@@ -137,7 +138,7 @@ def plan(cfg: ConfigDict, num_devices: int | None = None, *,
   total_steps = cfg.total_steps or _NOMINAL_STEPS
 
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), sharding.axis_rules(config_lib.axis_rules(cfg)):
     # The trainer's set-up (Trainer._fit_with and _Loop._compile), from abstract state.
     optimizer = make_optimizer(cfg.optim)
     schedule = lr_schedule(cfg.lr, cfg.optim.lr, total_steps)

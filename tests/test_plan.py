@@ -131,3 +131,18 @@ def test_cli_json_line_on_8_simulated_devices(cli_8_devices, one_device):
   assert report["per_device_bytes"] == sum(report[k] for k in PARTS)
   assert math.isclose(report["per_device_gib"], report["per_device_bytes"] / GIB)
   assert report["fits"] is True and report["device_memory_gib"] == 100.0
+
+
+def test_recipe_rules_reach_the_planned_step():
+  """mesh.logical_axis_rules is the table the planned (= the trainer's) step is built with:
+  turning FSDP off on 2 devices doubles the per-device params; moving the batch onto `data`
+  alone halves the data-parallel size, so the micro-batch count doubles."""
+  sharded = plan(_tiny(), num_devices=2)
+  cfg = _tiny()
+  cfg.mesh.logical_axis_rules = (("embed", None), ("vocab", None))
+  whole = plan(cfg, num_devices=2)
+  assert whole["params_bytes"] == models.param_count(cfg.model) * 4
+  assert sharded["params_bytes"] < 0.6 * whole["params_bytes"]
+  cfg = _tiny()
+  cfg.mesh.logical_axis_rules = (("activation_batch", "data"),)
+  assert sharded["micro_batches"] == 4 and plan(cfg, num_devices=2)["micro_batches"] == 8

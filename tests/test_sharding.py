@@ -7,9 +7,13 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from jaxtune import config as config_lib
 from jaxtune.models import abstract_model, create_model, presets
-from jaxtune.parallel import (AXES, batch_sharding, logical_to_mesh, logical_to_spec, make_mesh,
+from jaxtune.parallel import (AXES, axis_rules, batch_axes, batch_sharding, logical_shard_map,
+                              logical_to_mesh, logical_to_spec, make_mesh, merge_rules,
                               param_shardings, shard_activation)
+from jaxtune.train.optim import make_optimizer
+from jaxtune.train.state import abstract_train_state, split_model
 
 
 def test_make_mesh_has_all_axes_auto():
@@ -135,3 +139,112 @@ def test_large_replicated_params_are_named_in_a_warning(caplog):
   with caplog.at_level("WARNING", logger="jaxtune.parallel.sharding"):
     param_shardings(abstract_model(even, mesh), mesh)
   assert "replicated" not in caplog.text
+
+
+# --- the recipe's rules, the data-parallel axes, logical_shard_map -------------------------
+
+def test_recipe_rules_replace_only_the_names_they_list():
+  rules = merge_rules((("embed", None), ("mlp", ("tensor", "fsdp"))))
+  assert logical_to_spec(("embed", "mlp"), rules=rules) == P(None, ("tensor", "fsdp"))
+  assert logical_to_spec(("layers", "vocab"), rules=rules) == P(None, "tensor")  # kept
+  # Listed rules are fallbacks in their order: mlp falls back to tensor alone where
+  # tensor x fsdp does not divide it.
+  rules = merge_rules((("mlp", ("tensor", "fsdp")), ("mlp", "tensor")))
+  mesh = make_mesh(dict(fsdp=2, tensor=2))
+  assert logical_to_spec(("mlp",), (8,), mesh, rules) == P(("tensor", "fsdp"))
+  assert logical_to_spec(("mlp",), (6,), mesh, rules) == P("tensor")
+  for bad, words in ((("embedding", None), "unknown logical axis 'embedding'"),
+                     (("embed", "tensr"), "unknown or repeated mesh axes"),
+                     (("embed",), "not a \\(logical name, mesh axes\\) pair")):
+    with pytest.raises(ValueError, match=r"mesh.logical_axis_rules\[0\].*" + words):
+      merge_rules((bad,))
+
+
+def test_the_rules_decide_the_data_parallel_axes_everywhere():
+  """An override of activation_batch changes the config's data-parallel size, the batch
+  sharding and the parameters' layout together (axis_rules is what the trainer enters)."""
+  cfg = config_lib.base_config()
+  cfg.mesh.update(dict(data=2, fsdp=2))
+  assert config_lib.data_parallel_size(cfg, 4) == 4
+  cfg.mesh.logical_axis_rules = (("activation_batch", "data"), ("embed", None))
+  assert config_lib.data_parallel_size(cfg, 4) == 2
+  rules = config_lib.axis_rules(cfg)
+  assert batch_axes(rules) == ("data",) and batch_axes() == ("data", "fsdp", "expert")
+  mesh = make_mesh(dict(data=2, fsdp=2))
+  with axis_rules(rules):
+    assert batch_sharding(mesh).spec == P("data", None)
+    model = abstract_model(presets.qwen3_tiny(), mesh)
+    # [L, D, F]: no FSDP over the hidden dim D any more (F keeps its size-1 tensor axis).
+    assert model.model.layers.mlp.up_proj.kernel.get_value().sharding.spec == P(None, None,
+                                                                                 "tensor")
+  assert batch_sharding(mesh).spec == P(("data", "fsdp", "expert"), None)  # restored
+  cfg.mesh.logical_axis_rules = (("activation_batch", "pipeline"),)
+  with pytest.raises(config_lib.ConfigError, match=r"mesh.logical_axis_rules\[0\]"):
+    config_lib.axis_rules(cfg)
+
+
+def test_logical_shard_map_resolves_names_once_and_hands_fn_the_axes():
+  mesh = make_mesh(dict(fsdp=2, tensor=2))
+  x = np.arange(48, dtype=np.float32).reshape(8, 6)
+  w = np.linspace(-1, 1, 24, dtype=np.float32).reshape(6, 4)
+  seen = []
+
+  def rows_then_total(axes, x, w):
+    seen.append(axes)
+    y = x @ w                                           # this device's rows
+    return y, jax.lax.psum(y.sum(), axes["activation_batch"])
+
+  fn = logical_shard_map(rows_then_total, in_names=(("activation_batch", None), None),
+                         out_names=(("activation_batch", None), ()))
+  with jax.set_mesh(mesh):
+    y, total = jax.jit(fn)(x, w)
+  assert seen[0]["activation_batch"] == ("data", "fsdp", "expert") and seen[0]["heads"] == ()
+  np.testing.assert_allclose(np.asarray(y), x @ w, rtol=1e-6)
+  np.testing.assert_allclose(float(total), (x @ w).sum(), rtol=1e-5)
+  assert y.addressable_shards[0].data.shape == (4, 4)  # rows split over fsdp=2 only
+  # Without a mesh fn runs on the whole arrays, every name unsplit.
+  y1, total1 = fn(x, w)
+  np.testing.assert_allclose(np.asarray(y1), x @ w, rtol=1e-6)
+  # A later argument whose dim the name's axes do not divide is named.
+  two = logical_shard_map(lambda axes, a, b: a.sum() + b.sum(),
+                          in_names=(("activation_batch",), ("activation_batch",)), out_names=())
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match="argument 1: dim 0"):
+    jax.jit(two)(np.ones(8, np.float32), np.ones(3, np.float32))
+
+
+def test_optimizer_state_takes_its_shardings_from_optax_tree_mapping():
+  """Adam's mu and nu leaves carry their parameter's sharding (optax.tree_map_params says
+  which leaves are parameter-shaped); the count is replicated. bf16 moments too."""
+  mesh = make_mesh(dict(fsdp=2, tensor=2))
+  cfg = config_lib.base_config()
+  for state_dtype in ("float32", "bfloat16"):
+    cfg.optim.state_dtype = state_dtype
+    optimizer = make_optimizer(cfg.optim)
+    with jax.set_mesh(mesh):
+      model_def, params = split_model(abstract_model(presets.qwen3_tiny(), mesh))
+      state = abstract_train_state(params, optimizer, mesh, model_def)
+    adam = state.opt_state[1][0]
+    want = jax.tree.leaves(jax.tree.map(lambda p: p.sharding.spec, params))
+    for moments in (adam.mu, adam.nu):
+      got = jax.tree.leaves(moments)
+      assert [m.sharding.spec for m in got] == want
+      assert {m.dtype for m in got} == {jnp.dtype(state_dtype)}
+    assert adam.count.sharding.spec == P()
+    assert any(spec != P(*[None] * len(spec)) for spec in want)  # something is split
+
+
+def test_head_projections_split_into_whole_heads_only():
+  """2 query heads of 8 on tensor=4: N * H = 16 divides 4, but a split would cut each head in
+  half, so q_proj / o_proj stay whole along heads; 4 heads split one per device."""
+  mesh = make_mesh(dict(tensor=4))
+  halves = presets.qwen3_tiny(num_attention_heads=2, num_key_value_heads=2, head_dim=8)
+  attn = abstract_model(halves, mesh).model.layers.self_attn
+  assert attn.q_proj.kernel.get_value().sharding.spec == P(None, "fsdp", None)
+  assert attn.o_proj.kernel.get_value().sharding.spec == P(None, None, "fsdp")
+  assert attn.k_proj.kernel.get_value().sharding.spec == P(None, "fsdp", None)
+  whole = presets.qwen3_tiny(num_attention_heads=4, num_key_value_heads=4, head_dim=8)
+  attn = abstract_model(whole, mesh).model.layers.self_attn
+  assert attn.q_proj.kernel.get_value().sharding.spec == P(None, "fsdp", "tensor")
+  assert attn.o_proj.kernel.get_value().sharding.spec == P(None, "tensor", "fsdp")
+  q = attn.q_proj.kernel.get_value()
+  assert q.sharding.shard_shape(q.shape)[-1] == 8  # one whole head per device

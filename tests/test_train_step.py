@@ -185,3 +185,24 @@ def test_zero_learning_rate_leaves_params_unchanged():
   assert not bool(out["skipped"]) and float(out["lr"]) == 0.0 and np.isfinite(float(out["loss"]))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), new_state.params,
                before)
+
+
+def test_gradient_accumulators_are_sharded_like_the_params():
+  """The micro-batch loop carries each float32 gradient sum as the param's own shard (with
+  fsdp=4, a quarter of its hidden dim), not a whole copy per device."""
+  import re  # pylint: disable=import-outside-toplevel
+  mesh, _, state, step, _ = _setup(dict(fsdp=4), num_micro=2)
+  host = _batch(rows=8)
+  with jax.set_mesh(mesh):
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh))
+             for k, v in host.items()}
+    hlo = step.lower(state, batch).compile().as_text()
+  loop = [line.split(" while(")[0] for line in hlo.splitlines()
+          if " while(" in line and 'op_name="jit(train_step)/while"' in line]
+  assert len(loop) == 1, loop
+  carried = re.findall(r"f32\[([\d,]*)\]", loop[0])
+  carried = [tuple(int(d) for d in dims.split(",") if d) for dims in carried]
+  shards = [p.addressable_shards[0].data.shape for p in jax.tree.leaves(state.params)]
+  assert any(s != p.shape for s, p in zip(shards, jax.tree.leaves(state.params)))
+  for shard in set(shards):  # one float32 sum per param, in the param's shard shape
+    assert carried.count(shard) >= shards.count(shard), (shard, carried)

@@ -43,15 +43,19 @@ _BTD = ("activation_batch", "activation_length", "activation_embed")
 ATTENTION_OUT = "attention_out"
 
 
-def _weight_init(logical_axes: tuple[str, ...]):
-  """Normal(0.02) init whose param carries its logical axis names for `parallel.sharding`."""
-  return nnx.with_partitioning(nnx.initializers.normal(_INIT_STD), logical_axes)
+def _weight_init(logical_axes: tuple[str, ...], units: tuple[int, ...] | None = None):
+  """Normal(0.02) init whose param carries its logical axis names for `parallel.sharding`
+  (and, for a dim of whole heads, the head size as its `shard_units`)."""
+  metadata = {} if units is None else dict(shard_units=units)
+  return nnx.with_partitioning(nnx.initializers.normal(_INIT_STD), logical_axes, **metadata)
 
 
 def _linear(in_features: int, out_features: int, logical_axes: tuple[str, str], *,
-            param_dtype, compute_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+            param_dtype, compute_dtype, rngs: nnx.Rngs, units: tuple[int, int] | None = None
+            ) -> nnx.Linear:
   return nnx.Linear(in_features, out_features, use_bias=False, param_dtype=param_dtype,
-                    dtype=compute_dtype, kernel_init=_weight_init(logical_axes), rngs=rngs)
+                    dtype=compute_dtype, kernel_init=_weight_init(logical_axes, units),
+                    rngs=rngs)
 
 
 class Qwen3RMSNorm(nnx.Module):
@@ -77,12 +81,17 @@ class Qwen3Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = (
         cfg.num_attention_heads, cfg.num_key_value_heads, head_dim)
     self.attention = attention
-    self.q_proj = _linear(hidden, self.num_heads * head_dim, ("embed", "heads"), **dims, rngs=rngs)
+    # The head dims are flattened (N * H, HF's layout) but split only into whole heads
+    # (shard_units): a tensor axis that does not divide the head count leaves them whole.
+    out_heads, in_heads = (1, head_dim), (head_dim, 1)
+    self.q_proj = _linear(hidden, self.num_heads * head_dim, ("embed", "heads"), **dims,
+                          rngs=rngs, units=out_heads)
     self.k_proj = _linear(hidden, self.num_kv_heads * head_dim, ("embed", "kv_heads"), **dims,
-                          rngs=rngs)
+                          rngs=rngs, units=out_heads)
     self.v_proj = _linear(hidden, self.num_kv_heads * head_dim, ("embed", "kv_heads"), **dims,
-                          rngs=rngs)
-    self.o_proj = _linear(self.num_heads * head_dim, hidden, ("heads", "embed"), **dims, rngs=rngs)
+                          rngs=rngs, units=out_heads)
+    self.o_proj = _linear(self.num_heads * head_dim, hidden, ("heads", "embed"), **dims,
+                          rngs=rngs, units=in_heads)
     self.q_norm = Qwen3RMSNorm(head_dim, cfg.rms_norm_eps, **dims)
     self.k_norm = Qwen3RMSNorm(head_dim, cfg.rms_norm_eps, **dims)
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.ops import pallas_loss
+from jaxtune.parallel.sharding import logical_shard_map
 
 log = logging.getLogger(__name__)
 
@@ -239,15 +240,18 @@ def _per_device(fn: Callable[..., jax.Array], token_axes: tuple[str, ...],
   of that mark, instead of once per chunk as a plain jit over sharded tokens does. With
   check_vma=False there is no mark and shard_map sums that gradient itself, also once.
   """
-  spec_n, spec = jax.sharding.PartitionSpec(token_axes), jax.sharding.PartitionSpec()
-
-  def local(h, w, y, wt):
+  def local(axes, h, w, y, wt):
+    split = axes["loss_tokens"]
+    if not split:  # one device: nothing to mark or sum
+      return fn(h, w, y, wt)
     if check_vma:
-      w = jax.lax.pcast(w, token_axes, to="varying")
-    return jax.lax.psum(fn(h, w, y, wt), token_axes)
+      w = jax.lax.pcast(w, split, to="varying")
+    return jax.lax.psum(fn(h, w, y, wt), split)
 
-  return jax.shard_map(local, in_specs=(spec_n, spec, spec_n, spec_n), out_specs=spec,
-                       axis_names=set(token_axes), check_vma=check_vma)
+  tokens = ("loss_tokens",)
+  return logical_shard_map(local, in_names=(("loss_tokens", None), None, tokens, tokens),
+                           out_names=(), rules=(("loss_tokens", token_axes),),
+                           check_vma=check_vma)
 
 
 @functools.cache

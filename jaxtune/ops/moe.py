@@ -59,8 +59,9 @@ Grouped matmul, two implementations (`moe_experts(..., impl=...)`):
 
 Expert parallelism (`token_axes` / `expert_axes` / `mlp_axes`, the mesh axes that split N,
 E and F, under `jax.set_mesh`) runs either implementation per device inside a
-`jax.shard_map`; it divides G by the expert-axis size. This module imports nothing else of jaxtune: the caller
-maps its logical axes to mesh axes.
+`jax.shard_map` (built by `parallel.sharding.logical_shard_map`, the one helper the loss and
+attention kernels use too); it divides G by the expert-axis size. The caller maps its logical
+axes to mesh axes: this op takes mesh axes.
 
 Shape letters: N tokens, D hidden, E experts, K top-k, F expert hidden, M = N * K
 assignments, G local experts (groups), L tiles, T rows per tile.
@@ -75,6 +76,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from jaxtune.parallel.sharding import logical_shard_map
 
 MeshAxes = str | Sequence[str] | None
 IMPLS = ("tiled", "ragged_dot")
@@ -384,7 +387,6 @@ def _expert_parallel(experts_fn, x_nd, weights_nk, experts_nk, gate_edf, up_edf,
   `mlp_axes` (F split over 'tensor': partial down_proj sums). Weights enter whole along D:
   the FSDP all-gather happens at the shard_map boundary.
   """
-  mesh = jax.sharding.get_abstract_mesh()
   if set(mlp_axes) & set(token_axes):
     raise ValueError(f"mesh axes {mlp_axes} cannot split both the tokens and the MLP dim")
   if set(mlp_axes) & set(expert_axes):
@@ -397,12 +399,9 @@ def _expert_parallel(experts_fn, x_nd, weights_nk, experts_nk, gate_edf, up_edf,
   gather_axes = tuple(a for a in expert_axes if a in token_axes)
   sum_axes = tuple(a for a in expert_axes if a not in token_axes) + mlp_axes
   g = e // _shards(expert_axes)
-  spec_tok = P(token_axes or None, None)
-  spec_in = P(expert_axes or None, None, mlp_axes or None)   # gate / up [E, D, F]
-  spec_out = P(expert_axes or None, mlp_axes or None, None)  # down [E, F, D]
   all_axes = tuple(dict.fromkeys(token_axes + expert_axes + mlp_axes))
 
-  def local(x, w, ids, gate, up, down):
+  def local(_, x, w, ids, gate, up, down):
     if gather_axes:
       x, w, ids = (jax.lax.all_gather(a, gather_axes, axis=0, tiled=True) for a in (x, w, ids))
     x, w, ids, gate, up, down = (_vary(a, all_axes) for a in (x, w, ids, gate, up, down))
@@ -412,8 +411,13 @@ def _expert_parallel(experts_fn, x_nd, weights_nk, experts_nk, gate_edf, up_edf,
       y = jax.lax.psum_scatter(y, gather_axes, scatter_dimension=0, tiled=True)
     return jax.lax.psum(y, sum_axes) if sum_axes else y
 
-  fn = jax.shard_map(local, in_specs=(spec_tok, spec_tok, spec_tok, spec_in, spec_in, spec_out),
-                     out_specs=spec_tok, axis_names=set(mesh.axis_names))
+  # The op's own names for the three splits; the caller chose their mesh axes.
+  rules = (("moe_tokens", token_axes), ("moe_experts", expert_axes), ("moe_mlp", mlp_axes))
+  tok = ("moe_tokens", None)
+  weight_in = ("moe_experts", None, "moe_mlp")    # gate / up [E, D, F]: whole along D
+  weight_out = ("moe_experts", "moe_mlp", None)   # down [E, F, D]
+  fn = logical_shard_map(local, in_names=(tok, tok, tok, weight_in, weight_in, weight_out),
+                         out_names=tok, rules=rules)
   return fn(x_nd, weights_nk, experts_nk, gate_edf, up_edf, down_efd)
 
 

@@ -6,12 +6,9 @@ import jax
 import numpy as np
 
 # data: pure data parallel (replicated params); fsdp: data parallel with params sharded over
-# it; tensor: Megatron-style split of heads / MLP / vocab; expert: MoE experts.
+# it; tensor: Megatron-style split of heads / MLP / vocab; expert: MoE experts. Which axes
+# split the batch is the logical-axis rules' call (sharding.batch_axes).
 AXES = ("data", "fsdp", "tensor", "expert")
-# The axes that split the batch: every rank along them sees different rows. `expert` is one of
-# them: outside the MoE blocks an expert-parallel group is plain data parallelism (as in
-# MaxText and DeepSpeed-MoE), and inside them the group exchanges its tokens (ops/moe.py).
-BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None

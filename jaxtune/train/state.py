@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -22,29 +23,24 @@ def split_model(model: nnx.Module) -> tuple[ModelDef, nnx.State]:
   return ModelDef(graphdef, rest, models.trainable_filter(model.config)), params
 
 
-def opt_state_shardings(abstract_opt_state, param_shardings, mesh):
-  """A parameter's sharding for every optimizer leaf that mirrors it; replicated otherwise.
+def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_opt_state,
+                        param_shardings, mesh):
+  """Every optimizer leaf that stands for a parameter (Adam's mu and nu, ...) takes that
+  parameter's sharding; the rest (step counts, ...) are replicated.
 
-  Optimizer states (Adam's mu and nu, ...) hold trees with the parameters' own key paths, so a
-  leaf whose key path ends with a parameter's path and has its shape takes its sharding.
+  Which leaves stand for parameters is optax's own answer (`optax.tree_map_params`: it
+  initialises the optimizer on a placeholder and sees where the parameter tree lands), not a
+  guess from key paths or shapes.
   """
-  by_path = {tuple(path): s for path, s in
-             jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
   replicated = NamedSharding(mesh, PartitionSpec())
-
-  def pick(path, leaf):
-    for start in range(len(path)):
-      hit = by_path.get(tuple(path[start:]))
-      if hit is not None and len(hit.spec) <= len(leaf.shape):
-        return hit
-    return replicated
-  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+  return optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_opt_state,
+                               param_shardings, transform_non_params=lambda _: replicated)
 
 
 def init_opt_state(optimizer, params, mesh):
   shardings = jax.tree.map(lambda x: x.sharding, params)
   abstract = jax.eval_shape(optimizer.init, params)
-  out = opt_state_shardings(abstract, shardings, mesh)
+  out = opt_state_shardings(optimizer, abstract, shardings, mesh)
   return jax.jit(optimizer.init, out_shardings=out)(params)
 
 
@@ -61,7 +57,7 @@ def abstract_train_state(abstract_params, optimizer, mesh, model_def: ModelDef) 
   trainable, _ = model_def.split_trainable(abstract_params)
   shardings = jax.tree.map(lambda x: x.sharding, trainable)
   abstract_opt = jax.eval_shape(optimizer.init, trainable)
-  opt_shardings = opt_state_shardings(abstract_opt, shardings, mesh)
+  opt_shardings = opt_state_shardings(optimizer, abstract_opt, shardings, mesh)
   with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
   return TrainState(
       params=abstract_params,

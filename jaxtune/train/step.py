@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from jaxtune.ops.loss import chunked_cross_entropy, eager_cross_entropy, loss_weights
-from jaxtune.parallel.mesh import BATCH_AXES
+from jaxtune.parallel import sharding
 
 
 class TrainState(NamedTuple):
@@ -75,18 +75,20 @@ def make_loss_fn(model_def: ModelDef, loss_cfg) -> Callable:
     # Tokens are sharded over the data-parallel axes: each device chunks its own tokens and the
     # LM-head gradient is reduced once per micro-batch, not once per chunk.
     return chunked_cross_entropy(hidden_nd, model.lm_head_kernel(), labels_n, weights_n,
-                                 chunk_size=chunk_size, token_axes=BATCH_AXES), out
+                                 chunk_size=chunk_size, token_axes=sharding.batch_axes()), out
   return loss_sum
 
 
 def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, loss_fn: Callable,
                optimizer: optax.GradientTransformation, schedule: Callable, num_micro: int,
-               loss_reduction: str, skip_grad_norm_threshold: float | None = None
-               ) -> tuple[TrainState, dict]:
+               loss_reduction: str, skip_grad_norm_threshold: float | None = None,
+               grad_shardings: Any = None) -> tuple[TrainState, dict]:
   """One optimizer step over a global batch of packed rows [G, T] (+ the family's arrays).
 
   `optimizer` has a unit learning rate (`make_optimizer(optim_cfg)`): its updates are scaled
-  here by `schedule(state.step)`."""
+  here by `schedule(state.step)`. `grad_shardings` (the trainable params' shardings) pins the
+  float32 gradient accumulators to the params' layout: each device keeps only its shard of
+  the running sum (a reduce-scatter per micro-batch), never a whole copy."""
   weights_gt = loss_weights(batch["labels"], batch["segment_ids"], loss_reduction)
   denominator = jnp.maximum(weights_gt.sum(), 1e-6)  # over the global batch, all ranks
   micro = split_micro_batches({**batch, "weights": weights_gt}, num_micro)
@@ -99,11 +101,13 @@ def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, loss_fn: 
     return lm_sum / denominator + aux / num_micro, (lm_sum, out.aux_losses, out.stats)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
+  like_params = lambda tree: (tree if grad_shardings is None else
+                              jax.lax.with_sharding_constraint(tree, grad_shardings))
 
   def accumulate(carry, mb):
     (_, (lm_sum, aux, stats)), grads = grad_fn(trainable, mb)
     new = dict(lm_sum=lm_sum, aux=aux, stats=stats,
-               grads=jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+               grads=like_params(jax.tree.map(lambda g: g.astype(jnp.float32), grads)))
     return jax.tree.map(jnp.add, carry, new), None
 
   # Shapes of one micro-batch's outputs, for the zero-initialised accumulators.
@@ -112,7 +116,7 @@ def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, loss_fn: 
   zeros = lambda tree, dtype=None: jax.tree.map(
       lambda x: jnp.zeros(x.shape, dtype or x.dtype), tree)
   init = dict(lm_sum=zeros(lm0), aux=zeros(aux0), stats=zeros(stats0),
-              grads=zeros(trainable, jnp.float32))
+              grads=like_params(zeros(trainable, jnp.float32)))
   sums, _ = jax.lax.scan(accumulate, init, micro)
 
   loss = sums["lm_sum"] / denominator
@@ -159,14 +163,16 @@ def compile_train_step(state: TrainState, *, model_def: ModelDef, loss_cfg, opti
   """jit with the state's shardings kept in place and its buffers donated.
 
   optimizer: unit learning rate (`make_optimizer(optim_cfg)`); `schedule` scales its updates.
-  Call the result under `jax.set_mesh(mesh)` (the loss names the mesh's data axes).
+  Call the result under `jax.set_mesh(mesh)` and the run's `sharding.axis_rules` (the loss
+  sums over the rules' data-parallel axes).
   """
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
   step = functools.partial(train_step, model_def=model_def,
                            loss_fn=make_loss_fn(model_def, loss_cfg), optimizer=optimizer,
                            schedule=schedule, num_micro=num_micro,
                            loss_reduction=loss_cfg.loss_reduction,
-                           skip_grad_norm_threshold=skip_grad_norm_threshold)
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+                           skip_grad_norm_threshold=skip_grad_norm_threshold,
+                           grad_shardings=model_def.split_trainable(state_shardings.params)[0])
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings(batch_layout,
                                                                       batch_sharding)),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))

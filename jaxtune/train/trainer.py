@@ -34,6 +34,7 @@ from jaxtune.data.tokenizer import TokenEncoder
 from jaxtune.hf.export import read_hf_dtype
 from jaxtune.hf.load import load_hf_weights
 from jaxtune.parallel.mesh import make_mesh
+from jaxtune.parallel import sharding
 from jaxtune.parallel.sharding import batch_sharding
 from jaxtune.train import logs, multihost, rundir
 from jaxtune.train import metrics as metrics_lib
@@ -92,7 +93,7 @@ class Trainer:
             rundir.write_snapshot(self.run_dir, self.cfg, start)
           log.info("run directory: %s", self.run_dir)
           mesh = make_mesh(config_lib.mesh_shape(self.cfg, jax.device_count()))
-          with jax.set_mesh(mesh):
+          with jax.set_mesh(mesh), sharding.axis_rules(config_lib.axis_rules(self.cfg)):
             return self._fit(mesh, start, is_main)
         except BaseException as e:  # pylint: disable=broad-except
           if jax.process_count() > 1:
