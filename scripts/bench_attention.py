@@ -5,7 +5,8 @@ at 4,096 and 16,384 tokens per row, the temporaries of value_and_grad come from
 `lower(abstract args).compile().memory_analysis()`: nothing is allocated, so it runs on a
 CPU. A small shape is also run and timed on the default backend (and the large shapes too
 on an accelerator, `--run-large auto`, except 'xla' where its [T, T] scores do not fit).
-On a GPU, 'cudnn' (the dense-mask cuDNN path) is measured as well.
+On a GPU, 'cudnn' (the dense-mask cuDNN path) and 'pallas' (the Triton flash kernels of
+ops/pallas_attention.py; their accuracy check is scripts/gpu_kernels.py) are measured too.
 
 Rows are packed with samples of `--sample` tokens (the last one shorter) so the segment
 mask is real; the blockwise path skips kv blocks after the query block only (causality), so
@@ -105,7 +106,7 @@ def main() -> None:
   args = ap.parse_args()
   backend = jax.default_backend()
   blocks = tuple(int(x) for x in args.blocks.split(","))
-  impls = ("xla", "blockwise") + (("cudnn",) if backend == "gpu" else ())
+  impls = ("xla", "blockwise") + (("cudnn", "pallas") if backend == "gpu" else ())
   run_large = args.run_large == "yes" or (args.run_large == "auto" and backend != "cpu")
   large_run = tuple(i for i in impls if i != "xla") if run_large else ()
   small = tuple(int(x) for x in args.small.split(","))

@@ -14,9 +14,18 @@ Implementations:
             mask (turned into an additive bias by JAX). GPU only; bf16/fp16 inputs.
   "dpa_xla" the "cudnn" call with implementation="xla": the CPU twin of the cudnn path, so
             tests check the mask and layout we hand to jax.nn.dot_product_attention.
+  "pallas"  Pallas Triton flash kernels (ops/pallas_attention.py, JAX's own kernel bodies):
+            segment ids and causality applied inside each tile, so no [T, T] mask and O(T)
+            memory; GQA by index map (k / v never repeated in the forward); per device
+            under a mesh. NVIDIA GPUs only (float32 inputs get Triton's default dot
+            precision, TF32 on recent GPUs); elsewhere it raises unless `interpret=True`
+            (Pallas' interpreter, for CPU tests). Measured only by scripts/gpu_kernels.py.
   "auto"    "cudnn" on a GPU with bf16/fp16 inputs (4.6x faster than "xla" for Qwen3-0.6B at
             8k tokens on an H100; docs/benchmarks.md), "blockwise" otherwise (CPU, TPU, float32
             on GPU): the only path here whose memory does not grow with T^2.
+            `scripts/gpu_kernels.py` measures "pallas" against "cudnn" and "blockwise" on a GPU
+            (errors against per-sample attention, forward + backward time); if "pallas" wins
+            there, flip `AUTO_GPU_IMPL` below to "pallas" (cudnn's dense mask is O(T^2)).
 """
 
 import math
@@ -24,9 +33,13 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxtune.ops import pallas_attention
 from jaxtune.ops.flash_attention import blockwise_attention
 
-IMPLEMENTATIONS = ("auto", "blockwise", "xla", "cudnn", "dpa_xla")
+IMPLEMENTATIONS = ("auto", "blockwise", "xla", "cudnn", "dpa_xla", "pallas")
+
+# What "auto" runs on a GPU with bf16/fp16 inputs: "cudnn" (the measured path) or "pallas".
+AUTO_GPU_IMPL = "cudnn"
 
 
 def segment_causal_mask(segment_ids_bt: jax.Array) -> jax.Array:
@@ -63,17 +76,20 @@ def _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, implementation):
 
 def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
               segment_ids_bt: jax.Array, *, impl: str = "auto", block_q: int = 512,
-              block_kv: int = 512) -> jax.Array:
+              block_kv: int = 512, interpret: bool = False,
+              pallas_blocks: pallas_attention.Blocks | None = None) -> jax.Array:
   """Packed causal GQA attention with scale 1/sqrt(H); returns [B, T, N, H] in v's dtype.
 
   `block_q` / `block_kv` are the "blockwise" tile sizes (capped at T); other impls ignore them.
+  `interpret` runs "pallas" in Pallas' interpreter (any backend); `pallas_blocks` are its
+  tiles (`pallas_attention.Blocks`).
   """
   num_heads, num_kv_heads = q_btnh.shape[2], k_btkh.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
   if impl == "auto":
     on_gpu = jax.default_backend() == "gpu" and q_btnh.dtype in (jnp.bfloat16, jnp.float16)
-    impl = "cudnn" if on_gpu else "blockwise"
+    impl = AUTO_GPU_IMPL if on_gpu else "blockwise"
   if impl == "blockwise":
     return blockwise_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, block_q=block_q,
                                block_kv=block_kv).astype(v_btkh.dtype)
@@ -87,6 +103,14 @@ def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
       raise ValueError(f"attention impl 'cudnn' needs bfloat16 or float16 inputs, got "
                        f"{q_btnh.dtype}; set compute_dtype='bfloat16' or attention='auto'.")
     return _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, "cudnn")
+  if impl == "pallas":
+    if jax.default_backend() != "gpu" and not interpret:
+      raise ValueError(f"attention impl 'pallas' needs an NVIDIA GPU (Triton), but JAX's "
+                       f"backend is '{jax.default_backend()}'. Use attention='auto' "
+                       f"(blockwise) here, or interpret=True to run the kernels interpreted.")
+    return pallas_attention.packed_attention(
+        q_btnh, k_btkh, v_btkh, segment_ids_bt, blocks=pallas_blocks or pallas_attention.Blocks(),
+        interpret=interpret)
   if impl == "dpa_xla":
     return _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, "xla")
   raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}")

@@ -1,0 +1,256 @@
+"""Packed causal GQA attention as Pallas Triton kernels (NVIDIA GPUs): no [T, T] mask, ever.
+
+The kernel bodies are JAX's own FlashAttention-2 kernels from
+`jax.experimental.pallas.ops.gpu.attention` (`mha_forward_kernel`, `mha_backward_kernel`;
+the same file in jax 0.11.2 and 0.12), which take causality and segment ids inside the
+kernel: each program builds its [block_q, block_k] mask from the block's positions and
+segment ids, so memory is O(T) (outputs, per-query logsumexp, the [T] segment ids).
+jaxtune only supplies the `pallas_call`s around them, for two reasons:
+
+  * GQA without copying k / v: the BlockSpecs of k and v map query head n to kv head
+    n // G (HF's repeat_kv order), so the forward reads each kv head in place. The bundled
+    `mha()` fixes its index maps to one kv head per query head. In the backward pass the
+    kernel writes dk / dv per *query* head ([B, T, N, H], float32 when G > 1) and the G
+    heads of a group are summed outside: O(T * N * H) memory, like dq.
+  * the outputs carry shard_map's varying-axes type (so the kernels run per device under
+    `jaxtune.parallel.sharding.logical_shard_map`), and delta = rowsum(dO * O) is one XLA
+    reduction instead of a third kernel.
+
+Semantics are `attention.segment_causal_mask`'s: key s is seen by query t iff s <= t and
+the segment ids are equal, so padding (segment 0) sees earlier padding and every row has its
+own key (no empty softmax). T need not be a multiple of the blocks: rows are padded at the
+end with segment -1, which causality hides from every real query. H that is not a power of
+two is zero-padded (Triton tiles are powers of two); the scale stays 1 / sqrt(H).
+
+Not skipped: kv blocks that hold other samples only. The kernels skip blocks above the
+diagonal (causality) but not blocks outside a query's segment, so the FLOPs are those of
+plain causal attention over the whole row, whatever the packing.
+
+`interpret=True` runs the same kernels through Pallas' interpreter on any backend (how the
+CPU tests check them); without it the kernels need Triton, i.e. a CUDA GPU.
+
+Shape letters: B rows, T tokens, N query heads, K kv heads, G = N / K, H head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from jax.experimental import pallas as pl
+
+from jaxtune.ops.flash_attention import RESIDUAL_NAMES
+from jaxtune.parallel.sharding import logical_shard_map
+
+# Logical axis names of the per-device call (jaxtune.parallel.sharding's rules): rows over
+# the batch axes, heads over 'tensor'; tokens and head dim whole on every device.
+Q_NAMES = ("activation_batch", "activation_length", "activation_heads", None)
+KV_NAMES = ("activation_batch", "activation_length", "activation_kv_heads", None)
+SEGMENT_NAMES = ("activation_batch", "activation_length")
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Tile sizes, powers of two (Triton). `q` / `kv`: the forward's query and key tiles.
+  Backward: each program owns `bwd_major` keys (for dk, dv) and then `bwd_major` queries
+  (for dq), walking the other side in tiles of `bwd_minor`. Not tuned here: the forward's
+  128 x 64 is a common Triton choice for H = 128 (JAX's `mha` default is 128 x 128), the
+  backward's 32 x 32 is JAX's default. T is padded to a multiple of the largest tile."""
+  q: int = 128
+  kv: int = 64
+  bwd_major: int = 32
+  bwd_minor: int = 32
+  num_warps: int | None = None   # None: 4 for H <= 64, else 8 (forward); 4 / 8 by tile area
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("q", "kv", "bwd_major", "bwd_minor"):
+      size = getattr(self, name)
+      if size < 1 or size & (size - 1):
+        raise ValueError(f"Blocks.{name} must be a power of two, got {size}")
+
+  @property
+  def row_multiple(self) -> int:
+    return max(self.q, self.kv, self.bwd_major, self.bwd_minor)
+
+
+def _kernels():
+  """JAX's Triton attention module (deprecated in favour of tokamax, which is not a
+  dependency here; only its kernel bodies are used)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from jax.experimental.pallas.ops.gpu import attention  # pylint: disable=import-outside-toplevel
+  return attention
+
+
+def _compiler_params(num_warps: int, num_stages: int, interpret: bool):
+  if interpret:
+    return None
+  from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _out_struct(shape: tuple[int, ...], dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+  """An output type that varies over the same shard_map axes as `like` (the field is
+  `manual_axis_type` in jax 0.11.2 and 0.12, `vma` in older releases)."""
+  aval = jax.typeof(like)
+  params = inspect.signature(jax.ShapeDtypeStruct).parameters
+  for name in ("manual_axis_type", "vma"):
+    if name in params and getattr(aval, name, None) is not None:
+      return jax.ShapeDtypeStruct(shape, dtype, **{name: getattr(aval, name)})
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _forward(q, k, v, seg, scale, blocks: Blocks, interpret: bool):
+  """(out [B, T, N, H] in q's dtype, lse [B, N, T] float32 in base 2)."""
+  b, t, n, h = q.shape
+  group = n // k.shape[2]
+  bq, bk = blocks.q, blocks.kv
+  kernel = functools.partial(_kernels().mha_forward_kernel, sm_scale=scale, causal=True,
+                             block_q=bq, block_k=bk, head_dim=h)
+  kv_spec = pl.BlockSpec((None, t, None, h), lambda i, r, m: (r, 0, jax.lax.div(m, group), 0))
+  q_spec = pl.BlockSpec((None, bq, None, h), lambda i, r, m: (r, i, m, 0))
+  warps = blocks.num_warps or (4 if h <= 64 else 8)
+  return pl.pallas_call(
+      kernel,
+      grid=(t // bq, b, n),
+      in_specs=[q_spec, kv_spec, kv_spec, pl.BlockSpec((None, t), lambda i, r, m: (r, 0))],
+      out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, r, m: (r, m, i))],
+      out_shape=[_out_struct(q.shape, q.dtype, q), _out_struct((b, n, t), jnp.float32, q)],
+      compiler_params=_compiler_params(warps, blocks.num_stages, interpret),
+      interpret=interpret, name="jaxtune_packed_attention_fwd")(q, k, v, seg)
+
+
+def _backward(q, k, v, seg, out, lse, do, scale, blocks: Blocks, interpret: bool):
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  group = n // kh
+  major, minor = blocks.bwd_major, blocks.bwd_minor
+  # softmax backward: ds = p * (dp - delta), delta_t = sum_h dO_th * O_th, per query head.
+  delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
+  kernel = functools.partial(_kernels().mha_backward_kernel, sm_scale=scale, causal=True,
+                             block_q_dkv=minor, block_kv_dkv=major, block_q_dq=major,
+                             block_kv_dq=minor, head_dim=h)
+  whole_q = pl.BlockSpec((None, t, None, h), lambda r, m, _: (r, 0, m, 0))
+  whole_kv = pl.BlockSpec((None, t, None, h), lambda r, m, _: (r, 0, jax.lax.div(m, group), 0))
+  per_head = pl.BlockSpec((None, None, t), lambda r, m, _: (r, m, 0))
+  tile = pl.BlockSpec((None, major, None, h), lambda r, m, i: (r, i, m, 0))
+  # dk / dv come out per query head; a group's G heads are summed below, in float32.
+  dkv_dtype = k.dtype if group == 1 else jnp.float32
+  warps = blocks.num_warps or (4 if major * minor < 128 * 128 else 8)
+  dq, dk, dv = pl.pallas_call(
+      kernel,
+      grid=(b, n, t // major),
+      in_specs=[whole_q, whole_kv, whole_kv, pl.BlockSpec((None, t), lambda r, m, _: (r, 0)),
+                whole_q, whole_q, per_head, per_head],
+      out_specs=[tile, tile, tile],
+      out_shape=[_out_struct(q.shape, q.dtype, q), _out_struct(q.shape, dkv_dtype, q),
+                 _out_struct(q.shape, dkv_dtype, q)],
+      compiler_params=_compiler_params(warps, blocks.num_stages, interpret),
+      interpret=interpret, name="jaxtune_packed_attention_bwd")(q, k, v, seg, out, do, lse,
+                                                                delta)
+  if group > 1:
+    dk = dk.reshape(b, t, kh, group, h).sum(3).astype(k.dtype)
+    dv = dv.reshape(b, t, kh, group, h).sum(3).astype(v.dtype)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, seg, scale, blocks, interpret):
+  return _forward(q, k, v, seg, scale, blocks, interpret)[0]
+
+
+def _attention_fwd(q, k, v, seg, scale, blocks, interpret):
+  out, lse = _forward(q, k, v, seg, scale, blocks, interpret)
+  # Named like the blockwise path's residuals, so remat='save_attention' keeps them too.
+  out = checkpoint_name(out, RESIDUAL_NAMES[0])
+  lse = checkpoint_name(lse, RESIDUAL_NAMES[1])
+  return out, (q, k, v, seg, out, lse)
+
+
+def _attention_bwd(scale, blocks, interpret, res, do):
+  q, k, v, seg, out, lse = res
+  dq, dk, dv = _backward(q, k, v, seg, out, lse, do.astype(q.dtype), scale, blocks, interpret)
+  return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def local_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
+                    segment_ids_bt: jax.Array, *, blocks: Blocks = Blocks(),
+                    interpret: bool = False, head_offset: jax.Array | int | None = None,
+                    group: int | None = None) -> jax.Array:
+  """One device's packed causal GQA attention, scale 1/sqrt(H); [B, T, N, H] in v's dtype.
+
+  `head_offset` / `group`: for query heads split over devices while k / v hold all kv
+  heads (fewer kv heads than the tensor axis): this device's first global query head and
+  the global N / K. Each local query head then takes kv head (offset + n) // group, gathered
+  into a [B, T, N_local, H] copy (O(T) memory). Without them q and k / v are split alike
+  (or not at all), and local query head n uses local kv head n // (N / K).
+  """
+  b, t, n, h = q_btnh.shape
+  out_dtype = v_btkh.dtype
+  if head_offset is not None:
+    if group is None:
+      raise ValueError("head_offset needs the global group size N / K")
+    heads = (head_offset + jnp.arange(n)) // group
+    k_btkh, v_btkh = jnp.take(k_btkh, heads, axis=2), jnp.take(v_btkh, heads, axis=2)
+  kh = k_btkh.shape[2]
+  if n % kh:
+    raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({kh})")
+  scale = 1.0 / math.sqrt(h)
+  dtype = q_btnh.dtype
+  k_btkh, v_btkh = k_btkh.astype(dtype), v_btkh.astype(dtype)
+  seg_bt = segment_ids_bt.astype(jnp.int32)
+  pad_t = -(-t // blocks.row_multiple) * blocks.row_multiple - t
+  pad_h = (1 << max(h - 1, 0).bit_length()) - h
+  if pad_t or pad_h:
+    # Appended tokens follow every real query, so causality hides them; as segment -1 they
+    # see themselves and stay finite. Zero head columns change no score and no output.
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, pad_t), (0, 0), (0, pad_h)])
+    q_btnh, k_btkh, v_btkh = pad(q_btnh), pad(k_btkh), pad(v_btkh)
+    seg_bt = jnp.pad(seg_bt, [(0, 0), (0, pad_t)], constant_values=-1)
+  out = _attention(q_btnh, k_btkh, v_btkh, seg_bt, scale, blocks, bool(interpret))
+  return out[:, :t, :, :h].astype(out_dtype)
+
+
+def packed_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
+                     segment_ids_bt: jax.Array, *, blocks: Blocks = Blocks(),
+                     interpret: bool = False) -> jax.Array:
+  """Packed causal GQA attention through the Pallas kernels, on global arrays.
+
+  Under a mesh of more than one device it runs per device (`logical_shard_map`): rows split
+  over the batch axes, query and kv heads over theirs ('tensor'), tokens whole. No
+  collective is needed: every (row, head) is independent. Without a mesh (or on one device)
+  it is `local_attention` on the arrays as they are.
+  """
+  num_heads, num_kv_heads = q_btnh.shape[2], k_btkh.shape[2]
+  if num_heads % num_kv_heads:
+    raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads "
+                     f"({num_kv_heads})")
+  group = num_heads // num_kv_heads
+
+  def per_device(axes, q, k, v, seg):
+    q_axes, kv_axes = axes["activation_heads"], axes["activation_kv_heads"]
+    if kv_axes == q_axes:  # split alike (or whole): local head n uses local kv head n // G
+      return local_attention(q, k, v, seg, blocks=blocks, interpret=interpret)
+    if kv_axes:
+      raise ValueError(f"query heads split over {q_axes} but kv heads over {kv_axes}: the "
+                       f"Pallas attention needs them split alike or kv heads whole")
+    # kv heads whole (fewer than the head axis' devices): pick each local head's kv head.
+    offset = jax.lax.axis_index(q_axes) * q.shape[2]
+    return local_attention(q, k, v, seg, blocks=blocks, interpret=interpret,
+                           head_offset=offset, group=group)
+
+  # Pallas' interpreter drops the varying-axes type of its blocks inside a type-checked
+  # shard_map (jax 0.12; ops/loss.py meets the same), so interpret mode runs unchecked.
+  fn = logical_shard_map(per_device, (Q_NAMES, KV_NAMES, KV_NAMES, SEGMENT_NAMES), Q_NAMES,
+                         check_vma=not interpret)
+  return fn(q_btnh, k_btkh, v_btkh, segment_ids_bt)
