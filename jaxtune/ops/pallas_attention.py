@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 import warnings
 
@@ -46,6 +45,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 from jaxtune.ops.flash_attention import RESIDUAL_NAMES
+from jaxtune.ops.pallas_loss import varying_out_struct
 from jaxtune.parallel.sharding import logical_shard_map
 
 # Logical axis names of the per-device call (jaxtune.parallel.sharding's rules): rows over
@@ -96,17 +96,6 @@ def _compiler_params(num_warps: int, num_stages: int, interpret: bool):
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _out_struct(shape: tuple[int, ...], dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
-  """An output type that varies over the same shard_map axes as `like` (the field is
-  `manual_axis_type` in jax 0.11.2 and 0.12, `vma` in older releases)."""
-  aval = jax.typeof(like)
-  params = inspect.signature(jax.ShapeDtypeStruct).parameters
-  for name in ("manual_axis_type", "vma"):
-    if name in params and getattr(aval, name, None) is not None:
-      return jax.ShapeDtypeStruct(shape, dtype, **{name: getattr(aval, name)})
-  return jax.ShapeDtypeStruct(shape, dtype)
-
-
 def _forward(q, k, v, seg, scale, blocks: Blocks, interpret: bool):
   """(out [B, T, N, H] in q's dtype, lse [B, N, T] float32 in base 2)."""
   b, t, n, h = q.shape
@@ -122,7 +111,8 @@ def _forward(q, k, v, seg, scale, blocks: Blocks, interpret: bool):
       grid=(t // bq, b, n),
       in_specs=[q_spec, kv_spec, kv_spec, pl.BlockSpec((None, t), lambda i, r, m: (r, 0))],
       out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, r, m: (r, m, i))],
-      out_shape=[_out_struct(q.shape, q.dtype, q), _out_struct((b, n, t), jnp.float32, q)],
+      out_shape=[varying_out_struct(q.shape, q.dtype, q),
+                 varying_out_struct((b, n, t), jnp.float32, q)],
       compiler_params=_compiler_params(warps, blocks.num_stages, interpret),
       interpret=interpret, name="jaxtune_packed_attention_fwd")(q, k, v, seg)
 
@@ -150,8 +140,9 @@ def _backward(q, k, v, seg, out, lse, do, scale, blocks: Blocks, interpret: bool
       in_specs=[whole_q, whole_kv, whole_kv, pl.BlockSpec((None, t), lambda r, m, _: (r, 0)),
                 whole_q, whole_q, per_head, per_head],
       out_specs=[tile, tile, tile],
-      out_shape=[_out_struct(q.shape, q.dtype, q), _out_struct(q.shape, dkv_dtype, q),
-                 _out_struct(q.shape, dkv_dtype, q)],
+      out_shape=[varying_out_struct(q.shape, q.dtype, q),
+                 varying_out_struct(q.shape, dkv_dtype, q),
+                 varying_out_struct(q.shape, dkv_dtype, q)],
       compiler_params=_compiler_params(warps, blocks.num_stages, interpret),
       interpret=interpret, name="jaxtune_packed_attention_bwd")(q, k, v, seg, out, do, lse,
                                                                 delta)

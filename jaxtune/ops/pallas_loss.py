@@ -59,7 +59,8 @@ def _compiler_params(tiles: Tiles, interpret: bool):
   return pltriton.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
-def _out_struct(shape: tuple[int, ...], dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+def varying_out_struct(shape: tuple[int, ...], dtype, like: jax.Array
+                       ) -> jax.ShapeDtypeStruct:
   """An output type varying over the same shard_map axes as `like`: shard_map's type check
   needs it spelled out for a pallas_call (`manual_axis_type` in jax 0.12, `vma` before)."""
   aval = jax.typeof(like)
@@ -160,7 +161,7 @@ def _token_stats(h, w, y, tiles: Tiles, interpret: bool):
   (n, d), v = h.shape, w.shape[1]
   bt, bv, bd = tiles.tokens, tiles.vocab, tiles.hidden
   nt, nv = pl.cdiv(n, bt), pl.cdiv(v, bv)
-  part = _out_struct((nv, n), jnp.float32, h)
+  part = varying_out_struct((nv, n), jnp.float32, h)
   part_spec = pl.BlockSpec((None, bt), lambda i, j: (j, i))
   m, s, t = pl.pallas_call(
       functools.partial(_fwd_kernel, v=v, bd=bd),
@@ -183,7 +184,7 @@ def _grad_hidden(h, w, y, coef, lse, tiles: Tiles, interpret: bool):
   row = pl.BlockSpec((bt,), lambda i: (i,))
   return pl.pallas_call(
       functools.partial(_dh_kernel, v=v, bv=tiles.vocab, bd=tiles.hidden),
-      out_shape=_out_struct((n, d), jnp.float32, h),
+      out_shape=varying_out_struct((n, d), jnp.float32, h),
       grid=(pl.cdiv(n, bt),),
       in_specs=[pl.BlockSpec((bt, d), lambda i: (i, 0)),
                 pl.BlockSpec(w.shape, lambda i: (0, 0)),  # walked inside the program
@@ -204,7 +205,7 @@ def _grad_kernel(h, w, y, coef, lse, tiles: Tiles, interpret: bool):
     full = pl.BlockSpec((n,), lambda j: (0,))
     dw_slab = pl.pallas_call(
         functools.partial(_dw_kernel, n=n, v=v, v0=v0, bt=tiles.tokens, bd=tiles.hidden),
-        out_shape=_out_struct((d, width), jnp.float32, h),
+        out_shape=varying_out_struct((d, width), jnp.float32, h),
         grid=(pl.cdiv(width, bv),),
         in_specs=[pl.BlockSpec((n, d), lambda j: (0, 0)),  # walked inside the program
                   pl.BlockSpec((d, bv), lambda j, o=v0 // bv: (0, j + o)),
