@@ -58,7 +58,6 @@ DEFAULT_RULES: Rules = (
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
 )
-LOGICAL_AXIS_RULES = DEFAULT_RULES  # the name earlier code and notebooks import
 
 _KNOWN_NAMES = frozenset(name for name, _ in DEFAULT_RULES)
 _ACTIVE_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar(
