@@ -14,6 +14,7 @@ from typing import Any
 
 from ml_collections import ConfigDict, FieldReference, config_dict
 
+from jaxtune.data import tokenizer_files
 from jaxtune.models import presets
 from jaxtune.parallel import sharding
 
@@ -285,10 +286,14 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
       _take_model_from_checkpoint(cfg)
     _check_against_hf_config(cfg)
   if cfg.tokenizer_path is None:
-    raise ConfigError("tokenizer_path is not set: point it at a directory holding tokenizer.json "
-                      "(usually the same as load_from).")
+    raise ConfigError("tokenizer_path is not set: point it at the checkpoint's tokenizer "
+                      "directory (usually the same as load_from).")
   if not os.path.isdir(cfg.tokenizer_path):
     raise ConfigError(f"tokenizer_path '{cfg.tokenizer_path}' is not a directory.")
+  try:
+    tokenizer_files.detect_layout(cfg.tokenizer_path)
+  except tokenizer_files.TokenizerFilesError as e:
+    raise ConfigError(f"tokenizer_path: {e}") from None
 
   if num_devices is not None:
     dp = data_parallel_size(cfg, num_devices)

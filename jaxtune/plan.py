@@ -36,6 +36,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -56,10 +57,20 @@ def _planning_config(cfg: ConfigDict, num_devices: int) -> ConfigDict:
   cfg.data.datasets = [present(ds) for ds in cfg.data.datasets] or [
       config_lib.dataset("plan", stand_in)]
   cfg.eval_datasets = [present(ds) for ds in cfg.eval_datasets]
-  if cfg.tokenizer_path is None or not os.path.isdir(cfg.tokenizer_path):
-    cfg.tokenizer_path = stand_in
+  if cfg.tokenizer_path is None or not _has_tokenizer(cfg.tokenizer_path):
+    cfg.tokenizer_path = tempfile.mkdtemp(prefix="jaxtune-plan-tokenizer-")
+    open(os.path.join(cfg.tokenizer_path, "tokenizer.json"), "w").close()  # never read
   cfg.resume_from, cfg.auto_resume = None, False
   return config_lib.validate(cfg, num_devices=num_devices)
+
+
+def _has_tokenizer(path: str) -> bool:
+  from jaxtune.data.tokenizer_files import detect_layout  # pylint: disable=import-outside-toplevel
+  try:
+    detect_layout(path)
+  except ValueError:
+    return False
+  return True
 
 
 def _max_tiles(cfg: ConfigDict, family, max_tiles: int | None) -> int:

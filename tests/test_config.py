@@ -22,6 +22,7 @@ def good(tmp_path):
                                            {"role": "assistant", "content": "yo"}]}) + "\n")
   tok = tmp_path / "tok"
   tok.mkdir()
+  (tok / "tokenizer.json").write_text("{}")   # validation reads only which files are there
   c = base_config()
   c.model = presets.qwen3_tiny()
   c.tokenizer_path = str(tok)

@@ -378,6 +378,7 @@ def test_validate_checks_nested_text_fields_and_freeze_flags(tmp_path, reference
   cfg.model.freeze_vision = True                     # a training choice: not compared
   cfg.load_from = path
   cfg.tokenizer_path = str(tmp_path)
+  (tmp_path / "tokenizer.json").write_text("{}")     # validation reads only file names
   cfg.total_steps = 1
   cfg.data.datasets = [config_lib.dataset("d", path)]
   config_lib.validate(cfg)

@@ -2,7 +2,7 @@
 
 from jaxtune.data.pipeline import DataIterator, SFTData
 from jaxtune.data.sources import DataError
-from jaxtune.data.tokenizer import TokenEncoder, build_qwen_tokenizer, load_tokenizer
+from jaxtune.data.tokenizer import TokenEncoder, build_qwen_tokenizer, load_tokenizer, open_encoder
 
 __all__ = ["DataError", "DataIterator", "SFTData", "TokenEncoder", "build_qwen_tokenizer",
-           "load_tokenizer"]
+           "load_tokenizer", "open_encoder"]

@@ -8,7 +8,9 @@ counts, the pack count and efficiency and the optimizer steps per epoch, and for
 images the image samples, tiles and how the tile bound (data.max_tiles_per_pack) packed them;
 `--show_row=K` renders packed row K of the epoch's first batches back to text with the loss
 mask shown: text between ⟦ and ⟧ is predicted (carries loss), ┃ separates packed samples, a
-run of image tokens is shown as <IMG_CONTEXT>×N with the row's tiles listed.
+run of image tokens is shown as <IMG_CONTEXT>×N with the row's tiles listed. With Intern-S1's
+scientific tokenizer, text read by its SMILES / IUPAC / FASTA model is shown as ⟪SMILES: ...⟫
+after a tag, ⟪SMILES auto: ...⟫ where it was auto-detected.
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ def main(argv) -> None:
     # Only this row is built (a batch of pixel tiles can be large).
     pack = data.epoch_order(_EPOCH.value)[step * data.rows + row]
     print(f"\nepoch {_EPOCH.value}, step {step}, row {row} (pack {pack}):")
-    print(render_row(data.pack_rows([pack]), 0, data.encoder.decode))
+    decode = getattr(data.encoder, "decode_marked", data.encoder.decode)
+    print(render_row(data.pack_rows([pack]), 0, decode))
 
 
 if __name__ == "__main__":

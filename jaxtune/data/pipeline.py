@@ -39,7 +39,7 @@ from jaxtune.data import encoding, idstore, images, packing, sources, stages, te
 from jaxtune.data.cache import TokenCache
 from jaxtune.data.sources import DataError, DatasetSpec
 from jaxtune.data.tiles import TileDecoder
-from jaxtune.data.tokenizer import ENDOFTEXT, TokenEncoder, tokenizer_dir
+from jaxtune.data.tokenizer import ENDOFTEXT, TokenEncoder, open_encoder, tokenizer_dir
 
 if TYPE_CHECKING:
   import grain
@@ -54,9 +54,9 @@ def make_encoder(tokenizer: Any) -> TokenEncoder:
     return tokenizer
   path = tokenizer if isinstance(tokenizer, str) else tokenizer_dir(tokenizer)
   if path is None:
-    raise ValueError("cannot find the tokenizer's directory (tokenizer.json); pass the "
-                     "tokenizer path or a tokenizer loaded with load_tokenizer(path)")
-  return TokenEncoder(path)
+    raise ValueError("cannot find the tokenizer's directory; pass the tokenizer path or a "
+                     "tokenizer loaded with load_tokenizer(path)")
+  return open_encoder(path)
 
 
 def _rng(*key: int) -> np.random.Generator:

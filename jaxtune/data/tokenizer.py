@@ -24,15 +24,9 @@ from typing import Any
 import numpy as np
 
 from jaxtune.data import templates
+from jaxtune.data.tokenizer_files import (QWEN_PATTERN, TokenizerFiles, detect_layout,
+                                          read_tokenizer_files)
 
-try:  # orjson parses the ~7 MB tokenizer.json ~3x faster; the standard library gives the same
-  from orjson import loads as _loads
-except ImportError:
-  from json import loads as _loads
-
-# Qwen's pre-tokenizer: letters, single digits, punctuation runs, newlines, spaces.
-QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
-                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # (id, content, special) exactly as Qwen3's tokenizer_config.json `added_tokens_decoder`.
 QWEN3_ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = (
@@ -74,7 +68,7 @@ def load_ranks(path: str) -> dict[bytes, int]:
   return {base64.b64decode(tok): int(rank) for tok, rank in (l.split() for l in lines if l)}
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
   """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
   printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
                + list(range(ord("®"), ord("ÿ") + 1)))
@@ -92,7 +86,7 @@ def _byte_table() -> dict[int, str]:
   """A str.translate table: byte-level character -> the byte it stands for (as a latin-1
   character); every other character below U+0144 -> U+FFFF, which latin-1 cannot encode."""
   table = {c: "\uffff" for c in range(0x144)}
-  table.update({ord(c): chr(b) for b, c in _bytes_to_unicode().items()})
+  table.update({ord(c): chr(b) for b, c in bytes_to_unicode().items()})
   return table
 
 
@@ -117,7 +111,7 @@ def _merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
 
 
 def _tokenizer_json(ranks: dict[bytes, int], added_tokens) -> dict[str, Any]:
-  byte_char = _bytes_to_unicode()
+  byte_char = bytes_to_unicode()
 
   def text(b: bytes) -> str:
     return "".join(byte_char[x] for x in b)
@@ -208,33 +202,50 @@ def build_qwen_tokenizer(out_dir: str, *, image_tokens: bool = False) -> str:
 
 
 def load_tokenizer(path: str):
-  """The HF fast tokenizer of a directory holding tokenizer.json."""
-  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-  if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-    raise FileNotFoundError(f"tokenizer directory '{path}' has no tokenizer.json")
-  return AutoTokenizer.from_pretrained(path)
+  """The HF fast tokenizer of a directory in the tokenizer.json or vocab+merges layout (built
+  from the files: no code shipped in the directory runs)."""
+  return _hf_tokenizer(read_tokenizer_files(path))
+
+
+def _hf_tokenizer(files: TokenizerFiles):
+  from transformers import AutoTokenizer, PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
+  if files.layout == "tokenizer.json":
+    return AutoTokenizer.from_pretrained(files.path)
+  if files.layout != "vocab+merges":
+    raise ValueError(f"'{files.path}' holds the {files.layout} tokenizer layout, which no HF fast "
+                     "tokenizer reproduces; encode with jaxtune.data.tokenizer.open_encoder(path).")
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+  tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(files.spec)),
+                                eos_token=files.eos_token)
+  tok.name_or_path = files.path
+  return tok
+
+
+def open_encoder(path: str, **kwargs) -> "TokenEncoder":
+  """The encoder for the tokenizer directory `path`, whatever its layout: a TokenEncoder, or
+  for Intern-S1's scientific tokenizer an InternS1Encoder (same interface, its rules)."""
+  files = read_tokenizer_files(path)
+  if files.layout == "intern-s1":
+    from jaxtune.data.intern_s1_tokenizer import InternS1Encoder  # pylint: disable=import-outside-toplevel
+    return InternS1Encoder(path, files=files, **kwargs)
+  return TokenEncoder(path, files=files, **kwargs)
 
 
 def tokenizer_dir(tokenizer) -> str | None:
   """The directory a HF tokenizer was loaded from (None when unknown)."""
   path = getattr(tokenizer, "name_or_path", None)
-  return path if path and os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+  if not path or not os.path.isdir(path):
+    return None
+  try:
+    detect_layout(path)
+  except ValueError:
+    return None
+  return path
 
 
 def _alternation(tokens) -> re.Pattern:
   return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
                     or "$^")
-
-
-def _eos_token(path: str) -> str | None:
-  """`eos_token` of the directory's tokenizer_config.json (what XTuner appends to pretraining
-  samples); None when it names none."""
-  file = os.path.join(path, "tokenizer_config.json")
-  if not os.path.isfile(file):
-    return None
-  with open(file, encoding="utf-8") as f:
-    eos = json.load(f).get("eos_token")
-  return eos.get("content") if isinstance(eos, dict) else eos
 
 
 class TokenEncoder:
@@ -243,28 +254,30 @@ class TokenEncoder:
   Picklable: worker processes rebuild it from the tokenizer directory.
   """
 
-  def __init__(self, path: str, *, allow_tiktoken: bool = True):
+  def __init__(self, path: str, *, allow_tiktoken: bool = True,
+               files: TokenizerFiles | None = None):
     self.path = path
     self.allow_tiktoken = allow_tiktoken
-    with open(os.path.join(path, "tokenizer.json"), "rb") as f:
-      raw = f.read()
-    self.eos_token = _eos_token(path)
+    files = files or read_tokenizer_files(path)
+    self.layout = files.layout
+    self.eos_token = files.eos_token
     # The end-of-text token shapes pretraining samples' ids too (data cache keys use this).
-    self.fingerprint = hashlib.sha256(raw + repr(self.eos_token).encode()).hexdigest()[:16]
-    spec = _loads(raw)
+    self.fingerprint = hashlib.sha256(files.raw + repr(self.eos_token).encode()).hexdigest()[:16]
+    spec = files.spec
     self.added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
     self._nfc = (spec.get("normalizer") or {}).get("type") == "NFC"
     self._special_re = _alternation(self.added)
     self._core = self._buffer = self.special_pattern = None
     self._memo: dict[str, bytes] = {}
     self._tiktoken = self._build_tiktoken(spec) if allow_tiktoken else None
-    self._hf = None if self._tiktoken is not None else load_tokenizer(path)
+    self._hf = None if self._tiktoken is not None else _hf_tokenizer(files)
     self.backend = "tiktoken" if self._tiktoken is not None else "hf"
     self.derived: dict[Any, Any] = {}   # tables built from this encoder (e.g. template splices)
 
 
   def __getstate__(self):
-    state = {"path": self.path, "allow_tiktoken": self.allow_tiktoken, "eos": self.eos_token}
+    state = {"path": self.path, "allow_tiktoken": self.allow_tiktoken, "eos": self.eos_token,
+             "layout": self.layout}
     if self._tiktoken is not None:
       # Ship the ranks: a worker then starts in ~0.2 s instead of re-reading tokenizer.json.
       enc = self._tiktoken
@@ -282,7 +295,7 @@ class TokenEncoder:
     self._special_re = _alternation(self.added)
     self._tiktoken = self._make_tiktoken(state["pattern"], state["ranks"], state["specials"])
     self._hf, self.backend, self._memo, self.derived = None, "tiktoken", {}, {}
-    self.eos_token = state["eos"]
+    self.eos_token, self.layout = state["eos"], state["layout"]
 
   def _build_tiktoken(self, spec: dict[str, Any]):
     """A tiktoken Encoding with the same ids, or None when tiktoken cannot match HF exactly."""

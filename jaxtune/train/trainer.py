@@ -30,7 +30,7 @@ from jaxtune import config as config_lib
 from jaxtune import models
 from jaxtune.data.pipeline import SFTData
 from jaxtune.data.sources import DataError
-from jaxtune.data.tokenizer import TokenEncoder
+from jaxtune.data.tokenizer import open_encoder
 from jaxtune.hf.export import read_hf_dtype
 from jaxtune.hf.load import load_hf_weights
 from jaxtune.parallel.mesh import make_mesh
@@ -126,7 +126,9 @@ class Trainer:
 
   def _fit_with(self, mesh, start: rundir.Start, is_main: bool) -> dict:
     cfg = self.cfg
-    encoder = TokenEncoder(cfg.tokenizer_path)
+    encoder = open_encoder(cfg.tokenizer_path)
+    if is_main and hasattr(encoder, "describe"):
+      log.info("%s", encoder.describe())
     # The order of one host reading every row, this host taking the rows its devices hold:
     # the batches do not depend on the host count, so a run resumes on another topology.
     dp = config_lib.data_parallel_size(cfg, jax.device_count())
