@@ -203,6 +203,43 @@ def intern_s1_tiny(**overrides) -> ConfigDict:
                     **{**dict(image_token_id=151671), **overrides})
 
 
+def _internvl3_5(default_text: ConfigDict, **overrides) -> ConfigDict:
+  """InternVL3.5 in transformers' format (OpenGVLab/InternVL3_5-*-HF: model_type "internvl",
+  model.language_model.* tensor names, hf_layout "internvl"): Intern-S1-mini's InternViT-300M
+  (1024 wide, 24 layers, LayerNorm, q/k/v bias, layer scale 0.1, no qk-norm; XTuner's
+  `InternVLVisionConfig` defaults, 304,012,288 parameters in the -1B-HF checkpoint), 448-pixel
+  tiles of 14-pixel patches, pixel shuffle 0.5 and a GELU projector (the original checkpoints'
+  config.json: force_image_size 448, downsample_ratio 0.5), the last layer's features (XTuner's
+  vision_feature_layer -1), untied embeddings, and <IMG_CONTEXT> = 151671 in Qwen3's 151,936
+  vocabulary (<img> 151669, </img> 151670; XTuner's `InternVLBaseConfig.image_token_id`, and
+  the ids of jaxtune's bundled tokenizer). XTuner: xtuner/v1/model/compose/internvl/
+  internvl_config.py. The text models are the original checkpoints' `llm_config`s."""
+  return _intern_s1(default_text, _intern_vit(),
+                    **{**dict(image_token_id=151671), **overrides})
+
+
+def internvl3_5_1b(**overrides) -> ConfigDict:
+  """OpenGVLab/InternVL3_5-1B-HF: InternViT-300M + Qwen3-0.6B's dimensions with an untied
+  lm_head (unlike Qwen3-0.6B: the checkpoint stores one, 751,632,384 language parameters, and
+  XTuner's `Qwen3Dense0P6BConfig`, written for this checkpoint, says tie_word_embeddings=False,
+  "the official one is False")."""
+  return _internvl3_5(qwen3_0_6b(tie_word_embeddings=False), **overrides)
+
+
+def internvl3_5_8b(**overrides) -> ConfigDict:
+  """OpenGVLab/InternVL3_5-8B-HF: InternViT-300M + Qwen3-8B (XTuner's
+  `InternVL3P5Dense8BConfig`)."""
+  return _internvl3_5(qwen3_8b(), **overrides)
+
+
+def internvl3_5_30b_a3b(**overrides) -> ConfigDict:
+  """OpenGVLab/InternVL3_5-30B-A3B-HF: InternViT-300M + Qwen3-30B-A3B (XTuner's
+  `InternVL3P5MoE30BA3Config`). XTuner builds that config's projector 2049 wide; the projector
+  writes into the 2048-wide embeddings (transformers sizes it by text_config.hidden_size), so
+  here it is 2048."""
+  return _internvl3_5(qwen3_30b_a3b(), **overrides)
+
+
 class Family(NamedTuple):
   """A registered model family.
 
