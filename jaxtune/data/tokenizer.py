@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from jaxtune.data import templates
-from jaxtune.data.tokenizer_files import (QWEN_PATTERN, TokenizerFiles, detect_layout,
-                                          read_tokenizer_files)
+from jaxtune.data.tokenizer_files import (QWEN_PATTERN, TokenizerFiles, bpe_spec,
+                                          detect_layout, read_tokenizer_files)
 
 
 # (id, content, special) exactly as Qwen3's tokenizer_config.json `added_tokens_decoder`.
@@ -125,23 +125,7 @@ def _tokenizer_json(ranks: dict[bytes, int], added_tokens) -> dict[str, Any]:
       merges.append([text(left), text(right)])
   added = [dict(id=i, content=c, single_word=False, lstrip=False, rstrip=False,
                 normalized=False, special=s) for i, c, s in added_tokens]
-  return {
-      "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-      "normalizer": {"type": "NFC"},
-      "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-          {"type": "Split", "pattern": {"Regex": QWEN_PATTERN}, "behavior": "Isolated",
-           "invert": False},
-          {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
-           "use_regex": False}]},
-      "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
-                         "use_regex": False},
-      "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
-                  "use_regex": False},
-      "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
-                "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
-                "merges": merges},
-  }
+  return bpe_spec(vocab, merges, added)
 
 
 def _tokenizer_config(added_tokens, chat_template: str) -> dict[str, Any]:

@@ -159,23 +159,28 @@ def _read_vocab_merges(path: str, layout: str, config: dict[str, Any],
       sp_models[domain] = os.path.join(path, name)
       files.append(sp_models[domain])
       raw += _read(sp_models[domain])
-  spec = {
-      "added_tokens": added,
+  spec = bpe_spec(vocab, merges, added, pattern, nfc)
+  return TokenizerFiles(path, layout, spec, raw, _eos(config), tuple(files), sp_models)
+
+
+def bpe_spec(vocab: dict[str, int], merges: list, added_tokens: list[dict[str, Any]],
+             pattern: str = QWEN_PATTERN, nfc: bool = True) -> dict[str, Any]:
+  """A byte-level BPE as tokenizer.json describes it (Qwen's pre-tokenizer by default)."""
+  byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+  return {
+      "version": "1.0", "truncation": None, "padding": None, "added_tokens": added_tokens,
       "normalizer": {"type": "NFC"} if nfc else None,
       "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
           {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
            "invert": False},
-          {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
-           "use_regex": False}]},
-      "post_processor": None,
-      "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
-                  "use_regex": False},
+          {"type": "ByteLevel", **byte_level}]},
+      "post_processor": {"type": "ByteLevel", **byte_level},
+      "decoder": {"type": "ByteLevel", **byte_level},
       "model": {"type": "BPE", "dropout": None, "unk_token": None,
                 "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
                 "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
                 "merges": merges},
   }
-  return TokenizerFiles(path, layout, spec, raw, _eos(config), tuple(files), sp_models)
 
 
 def _added_tokens(path: str, config: dict[str, Any]) -> list[dict[str, Any]]:
