@@ -24,6 +24,12 @@ a folder of many JSONL files (cut from the same corpus): start-up time, peak ano
 above the memory-mapped ids, open descriptors, cold (tokenize + write the cache) and cached,
 each start in a fresh process.
 
+  python scripts/bench_data.py --science [--samples 20000 --repeat 3]
+Intern-S1's scientific tokenizer (an official-layout directory built offline as the tests build
+it): end-to-end tokens/s on the same chats with ~5% of their characters SMILES / protein /
+IUPAC (tagged and untagged), against the plain chats with the Qwen3 tokenizer.json; also the
+plain chats through the Intern-S1 tokenizer (the cost of auto-detection on ordinary text).
+
   python scripts/bench_data.py --images [--n_images 64 --repeat 5]
 Intern-S1 image loading on one core, over generated JPEGs of mixed aspect ratios:
 what batches carry, load_tiles(normalized=False) (decode, EXIF, RGB, tile with the thumbnail,
@@ -57,7 +63,7 @@ from jaxtune.config import dataset  # pylint: disable=wrong-import-position
 from jaxtune.data import encoding, images, sources, templates  # pylint: disable=wrong-import-position
 from jaxtune.data.pipeline import SFTData  # pylint: disable=wrong-import-position
 from jaxtune.data.tokenizer import (TokenEncoder, build_qwen_tokenizer,  # pylint: disable=wrong-import-position
-                                    load_tokenizer)
+                                    load_tokenizer, open_encoder)
 
 WORDS = ("the of and to in is that for it as with was on be by at this are from or have an "
          "they which one you had not but what all were when we there can been has more if "
@@ -86,17 +92,36 @@ def _text(rng: np.random.Generator, n_words: int) -> str:
   return text
 
 
-def make_corpus(path: str, samples: int, seed: int = 0) -> None:
+# Scientific snippets for --science: untagged molecules and proteins (auto-detected), tagged
+# SMILES / IUPAC / FASTA.
+SCIENCE = ("CC(=O)Oc1ccccc1C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C", "CC(C)Cc1ccc(cc1)C(C)C(=O)O",
+           "<SMILES>OC[C@H]1OC(O)[C@H](O)[C@@H](O)[C@@H]1O</SMILES>",
+           "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQ",
+           "<IUPAC>2-acetyloxybenzoic acid</IUPAC>", "<IUPAC>1,3,7-trimethylpurine-2,6-dione</IUPAC>",
+           "<FASTA>MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMF</FASTA>")
+
+
+def _with_science(rng: np.random.Generator, text: str, rate: float = 0.006) -> str:
+  """`text` with a scientific snippet after ~`rate` of its words (~5% of the characters)."""
+  words = text.split(" ")
+  at = np.flatnonzero(rng.random(len(words)) < rate)
+  for k in at[::-1]:
+    words.insert(int(k) + 1, SCIENCE[int(rng.integers(len(SCIENCE)))])
+  return " ".join(words)
+
+
+def make_corpus(path: str, samples: int, seed: int = 0, science: bool = False) -> None:
   rng = np.random.default_rng(seed)
+  text = (lambda r, n: _with_science(r, _text(r, n))) if science else _text
   with open(path, "w", encoding="utf-8") as f:
     for i in range(samples):
       msgs = []
       if rng.random() < 0.3:
-        msgs.append({"role": "system", "content": _text(rng, int(rng.integers(5, 40)))})
+        msgs.append({"role": "system", "content": text(rng, int(rng.integers(5, 40)))})
       for _ in range(int(rng.integers(1, 4))):
-        msgs.append({"role": "user", "content": _text(rng, int(rng.lognormal(3.6, 0.9)) + 3)})
+        msgs.append({"role": "user", "content": text(rng, int(rng.lognormal(3.6, 0.9)) + 3)})
         msgs.append({"role": "assistant",
-                     "content": _text(rng, int(rng.lognormal(4.72, 0.8)) + 3)})
+                     "content": text(rng, int(rng.lognormal(4.72, 0.8)) + 3)})
       f.write(json.dumps({"id": i, "messages": msgs}) + "\n")
 
 
@@ -170,7 +195,7 @@ def end_to_end(tok_dir: str, path: str, workers: int, cache_dir: str | None) -> 
                         pack_max_length=16384, pack_level="soft", num_workers=workers,
                         cache_dir=cache_dir, seed=42))
   t0 = time.perf_counter()
-  encoder = TokenEncoder(tok_dir)   # as the trainer does, once per run
+  encoder = open_encoder(tok_dir)   # as the trainer does, once per run
   load = time.perf_counter() - t0
   cpu0 = _cpu_seconds()
   t0 = time.perf_counter()
@@ -435,6 +460,52 @@ def _timed(fn) -> float:
   return time.process_time() - t0
 
 
+def science(workdir: str, samples: int, workers: int, repeat: int) -> dict:
+  """End-to-end tokens/s: science chats + Intern-S1 tokenizer vs plain chats + Qwen3's."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+  from interns1_layout import write_tokenizer  # pylint: disable=import-outside-toplevel
+  qwen_dir = build_qwen_tokenizer(os.path.join(workdir, "qwen3-tokenizer"))
+  s1_dir = write_tokenizer(os.path.join(workdir, "interns1-tokenizer"))
+  plain = os.path.join(workdir, f"chats-{samples}.jsonl")
+  sci = os.path.join(workdir, f"science-chats-{samples}.jsonl")
+  if not os.path.isfile(plain):
+    make_corpus(plain, samples)
+  if not os.path.isfile(sci):
+    make_corpus(sci, samples, science=True)
+  with open(plain, encoding="utf-8") as f, open(sci, encoding="utf-8") as g:
+    plain_chars, sci_chars = len(f.read()), len(g.read())
+  rounds = {"plain_qwen": [], "science_interns1": [], "plain_interns1": []}
+  cases = {"plain_qwen": (qwen_dir, plain), "science_interns1": (s1_dir, sci),
+           "plain_interns1": (s1_dir, plain)}
+  for _ in range(repeat):   # interleaved, so a noisy neighbour slows every case alike
+    for name, (tok, path) in cases.items():
+      rounds[name].append(end_to_end(tok, path, workers, None))
+  result = {name: dict(min(runs, key=lambda r: r["seconds"]),
+                       all_tokens_per_sec=[r["tokens_per_sec"] for r in runs])
+            for name, runs in rounds.items()}
+  median = {name: statistics.median(r["tokens_per_sec"] for r in runs)
+            for name, runs in rounds.items()}
+  check = open_encoder(s1_dir)
+  result["summary"] = dict(
+      science_char_fraction=round(1 - plain_chars / sci_chars, 3),
+      smiles_check=check.smiles_check,
+      plain_qwen_mtok_per_sec=round(median["plain_qwen"] / 1e6, 3),
+      science_interns1_mtok_per_sec=round(median["science_interns1"] / 1e6, 3),
+      plain_interns1_mtok_per_sec=round(median["plain_interns1"] / 1e6, 3),
+      slowdown_science_vs_plain=round(median["plain_qwen"] / median["science_interns1"], 3),
+      slowdown_plain_interns1_vs_qwen=round(median["plain_qwen"] / median["plain_interns1"], 3))
+  return result
+
+
+def _report(result: dict, out: str | None, **context) -> None:
+  """Prints the result (with `context`) as JSON; also writes it to `out`."""
+  text = json.dumps(dict(result, **context), indent=2)
+  print(text)
+  if out:
+    with open(out, "w") as f:
+      f.write(text + "\n")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -451,6 +522,8 @@ def main() -> None:
   parser.add_argument("--images", action="store_true",
                       help="only measure Intern-S1 image loading (decode, tile, normalise)")
   parser.add_argument("--n_images", type=int, default=64, help="generated JPEGs (--images)")
+  parser.add_argument("--science", action="store_true",
+                      help="only measure Intern-S1's scientific tokenizer end to end")
   parser.add_argument("--samples", type=int, default=100_000)
   parser.add_argument("--workers", type=int, default=0, help="0 = the CPUs available")
   parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxtune-bench"))
@@ -461,14 +534,14 @@ def main() -> None:
   os.makedirs(args.workdir, exist_ok=True)
   if args.images:
     result = bench_images(args.workdir, args.n_images, args.repeat)
-    result.update(cpus=encoding.available_cpus(), load_average=os.getloadavg()[0])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-      with open(args.out, "w") as f:
-        f.write(text + "\n")
+    _report(result, args.out, cpus=encoding.available_cpus(), load_average=os.getloadavg()[0])
     return
   workers = encoding.resolve_workers(args.workers)
+  if args.science:
+    result = science(args.workdir, args.samples, workers, args.repeat)
+    _report(result, args.out, cpus=encoding.available_cpus(), workers=workers,
+            load_average=os.getloadavg()[0])
+    return
   tok_dir = build_qwen_tokenizer(os.path.join(args.workdir, "qwen3-tokenizer"))
   path = os.path.join(args.workdir, f"chats-{args.samples}.jsonl")
   if not os.path.isfile(path):
@@ -481,13 +554,8 @@ def main() -> None:
     else:
       result = scale(tok_dir, args.workdir, path, args.files, args.lines_per_file, workers,
                      args.pack)
-    result.update(cpus=encoding.available_cpus(), workers=workers,
-                  load_average=os.getloadavg()[0])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-      with open(args.out, "w") as f:
-        f.write(text + "\n")
+    _report(result, args.out, cpus=encoding.available_cpus(), workers=workers,
+            load_average=os.getloadavg()[0])
     return
   cache_dir = tempfile.mkdtemp(dir=args.workdir, prefix="cache-")
 
