@@ -31,7 +31,7 @@ EXTRA_TOKENS = (("<SMILES>", 151925), ("</SMILES>", 151926), ("<SELFIES>", 15192
                 ("</SELFIES>", 151928), ("<IUPAC>", 152441), ("</IUPAC>", 152442),
                 ("<FASTA>", 152953), ("</FASTA>", 152954), ("<img>", 152955), ("</img>", 152956),
                 ("<IMG_CONTEXT>", IMAGE_TOKEN))
-CUSTOM_CODE = "raise RuntimeError('a checkpoint directory's custom code was imported')\n"
+CUSTOM_CODE = "raise RuntimeError(\"a checkpoint directory's custom code was imported\")\n"
 
 SMILES_CORPUS = ["CC(=O)Oc1ccccc1C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C", "C1=CC=CC=C1",
                  "CCO", "CC(C)Cc1ccc(cc1)C(C)C(=O)O", "O=C(O)c1ccccc1O", "C1CCCCC1", "CC=O",
@@ -122,7 +122,8 @@ def write_checkpoint(path: str, *, image_size: int = 448, hidden_size: int = 32,
   # Test-only dependencies, imported here so that write_tokenizer's users do not load torch.
   import tempfile  # pylint: disable=import-outside-toplevel
   from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
-  from test_intern_s1 import TEXT, VISION, _hf_model, _new_layout  # pylint: disable=import-outside-toplevel
+  from test_intern_s1 import (  # pylint: disable=import-outside-toplevel
+      TEXT, VISION, _hf_model, _new_layout)
 
   os.makedirs(path, exist_ok=True)
   if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):

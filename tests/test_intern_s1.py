@@ -372,13 +372,18 @@ def test_frozen_tower_keeps_no_activations_for_the_backward_pass():
 
 
 def test_validate_checks_nested_text_fields_and_freeze_flags(tmp_path, reference):
-  _, path, ckpt = reference
+  _, saved, ckpt = reference
+  path = str(tmp_path / "ckpt")        # the checkpoint with a tokenizer beside it
+  os.mkdir(path)
+  for name in os.listdir(saved):
+    os.symlink(os.path.join(saved, name), os.path.join(path, name))
+  with open(os.path.join(path, "tokenizer.json"), "w") as f:
+    f.write("{}")                                    # validation reads only file names
   cfg = config_lib.base_config()
   cfg.model = presets.from_hf(path)
   cfg.model.freeze_vision = True                     # a training choice: not compared
   cfg.load_from = path
-  cfg.tokenizer_path = str(tmp_path)
-  (tmp_path / "tokenizer.json").write_text("{}")     # validation reads only file names
+  cfg.tokenizer_path = path
   cfg.total_steps = 1
   cfg.data.datasets = [config_lib.dataset("d", path)]
   config_lib.validate(cfg)
