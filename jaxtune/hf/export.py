@@ -4,6 +4,12 @@ Writes `model-0000i-of-0000n.safetensors` shards, `model.safetensors.index.json`
 `config.json` and the tokenizer files. Names come from the family's `hf_weight_map` (the
 same table the loader reads), walked in HF's order.
 
+Tokenizer: the files of the tokenizer directory's layout (`jaxtune.data.tokenizer_files`:
+tokenizer.json; vocab.json + merges.txt; Intern-S1's vocab + merges + SentencePiece models),
+the settings files beside them, and the directory's custom code (`*.py`), copied byte for byte,
+so an export of an official Intern-S1 checkpoint is laid out as the published one. The custom
+code of `source_dir` comes along when the written config.json keeps an `auto_map` pointing at it.
+
 Memory: one tensor at a time is sliced (one layer of a stacked param), cast, transposed on
 device, gathered to the host and streamed into its shard file, so host memory peaks at one
 tensor. The shard headers are written first from the planned shapes, which is what allows
@@ -26,11 +32,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
+from jaxtune.data.tokenizer_files import TokenizerFilesError, detect_layout, read_tokenizer_files
 from jaxtune.hf.load import SAFETENSORS_DTYPES, check_table, flat_params, hf_names, hf_shape
 from jaxtune.models import HFWeight, family
 from jaxtune.models.presets import read_hf_config
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' classic "5GB" shards
+# Besides the files of the tokenizer's layout, these are copied when present: the tokenizer's
+# settings and the generation / image-processor settings a checkpoint directory ships.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json", "preprocessor_config.json",
@@ -127,17 +136,31 @@ def _write_header(f, shard: list[tuple[str, tuple[int, ...]]], dtype: np.dtype) 
   f.write(blob)
 
 
+def _custom_code(path: str) -> list[str]:
+  """The `*.py` files of directory `path` (a checkpoint's custom code), sorted."""
+  return sorted(os.path.join(path, name) for name in os.listdir(path)
+                if name.endswith(".py") and os.path.isfile(os.path.join(path, name)))
+
+
 def _tokenizer_files(tokenizer_path: str) -> list[str]:
-  """The tokenizer (and image processor) files, and any custom code beside them (Intern-S1's
-  Hub checkpoints load their tokenizer and model through `*.py` files in the directory)."""
-  found = [os.path.join(tokenizer_path, name) for name in TOKENIZER_FILES
-           if os.path.isfile(os.path.join(tokenizer_path, name))]
-  found += sorted(os.path.join(tokenizer_path, name) for name in os.listdir(tokenizer_path)
-                  if name.endswith(".py") and os.path.isfile(os.path.join(tokenizer_path, name)))
-  if not any(os.path.basename(p) in ("tokenizer.json", "vocab.json") for p in found):
-    raise ValueError(f"tokenizer_path {tokenizer_path} holds no tokenizer.json or vocab.json; "
-                     "point it at an HF tokenizer directory.")
-  return found
+  """The files an export copies from the tokenizer directory: those that make up its tokenizer
+  (whatever its layout: `read_tokenizer_files(...).files`), the settings files of
+  TOKENIZER_FILES present beside them, and its custom code (Intern-S1's Hub checkpoints load
+  their tokenizer and model through `*.py` files in the directory; copied, never run)."""
+  try:
+    detect_layout(tokenizer_path)
+  except TokenizerFilesError as e:
+    raise TokenizerFilesError(
+        f"export_hf: tokenizer_path '{tokenizer_path}' has no tokenizer.json nor another "
+        f"tokenizer to copy into the export. {e}") from None
+  found = list(read_tokenizer_files(tokenizer_path).files)
+  found += [os.path.join(tokenizer_path, name) for name in TOKENIZER_FILES
+            if os.path.isfile(os.path.join(tokenizer_path, name))]
+  found += _custom_code(tokenizer_path)
+  unique: dict[str, str] = {}
+  for path in found:  # one file per name, the first found
+    unique.setdefault(os.path.basename(path), path)
+  return list(unique.values())
 
 
 def _replace_dir(tmp_dir: str, out_dir: str) -> None:
@@ -157,8 +180,12 @@ def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, *, dtype: 
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
   """Writes `model` as an HF checkpoint in `dtype` to `out_dir`; returns `out_dir`.
 
+  tokenizer_path: a tokenizer directory in any layout jaxtune reads; its tokenizer files and
+  custom code are copied unchanged (TokenizerFilesError when it holds no tokenizer).
   source_dir: the HF directory the weights were loaded from; its config.json is handed to the
-  family's `hf_config` (which may keep keys it does not model, e.g. custom-code `auto_map`)."""
+  family's `hf_config` (which may keep keys it does not model, e.g. custom-code `auto_map`);
+  when the written config.json has an `auto_map`, source_dir's `*.py` files are copied too
+  (those of tokenizer_path win on a shared name)."""
   np_dtype = np.dtype(jnp.dtype(dtype))
   dtype = np_dtype.name  # "bfloat16", also when given jnp.bfloat16
   if np_dtype not in _SAFETENSORS_NAMES:
@@ -209,11 +236,16 @@ def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, *, dtype: 
     index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
     with open(os.path.join(tmp_dir, "model.safetensors.index.json"), "w") as f:
       json.dump(index, f, indent=2)
+    source = read_hf_config(source_dir) if source_dir else None
+    hf_config = family(model_cfg.type).hf_config(model_cfg, dtype, source)
     with open(os.path.join(tmp_dir, "config.json"), "w") as f:
-      source = read_hf_config(source_dir) if source_dir else None
-      json.dump(family(model_cfg.type).hf_config(model_cfg, dtype, source), f, indent=2)
-    for path in tokenizer_files:
-      shutil.copy2(path, os.path.join(tmp_dir, os.path.basename(path)))
+      json.dump(hf_config, f, indent=2)
+    copied = {os.path.basename(path): path for path in tokenizer_files}
+    if source_dir and hf_config.get("auto_map"):  # the code the auto_map names
+      for path in _custom_code(source_dir):
+        copied.setdefault(os.path.basename(path), path)
+    for name, path in copied.items():
+      shutil.copy2(path, os.path.join(tmp_dir, name))
     _replace_dir(tmp_dir, out_dir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"jaxtune export_hf {out_dir}")
