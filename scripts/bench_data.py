@@ -92,27 +92,40 @@ def _text(rng: np.random.Generator, n_words: int) -> str:
   return text
 
 
-# Scientific snippets for --science: untagged molecules and proteins (auto-detected), tagged
-# SMILES / IUPAC / FASTA.
-SCIENCE = ("CC(=O)Oc1ccccc1C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C", "CC(C)Cc1ccc(cc1)C(C)C(=O)O",
-           "<SMILES>OC[C@H]1OC(O)[C@H](O)[C@@H](O)[C@@H]1O</SMILES>",
-           "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQ",
-           "<IUPAC>2-acetyloxybenzoic acid</IUPAC>", "<IUPAC>1,3,7-trimethylpurine-2,6-dione</IUPAC>",
-           "<FASTA>MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMF</FASTA>")
+# Scientific snippets for --science: untagged molecules (mostly distinct, so each is checked)
+# and proteins (auto-detected), tagged SMILES / IUPAC / FASTA.
+SUBSTITUENTS = ("O", "N", "Cl", "Br", "F", "C(=O)O", "OC", "C#N", "C(F)(F)F", "S(=O)(=O)N")
+AMINO = "ACDEFGHIKLMNPQRSTVWY"
+TAGGED = ("<SMILES>OC[C@H]1OC(O)[C@H](O)[C@@H](O)[C@@H]1O</SMILES>",
+          "<IUPAC>2-acetyloxybenzoic acid</IUPAC>", "<IUPAC>1,3,7-trimethylpurine-2,6-dione</IUPAC>",
+          "<FASTA>MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMF</FASTA>")
 
 
-def _with_science(rng: np.random.Generator, text: str, rate: float = 0.006) -> str:
+def _science(rng: np.random.Generator) -> str:
+  kind = rng.random()
+  if kind < 0.5:   # an amide of a substituted benzene: chain lengths and groups vary
+    a, b = rng.integers(1, 13, size=2)
+    x, y = rng.choice(SUBSTITUENTS, size=2)
+    return f"{'C' * a}C(=O)N{'C' * b}c1ccc({x})c({y})c1"
+  if kind < 0.7:
+    return "".join(rng.choice(list(AMINO), size=int(rng.integers(30, 80))))
+  return TAGGED[int(rng.integers(len(TAGGED)))]
+
+
+def _with_science(rng: np.random.Generator, text: str, rate: float = 0.007) -> str:
   """`text` with a scientific snippet after ~`rate` of its words (~5% of the characters)."""
   words = text.split(" ")
   at = np.flatnonzero(rng.random(len(words)) < rate)
   for k in at[::-1]:
-    words.insert(int(k) + 1, SCIENCE[int(rng.integers(len(SCIENCE)))])
+    words.insert(int(k) + 1, _science(rng))
   return " ".join(words)
 
 
 def make_corpus(path: str, samples: int, seed: int = 0, science: bool = False) -> None:
   rng = np.random.default_rng(seed)
-  text = (lambda r, n: _with_science(r, _text(r, n))) if science else _text
+  # The snippets draw from their own generator: the chats are the plain corpus's, word for word.
+  sci_rng = np.random.default_rng(seed + 1)
+  text = (lambda r, n: _with_science(sci_rng, _text(r, n))) if science else _text
   with open(path, "w", encoding="utf-8") as f:
     for i in range(samples):
       msgs = []

@@ -43,6 +43,7 @@ TAG_MODELS = {"SMILES": "SMILES", "SELFIES": "SMILES", "IUPAC": "IUPAC", "FASTA"
 PROTECT_OPEN, PROTECT_CLOSE = "<MOLFORMULA>", "</MOLFORMULA>"
 AUTO = ("SMILES", "FASTA")   # auto-detected domains, in the order they are searched
 SP_SPACE = "\u2581"          # SentencePiece's whitespace mark
+_VERDICTS = 1 << 16          # SMILES candidates whose check is remembered
 
 # --- SMILES auto-detection -------------------------------------------------------------------
 _TWO_LETTER = (
@@ -51,9 +52,22 @@ _TWO_LETTER = (
     "Ne Nh Ni No Np Og Os Pa Pb Pd Pm Po Pr Pt Pu Ra Rb Re Rf Rg Rh Rn Ru Sb Sc Se Sg Si Sm Sn "
     "Sr Ta Tb Tc Te Th Ti Tl Tm Ts Xe Yb Zn Zr").split()
 _ONE_LETTER = "B C F H I K N O P S U V W Y b c n o p s".split()
-# Longest symbols first, then alphabetical: the alternation order of the official regex.
-_SYMBOLS = sorted(_TWO_LETTER + _ONE_LETTER, key=lambda s: (-len(s), s))
-_UNIT = r"(?:\[[^\]]+\]|" + "|".join(_SYMBOLS) + r"|[\(\)\.=\-#@\d\$\%\*:\+\-\/\\])"
+_SPECIALS = r"[\(\)\.=\-#@\d\$\%\*:\+\-\/\\]"
+
+
+def _symbol_alternation() -> str:
+  """The official regex tries every two-letter symbol before any one-letter one, in an atomic
+  group: at a capital, the two-letter symbol if there is one, else the letter. Grouped by first
+  letter (`C[adeflmnorsu]?`), the same choice is ~4x faster to match."""
+  out = []
+  for first in sorted({e[0] for e in _TWO_LETTER} | set(_ONE_LETTER)):
+    seconds = "".join(sorted(e[1] for e in _TWO_LETTER if e[0] == first))
+    tail = f"[{seconds}]" if seconds else ""
+    out.append(first + (tail + "?" if tail and first in _ONE_LETTER else tail))
+  return "|".join(out)
+
+
+_UNIT = r"(?:\[[^\]]+\]|" + _symbol_alternation() + "|" + _SPECIALS + ")"
 SMILES_RE = re.compile(rf"((?![:.=])(?>{_UNIT}){{10,}}(?<![:.=]))")
 FASTA_RE = regex.compile(r"([A-Z]{27,})")   # the `regex` module scans this ~10x faster
 # Every character a unit outside brackets can hold; and a superset of the unit grammar (any
@@ -62,10 +76,13 @@ FASTA_RE = regex.compile(r"([A-Z]{27,})")   # the `regex` module scans this ~10x
 # brackets) inside one run of these characters: the costly regex runs only there, which gives
 # exactly its matches over the whole text (tests/test_intern_s1_tokenizer.py checks it).
 _UNIT_CHARS = r"A-Za-z\d()\.=\-#@$%*:+/\\"
-# (A run after a character outside the class: ~1.5x faster to scan for than a bare run.)
-_RUN_AT_START = re.compile(rf"[{_UNIT_CHARS}]{{10,}}")
-_RUN_AFTER = re.compile(rf"[^{_UNIT_CHARS}]([{_UNIT_CHARS}]{{10,}})")
-_AROMATIC_RUN = re.compile(r"[bcnops]{10}")
+# Runs of 10+ such characters that can hold 10 units: a run of small letters only (a long
+# word) holds them only as 10 of "bcnops" in a row, so it needs one of those or a character
+# other than a small letter. Anchored on the character before the run (~1.5x faster to scan).
+_NOT_SMALL = r"A-Z\d()\.=\-#@$%*:+/\\"
+_RUN = rf"(?=[{_UNIT_CHARS}]{{10}})[a-z]*(?:[{_NOT_SMALL}]|[bcnops]{{10}})[{_UNIT_CHARS}]*"
+_RUN_AT_START = re.compile(_RUN)
+_RUN_AFTER = re.compile(rf"[^{_UNIT_CHARS}]({_RUN})")
 _REGIONS = re.compile(r"(?:\[[^\]]+\]|[A-Z][a-z]?|[bcnops]|[\d()\.=\-#@$%*:+/\\]){10,}")
 
 # The rule-based check's tables (the official code's lists).
@@ -82,15 +99,23 @@ _BRACKET_BAN_LETTERS = re.compile(r"(?:[A-GI-Z]|[a-z]){3,}")
 _BRACKET_BAN_DIGITS = re.compile(r"\d{4,}")
 _BRACKET_PARTS = re.compile(r"\[([^\[\]]*)\]")
 _NUMBERS = re.compile(r"\d+")
+_LETTERS = re.compile(r"[A-Za-z]")
 
 
-def _runs(text: str):
-  """(start, end) of each run of 10+ _UNIT_CHARS."""
+def smiles_candidates(text: str) -> list:
+  """`SMILES_RE`'s matches over `text`, searched only where one can be (see _REGIONS)."""
+  found: list = []
+  if "[" in text:
+    for region in _REGIONS.finditer(text):
+      found += SMILES_RE.finditer(text, region.start(), region.end())
+    return found
   first = _RUN_AT_START.match(text)
-  if first:
-    yield first.span()
-  for m in _RUN_AFTER.finditer(text, first.end() if first else 0):
-    yield m.span(1)
+  runs = [first.span()] if first else []
+  runs += [m.span(1) for m in _RUN_AFTER.finditer(text, first.end() if first else 0)]
+  for start, end in runs:
+    for region in _REGIONS.finditer(text, start, end):
+      found += SMILES_RE.finditer(text, region.start(), region.end())
+  return found
 
 
 def _ascii_letter(c: str) -> bool:
@@ -219,7 +244,10 @@ class InternS1Encoder(TokenEncoder):
     # splicing (encoding._Spliced) leaves such messages to the whole-piece path.
     self.stateful_pattern = re.compile("|".join(re.escape(t) for t in (
         *self.begin, *self.end, PROTECT_OPEN, PROTECT_CLOSE)))
-    self._memo, self._found = {}, {}
+    self._memo, self._found, self._verdicts = {}, {}, {}
+    # Pieces spelled like an added token take the added token's id (per model; usually none).
+    self._spelled_added = {d: {m.piece_to_id(t) for t in self.added} - {m.unk_id()}
+                           for d, m in self._sp.items()}
     self._reverse_added = {i: t for t, i in self.added.items()}
 
   def __getstate__(self):
@@ -239,22 +267,14 @@ class InternS1Encoder(TokenEncoder):
     self._setup()
 
   # --- detection ------------------------------------------------------------------------------
-  def _smiles_matches(self, text: str):
-    """`SMILES_RE.finditer(text)`, searched only where a match can be (see _REGIONS)."""
-    if "[" in text:
-      regions = _REGIONS.finditer(text)
-    else:   # a run of small letters only (a long word) holds no 10 units unless of "bcnops"
-      regions = (r for start, end in _runs(text)
-                 if not (text[start:end].isalpha() and text[start:end].islower())
-                 or _AROMATIC_RUN.search(text, start, end)
-                 for r in _REGIONS.finditer(text, start, end))
-    for region in regions:
-      yield from SMILES_RE.finditer(text, region.start(), region.end())
-
   def _is_molecule(self, candidate: str) -> bool:
-    if sum(1 for c in candidate if _ascii_letter(c)) < 5:
-      return False
-    return self._mol_ok(candidate)
+    verdict = self._verdicts.get(candidate)
+    if verdict is None:    # RDKit's parse costs ~40 us: molecules that recur are checked once
+      if len(self._verdicts) >= _VERDICTS:
+        self._verdicts.clear()
+      verdict = self._verdicts[candidate] = (
+          len(_LETTERS.findall(candidate)) >= 5 and self._mol_ok(candidate))
+    return verdict
 
   def _detect(self, text: str) -> list[Span]:
     """Plain text -> BPE parts and auto-detected SMILES / protein spans."""
@@ -334,23 +354,25 @@ class InternS1Encoder(TokenEncoder):
 
   def _plain(self, text: str) -> bool:
     """True when no rule touches `text`: it is then the plain BPE's."""
-    if SP_SPACE in text or self.stateful_pattern.search(text) or FASTA_RE.search(text):
+    if self.stateful_pattern.search(text):
       return False
     # Detection runs between added tokens: the same parts here. What is found is kept for
     # `spans`, which the encoder calls next on the same text.
-    self._found = {part: list(self._molecules(part)) for part in self._split_re.split(text)[::2]}
-    return not any(self._found.values())
+    self._found = {part: self._molecules(part) for part in self._split_re.split(text)[::2]}
+    return not (any(self._found.values()) or SP_SPACE in text or FASTA_RE.search(text))
 
-  def _molecules(self, text: str):
+  def _molecules(self, text: str) -> list[tuple[int, int]]:
     """(start, end) of each auto-detected SMILES span of plain text."""
-    for m in self._smiles_matches(text):
+    found = []
+    for m in smiles_candidates(text):
       start, end = m.span(1)
       if not self._is_molecule(m.group(1)):
         continue
       if (start > 0 and _ascii_letter(text[start - 1])) or (
           end < len(text) and _ascii_letter(text[end])):
         continue
-      yield start, end
+      found.append((start, end))
+    return found
 
   def encode(self, text: str) -> list[int]:
     if self._plain(text):
@@ -360,12 +382,12 @@ class InternS1Encoder(TokenEncoder):
   def encode_array(self, text: str) -> np.ndarray:
     if self._plain(text):
       return super().encode_array(text)
-    return np.asarray(self.encode(text), dtype=np.uint32)
+    return np.asarray(self._encode_spans(self.spans(text)), dtype=np.uint32)
 
   def _encode_bytes(self, text: str):
     if self._plain(text):
       return super()._encode_bytes(text)
-    return np.asarray(self.encode(text), dtype=np.uint32).tobytes()
+    return np.asarray(self._encode_spans(self.spans(text)), dtype=np.uint32).tobytes()
 
   def _bpe(self, text: str) -> list[int]:
     text = text.replace(SP_SPACE, " ")
@@ -402,7 +424,12 @@ class InternS1Encoder(TokenEncoder):
         ids.extend(self._in_domain(self._bpe_token(i), sp, offset, i)
                    for i in self._bpe(span.text))
         continue
-      for piece, pid in zip(sp.encode(span.text, out_type=str), sp.encode(span.text)):
+      pids = sp.encode(span.text)
+      spelled = self._spelled_added[model]
+      if 0 not in pids and not (spelled and spelled.intersection(pids)):   # the common case
+        ids += [pid + offset for pid in pids]
+        continue
+      for piece, pid in zip(sp.encode(span.text, out_type=str), pids):
         if pid != 0:   # a piece of the model (an added token's id if it is spelled as one)
           ids.append(self.added.get(piece, pid + offset))
         else:
