@@ -160,9 +160,9 @@ class _Spliced:
                table: dict[str, templates.Splice]):
     self.template, self.table, self.encode = template, table, encoder.encode_bytes
     self.eos = encoder.eos_token
-    # Tags whose effect runs past the message's end (Intern-S1's domain tags): a message with
-    # one is encoded whole by the general path.
-    self.stateful = getattr(encoder, "stateful_pattern", None)
+    # An encoder whose state can run past a message's end (Intern-S1's domain tags) says
+    # which texts leave it as they found it; the others are encoded whole by the general path.
+    self.splice_safe = getattr(encoder, "splice_safe", None)
     self.constant: dict[tuple, bytes] = {}   # ids of inserted pieces (separator, eos, system)
 
   def _constant(self, role: str | None, text: str) -> bytes:
@@ -193,7 +193,7 @@ class _Spliced:
         return None
       role, text = m.get("role"), m.get("content")
       if type(role) is not str or role not in table or type(text) is not str \
-          or templates.IMG_CONTEXT in text or (self.stateful and self.stateful.search(text)):
+          or templates.IMG_CONTEXT in text or (self.splice_safe and not self.splice_safe(text)):
         return None
       loss = None
       if len(m) > 2:

@@ -240,8 +240,7 @@ class InternS1Encoder(TokenEncoder):
     self._split_re = re.compile("(" + "|".join(
         re.escape(t) for t in sorted(set(self.added) | {PROTECT_OPEN, PROTECT_CLOSE},
                                      key=len, reverse=True)) + ")")
-    # Text holding one of these is stateful across added tokens: the encoder's template
-    # splicing (encoding._Spliced) leaves such messages to the whole-piece path.
+    # Text holding one of these is stateful across added tokens (see splice_safe).
     self.stateful_pattern = re.compile("|".join(re.escape(t) for t in (
         *self.begin, *self.end, PROTECT_OPEN, PROTECT_CLOSE)))
     self._memo, self._found, self._verdicts = {}, {}, {}
@@ -340,6 +339,22 @@ class InternS1Encoder(TokenEncoder):
         else:
           out.append(part)
     return out
+
+  def splice_safe(self, text: str) -> bool:
+    """True when the tags in `text` leave no span open at its end (none, or balanced): its ids
+    then do not depend on what the template puts after it."""
+    if not self.stateful_pattern.search(text):
+      return True
+    guarded = depth = 0
+    for m in self.stateful_pattern.finditer(text):
+      tag = m.group()
+      if tag in self.begin or tag == PROTECT_OPEN:
+        guarded += 1
+        depth += tag in self.begin
+      else:
+        guarded = max(0, guarded - 1)
+        depth = max(0, depth - (tag in self.end))
+    return guarded == 0 and depth == 0
 
   def _apply_strip(self, pieces: list[str]) -> list[str]:
     if not self._strip:
