@@ -7,9 +7,13 @@ user can make in a recipe into one `ConfigError` that names the key and the fix.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from ml_collections import ConfigDict, FieldReference, config_dict
@@ -23,12 +27,21 @@ class ConfigError(ValueError):
   """A recipe mistake, reported before anything is loaded or written."""
 
 
+log = logging.getLogger(__name__)
+
+
 def dataset(name: str, anno_path: str, sample_ratio: float = 1.0, media_root: str = "",
-            chat_template: str = "qwen3", sample_max_length: int | None = None) -> dict:
-  """One entry of `data.datasets`; `sample_max_length` overrides `data.sample_max_length`."""
+            chat_template: str = "qwen3", sample_max_length: int | None = None,
+            allow_outside_media_root: bool = False) -> dict:
+  """One entry of `data.datasets`; `sample_max_length` overrides `data.sample_max_length`.
+
+  Image paths are joined to `media_root` (to the current directory when it is "") and must
+  resolve (symlinks followed) inside it: a line whose image is outside, by `../` or an
+  absolute path, is a bad line unless `allow_outside_media_root=True`."""
   return dict(name=name, anno_path=anno_path, sample_ratio=float(sample_ratio),
               media_root=media_root, chat_template=chat_template,
-              sample_max_length=sample_max_length)
+              sample_max_length=sample_max_length,
+              allow_outside_media_root=allow_outside_media_root)
 
 
 def base_config() -> ConfigDict:
@@ -278,6 +291,9 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
       raise ConfigError(f"{where}.sample_ratio must be positive, got {ds['sample_ratio']}")
     if ds.get("chat_template", "qwen3") not in ("qwen3", "intern-s1"):
       raise ConfigError(f"{where}.chat_template must be 'qwen3' or 'intern-s1'")
+    if not isinstance(ds.get("allow_outside_media_root", False), bool):
+      raise ConfigError(f"{where}.allow_outside_media_root must be True or False, got "
+                        f"{ds['allow_outside_media_root']!r}")
 
   _check_run_keys(cfg)
 
@@ -302,7 +318,94 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
       raise ConfigError(f"global_batch_size ({cfg.global_batch_size}) must be a multiple of "
                         f"data-parallel size x data.micro_batch_size ({dp} x "
                         f"{cfg.data.micro_batch_size} = {rows_per_pass}).")
+  _check_work_dir(cfg)
   return cfg
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_WORK_DIR_FIX = ("Point work_dir at a writable directory (it is created at the start if missing), "
+                 "e.g. --config.work_dir=/path/to/runs")
+
+
+def _write_probe(directory: str) -> None:
+  """Creates and removes an empty file in `directory`; raises the OSError a write there gets.
+  os.access is no test as root (it says yes on a read-only file system too)."""
+  fd, path = tempfile.mkstemp(prefix=".jaxtune-write-check-", dir=directory)
+  try:
+    os.close(fd)
+  finally:
+    os.remove(path)
+
+
+def checkpoint_bytes_estimate(cfg: ConfigDict) -> int | None:
+  """About the bytes of one checkpoint (jaxtune.train.checkpoint: the parameters and Adam's
+  state): every parameter in param_dtype plus its two moments in optim.state_dtype. Frozen
+  parameters are counted with moments too, so this errs high. None if the model cannot be
+  sized."""
+  from jaxtune import models  # pylint: disable=import-outside-toplevel
+  try:
+    count = models.param_count(cfg.model)
+  except Exception as e:  # pylint: disable=broad-except  (only a warning depends on it)
+    log.debug("work_dir free-space check skipped: the model could not be sized (%s)", e)
+    return None
+  param = _DTYPE_BYTES.get(cfg.get("param_dtype", "float32"), 4)
+  moment = _DTYPE_BYTES.get(cfg.optim.get("state_dtype", "float32"), 4)
+  return count * (param + 2 * moment)
+
+
+def _check_work_dir(cfg: ConfigDict) -> None:
+  """work_dir is a directory that can be written, or can be created: its nearest existing
+  parent is a writable directory. Nothing is created here (the run directory is made at the
+  start, jaxtune.train.rundir); the write test creates and removes one empty file in that
+  nearest existing directory. Less free space there than one checkpoint is a warning."""
+  raw = cfg.work_dir
+  if not isinstance(raw, str) or not raw.strip():
+    raise ConfigError(f"work_dir must name a directory, got {raw!r}. {_WORK_DIR_FIX}.")
+  path = os.path.abspath(raw)
+  shown = f"work_dir '{raw}'" + (f" ({path})" if path != raw else "")
+  existing = path
+  while not os.path.lexists(existing):   # "/" exists: the loop ends
+    existing = os.path.dirname(existing)
+  missing = existing != path
+  if not os.path.isdir(existing):
+    if os.path.islink(existing):
+      what = f"is a symbolic link to '{os.readlink(existing)}', which does not exist"
+    elif os.path.isfile(existing):
+      what = "is a file, not a directory"
+    else:
+      what = "is not a directory"
+    if missing:
+      raise ConfigError(f"{shown} cannot be created: '{existing}' {what}. {_WORK_DIR_FIX}.")
+    raise ConfigError(f"{shown} {what}; runs are written to directories below work_dir. "
+                      f"{_WORK_DIR_FIX}, or move it away.")
+  if not missing and not os.access(existing, os.R_OK | os.X_OK):
+    raise ConfigError(f"{shown} cannot be read (permission denied): runs are looked up there "
+                      f"(auto_resume). Fix its permissions, or: {_WORK_DIR_FIX}.")
+  try:
+    _write_probe(existing)
+  except OSError as e:
+    if e.errno == errno.EROFS:
+      why = "is on a read-only file system"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+      why = "is not writable (permission denied)"
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+      why = "is on a full disk (or over its quota)"
+    else:
+      why = f"cannot be written ({type(e).__name__}: {e})"
+    subject = (f"{shown} does not exist and cannot be created: its nearest existing parent "
+               f"'{existing}'" if missing else shown)
+    raise ConfigError(f"{subject} {why}. {_WORK_DIR_FIX}.") from None
+  try:
+    free = shutil.disk_usage(existing).free
+  except OSError:
+    return
+  need = checkpoint_bytes_estimate(cfg)
+  if need is not None and free < need:
+    log.warning("work_dir '%s': %.2f GiB free on its file system, less than one checkpoint "
+                "(about %.2f GiB: the parameters in %s and Adam's two moments in %s); saving "
+                "a checkpoint will fail for lack of space. Free some space or point work_dir "
+                "at a larger disk.", raw, free / 2**30, need / 2**30,
+                cfg.get("param_dtype", "float32"), cfg.optim.get("state_dtype", "float32"))
 
 
 def _check_run_keys(cfg: ConfigDict) -> None:

@@ -8,11 +8,17 @@ One process per host. With several hosts each process joins the job first (flags
 docs/training.md "Multi-host runs"). Exit codes: 0 finished, 75 stopped by a signal with a
 checkpoint written (requeue), 2 configuration or command-line error, 1 any other error (on any
 host), 130 aborted by a second Ctrl-C.
+
+A fatal error is written with its full traceback to the run's train.log; the console shows a
+short report (what, where, what to do, where the traceback is), the traceback itself only with
+--verbose or JAXTUNE_VERBOSE=1. A new run directory that failed before writing a checkpoint is
+renamed `<name>-failed` (jaxtune.train.startup_checks).
 """
 
 import json
 import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -65,6 +71,10 @@ _HEARTBEAT = flags.DEFINE_integer(
 _DRY_RUN = flags.DEFINE_bool(
     "launch_dry_run", False,
     "Print the multi-host settings this process would use (JSON) and exit, starting nothing.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False,
+    "On a fatal error, print its traceback on the console too (it is always in the run's "
+    "train.log); env JAXTUNE_VERBOSE=1 does the same.")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -95,6 +105,8 @@ def main(argv) -> None:
   if _DRY_RUN.value:
     print(json.dumps(dict(spec.as_dict(), initialize=spec.multi_process), sort_keys=True))
     return
+  from jaxtune.train import logs  # pylint: disable=import-outside-toplevel
+  logs.quiet_libraries()  # before JAX starts its backends ("Unable to initialize backend")
   launch.initialize(spec, timeout_s=_INIT_TIMEOUT.value, heartbeat_timeout_s=_HEARTBEAT.value)
 
   # Imported here so that --help and config errors come back before JAX starts.
@@ -103,23 +115,39 @@ def main(argv) -> None:
   from jaxtune.train import multihost  # pylint: disable=import-outside-toplevel
   from jaxtune.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
   multihost.watch()
+  trainer = None
   try:
     trainer = Trainer(config)
-  except ConfigError as e:
-    print(f"jaxtune: configuration error: {e}", file=sys.stderr)
-    if jax.process_count() > 1:
-      multihost.fail(e)  # every process stops with code 2
-    sys.exit(launch.EXIT_CONFIG)
-  try:
     summary = trainer.fit()  # several processes: an error ends every process in there
   except KeyboardInterrupt:
     print("jaxtune: aborted (second Ctrl-C); the newest complete checkpoint is intact",
           file=sys.stderr)
     sys.exit(launch.EXIT_ABORTED)
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() > 1:  # (an error in fit() has ended every process in there)
+      if isinstance(e, ConfigError):
+        print(logs.error_report(e), file=sys.stderr)
+      multihost.fail(e)  # every process stops with this error's code; does not return
+    _report_fatal(e, trainer)
   if jax.process_index() == 0:
     print(json.dumps(summary, indent=2))
   # A scheduler requeues on 75: the checkpoint of the last step is complete.
   sys.exit(launch.EXIT_PREEMPTED if summary.get("stopped_by_signal") else launch.EXIT_OK)
+
+
+def _report_fatal(e: Exception, trainer) -> None:
+  """The short report on the console (the traceback is in train.log, and here with
+  --verbose), then the exit code of `e` (2 for a configuration error, else 1)."""
+  from jaxtune.train import logs  # pylint: disable=import-outside-toplevel
+  verbose = _VERBOSE.value or logs.verbose_from_env()
+  run_dir = getattr(trainer, "run_dir", None)
+  log_file = os.path.join(run_dir, "train.log") if run_dir else None
+  if log_file is not None and not os.path.isfile(log_file):
+    log_file = None
+  if verbose:
+    traceback.print_exception(e, file=sys.stderr)
+  print(logs.error_report(e, log_file=log_file, verbose=verbose), file=sys.stderr, flush=True)
+  sys.exit(launch.exit_code_for(e))
 
 
 def run() -> None:

@@ -132,7 +132,8 @@ class TokenCache:
     parts = dict(code=code_fingerprint(self.code_modules), file=src.content_hash, tokenizer=self.tokenizer,
                  template=templates.get_template(job.template).fingerprint(),
                  media_root=job.opts.media_root, min_patch=job.opts.min_dynamic_patch,
-                 max_patch=job.opts.max_dynamic_patch)
+                 max_patch=job.opts.max_dynamic_patch,
+                 allow_outside_media_root=job.opts.allow_outside_media_root)
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
   def _path(self, src: SourceFile, job: EncodeJob) -> str:

@@ -37,6 +37,9 @@ TRAINED_BIT = np.uint32(1 << 31)
 MIN_LINES_FOR_WORKERS = 4000
 MIN_BYTES_FOR_WORKERS = 8 << 20
 ID_MASK = np.uint32((1 << 31) - 1)
+_LONG = 1 << 16          # max_id_in: a run of ids this long is read as slices
+_CHUNK = 1 << 24         # ids of one slice read (and masked) at once: 64 MiB
+_GATHER = 1 << 22        # ids of short runs gathered at once (with a 32 MiB index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +124,47 @@ def encode_lines(encoder: TokenEncoder, job: EncodeJob, path: str,
     tokens |= np.repeat(np.where(flags_a, TRAINED_BIT, np.uint32(0)), sizes_a)
   return EncodedChunk.build(tokens, lengths, bad, image_id,
                             _label_counts(sizes_a, flags_a, marks), recheck)
+
+
+def max_id_in(tokens: np.ndarray, starts, lengths) -> int:
+  """The largest id (trained flag masked off) among tokens[starts[k]:starts[k] + lengths[k]]
+  for every k; -1 when there is none.
+
+  Only those ranges are read: the id store can have unmapped gaps between its files
+  (jaxtune.data.idstore). Overlapping and adjacent ranges are merged first; long ones are read
+  as slices, the short rest gathered in bounded batches.
+  """
+  starts = np.asarray(starts, np.int64)
+  lengths = np.asarray(lengths, np.int64)
+  keep = lengths > 0
+  starts, ends = starts[keep], starts[keep] + lengths[keep]
+  if not len(starts):
+    return -1
+  order = np.argsort(starts, kind="stable")
+  starts, ends = starts[order], ends[order]
+  reach = np.maximum.accumulate(ends)
+  first = np.ones(len(starts), bool)
+  first[1:] = starts[1:] > reach[:-1]
+  heads = np.flatnonzero(first)
+  lo, hi = starts[heads], np.maximum.reduceat(ends, heads)
+  sizes = hi - lo
+  mask = ID_MASK
+  best = -1
+  for k in np.flatnonzero(sizes >= _LONG):
+    for a in range(int(lo[k]), int(hi[k]), _CHUNK):
+      best = max(best, int((tokens[a:min(a + _CHUNK, int(hi[k]))] & mask).max()))
+  short = np.flatnonzero(sizes < _LONG)
+  if len(short):
+    total = np.cumsum(sizes[short])
+    cuts = np.searchsorted(total, np.arange(_GATHER, int(total[-1]), _GATHER), side="right")
+    for group in np.split(short, cuts):
+      if not len(group):
+        continue
+      n = sizes[group]
+      offsets = np.cumsum(n) - n
+      index = np.repeat(lo[group] - offsets, n) + np.arange(int(n.sum()), dtype=np.int64)
+      best = max(best, int((np.asarray(tokens[index]) & mask).max()))
+  return best
 
 
 def _label_counts(sizes: np.ndarray, flags: np.ndarray, marks: np.ndarray) -> np.ndarray:

@@ -497,6 +497,12 @@ class InternS1Encoder(TokenEncoder):
       out.append(f"⟪{model}{'' if tagged else ' auto'}: {text}⟫")
     return "".join(out)
 
+  @property
+  def max_id(self) -> int:
+    """The largest id: the BPE's and added tokens', and each domain model's last piece."""
+    return max(super().max_id, *(OFFSETS[d] + m.get_piece_size() - 1
+                                 for d, m in self._sp.items()))
+
   def describe(self) -> str:
     check = ("RDKit's MolFromSmiles" if self.smiles_check == "rdkit" else
              "the rule-based ring/bracket check (RDKit is not installed; pip install rdkit for "

@@ -159,8 +159,7 @@ class SFTData:
     self.cache = TokenCache(data_cfg.get("cache_dir"), self.encoder)
     self.min_patch = int(data_cfg.get("min_dynamic_patch", 1))
     self.max_patch = int(data_cfg.get("max_dynamic_patch", 12))
-    self.opts = [sources.ParseOptions(s.media_root, self.min_patch, self.max_patch)
-                 for s in self.specs]
+    self.opts = [s.parse_options(self.min_patch, self.max_patch) for s in self.specs]
     stale = idstore.clean_stale_stores()
     if stale:
       log.info("data: removed %d token store file(s) left in TMPDIR by an earlier crash",
@@ -207,9 +206,10 @@ class SFTData:
       tokens, starts, lengths, loss, n_image, bad = self._encode(pool, files, u_ds, u_line)
     clock.lap("tokenize")
     if bad and not self.skip_bad:
-      raise DataError(bad[0][1] + (f" (and {len(bad) - 1} more bad line(s); set "
-                                   "data.skip_bad_samples=True to skip them)"
-                                   if len(bad) > 1 else ""))
+      more = f" (and {len(bad) - 1} more bad line(s))" if len(bad) > 1 else ""
+      raise DataError(f"{bad[0][1].rstrip('.')}{more}. Fix the line{'s' if more else ''}, or "
+                      "set data.skip_bad_samples=True to skip bad lines (then counted, and the "
+                      "first few named in the log)")
 
     # Truncation (per dataset limit) and bookkeeping per occurrence.
     # hard packing splits long samples across rows instead (XTuner): nothing is cut.
@@ -487,6 +487,21 @@ class SFTData:
       log.info("data: %d pack(s) per epoch left out (data.round_up=False: the last incomplete "
                "batch of %d rows is dropped; which ones changes every epoch)", packs - used,
                self.rows)
+    if self.steps_per_epoch == 0 and packs == 0:   # round_up cannot help: nothing to pack
+      why = []
+      for name, d in self.stats["datasets"].items():
+        lost = [f"{d['bad_lines']} bad line(s) skipped (data.skip_bad_samples=True), the "
+                f"first: {d['bad_locations'][0]}" if d["bad_lines"] else "",
+                f"{d['dropped_image_cut']} dropped: truncation would cut their image tokens "
+                "(raise sample_max_length)" if d["dropped_image_cut"] else "",
+                f"{d['dropped_tile_bound']} dropped: more image tiles than "
+                "data.max_tiles_per_pack" if d["dropped_tile_bound"] else "",
+                f"{d.get('filtered', 0)} removed by sample_transform" if d.get("filtered")
+                else ""]
+        why.append(f"dataset '{name}' ({d['samples']} sample(s)): "
+                   + ("; ".join(w for w in lost if w) or "none left"))
+      raise DataError("no sample is left to train on: " + " | ".join(why) + ". Fix the "
+                      "data: no batch or round_up setting helps while nothing is left to pack.")
     if self.steps_per_epoch == 0:
       raise DataError(f"only {packs} pack(s) of {self.pack_len} tokens on this host but "
                       f"{self.rows} rows per step: an epoch has no full batch. Add data, "
@@ -700,6 +715,10 @@ class SFTData:
     ds = self.grain_dataset(epoch)[start_step:]
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
                                                      prefetch_buffer_size=self.prefetch)))
+
+  def max_token_id(self) -> int:
+    """The largest id in the packed samples (what rows are built from); -1 when none."""
+    return encoding.max_id_in(self._tokens, self._sample_starts, self._lengths)
 
   def iterator(self, epoch: int = 0, step: int = 0) -> "DataIterator":
     return DataIterator(self, epoch, step)

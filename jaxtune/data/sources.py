@@ -32,6 +32,12 @@ class DataError(ValueError):
   """Bad training data; the message names the file, line and dataset."""
 
 
+class OutsideMediaRoot(images.ImageError):
+  """An image path that resolves outside its dataset's media_root (and the dataset does not
+  set allow_outside_media_root). An ImageError: the verdict depends on the file system
+  (symbolic links), not only on the line, so a cached bad line is checked again."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   name: str
@@ -40,6 +46,7 @@ class DatasetSpec:
   media_root: str = ""
   chat_template: str = "qwen3"
   sample_max_length: int | None = None
+  allow_outside_media_root: bool = False   # image paths may resolve outside media_root
 
   @classmethod
   def from_config(cls, entry: Any, index: int) -> "DatasetSpec":
@@ -50,7 +57,14 @@ class DatasetSpec:
                sample_ratio=float(entry.get("sample_ratio", 1.0)),
                media_root=entry.get("media_root") or "",
                chat_template=entry.get("chat_template") or "qwen3",
-               sample_max_length=entry.get("sample_max_length"))
+               sample_max_length=entry.get("sample_max_length"),
+               allow_outside_media_root=bool(entry.get("allow_outside_media_root", False)))
+
+  def parse_options(self, min_dynamic_patch: int = 1,
+                    max_dynamic_patch: int = 12) -> "ParseOptions":
+    """The ParseOptions of this dataset's lines (its media_root and boundary)."""
+    return ParseOptions(self.media_root, min_dynamic_patch, max_dynamic_patch,
+                        self.allow_outside_media_root)
 
 
 def list_jsonl(anno_path: str, dataset: str) -> list[str]:
@@ -150,9 +164,14 @@ def ratio_indices(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class ParseOptions:
+  """How a line's images are found and tiled. Image urls are joined to media_root (relative
+  to the current directory when it is "", as os.path.join does) and must resolve, symbolic
+  links followed, inside that directory: else the line is bad (`OutsideMediaRoot`), before
+  any file is opened, unless allow_outside_media_root."""
   media_root: str = ""
   min_dynamic_patch: int = 1
   max_dynamic_patch: int = 12
+  allow_outside_media_root: bool = False
 
 
 def _text_of(content: Any, what: str) -> tuple[str, list[dict]]:
@@ -295,6 +314,8 @@ def _image_refs(parts: list[dict], opts: ParseOptions, check: bool) -> list[Imag
   refs = []
   for part in parts:
     path = os.path.join(opts.media_root, part["url"])
+    if not opts.allow_outside_media_root:
+      check_inside_media_root(part["url"], path, opts.media_root)
     wh = part.get("image_wh")
     if wh is None:
       images.check_image(path, None)
@@ -312,6 +333,31 @@ def _image_refs(parts: list[dict], opts: ParseOptions, check: bool) -> list[Imag
     refs.append(ImageRef(path, (int(wh[0]), int(wh[1])), len(parts),
                          tokens // images.TOKENS_PER_TILE))
   return refs
+
+
+def check_inside_media_root(url: str, path: str, media_root: str) -> None:
+  """Raises OutsideMediaRoot unless `path` (`url` joined to `media_root`) resolves inside
+  media_root (the current directory when media_root is ""), both with symbolic links
+  followed. Only names are resolved (lstat, readlink): no file is opened."""
+  base = os.path.abspath(media_root or os.curdir)
+  root = os.path.realpath(base)
+  real = os.path.realpath(path)
+  if os.path.commonpath([root, real]) == root:
+    return
+  if media_root:
+    boundary = f"outside the dataset's media_root '{media_root}'"
+    if root != media_root:
+      boundary += f" ({root})"
+    fix = "Fix the path in the data, point media_root at the folder that holds the images"
+  else:
+    boundary = (f"outside the current directory '{root}' (the dataset sets no media_root, so "
+                "image paths are taken from there)")
+    fix = ("Fix the path in the data, set the dataset's media_root to the folder that holds "
+           "the images")
+  raise OutsideMediaRoot(
+      f"image '{url}' resolves to '{real}' (symbolic links followed), {boundary}; it was not "
+      f"opened. {fix}, or set allow_outside_media_root=True on the dataset if this "
+      "is intended")
 
 
 def decode_line(raw: bytes) -> Any:

@@ -387,6 +387,13 @@ class TokenEncoder:
     out.append(unicodedata.normalize("NFC", text[pos:]))
     return "".join(out)
 
+  @property
+  def max_id(self) -> int:
+    """The largest id this encoder can produce (its BPE vocabulary and added tokens)."""
+    bpe = (self._tiktoken.max_token_value if self._tiktoken is not None
+           else max(self._hf.get_vocab().values(), default=-1))
+    return int(max(bpe, max(self.added.values(), default=-1)))
+
   def token_id(self, token: str) -> int:
     if token not in self.added:
       raise KeyError(f"'{token}' is not an added token of the tokenizer at {self.path}")

@@ -159,6 +159,22 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
+  def saved_config(self, step: int | None = None) -> dict | None:
+    """The recipe stored with checkpoint `step` (default: the newest complete one), read
+    alone (no arrays); None when there is no such checkpoint or it cannot be read."""
+    steps = self.all_steps()
+    step = steps[-1] if step is None and steps else step
+    if step is None or step not in steps:
+      return None
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  (restore_latest reports damage)
+      log.warning("the recipe stored with checkpoint %s/%d cannot be read (%s: %s)",
+                  self.directory, step, type(e).__name__, _first_line(e))
+      return None
+    config = out.get("config")
+    return dict(config) if config is not None else None
+
   def restore(self, step: int, abstract_state, *, weights_only: bool = False) -> Restored:
     """Restores `step` into the shapes, dtypes and shardings of `abstract_state`.
 

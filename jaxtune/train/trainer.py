@@ -36,7 +36,7 @@ from jaxtune.hf.load import load_hf_weights
 from jaxtune.parallel.mesh import make_mesh
 from jaxtune.parallel import sharding
 from jaxtune.parallel.sharding import batch_sharding
-from jaxtune.train import logs, multihost, rundir
+from jaxtune.train import logs, multihost, rundir, startup_checks
 from jaxtune.train import metrics as metrics_lib
 from jaxtune.train.checkpoint import CheckpointError, Checkpointer
 from jaxtune.train.eval import Evaluator
@@ -50,14 +50,6 @@ from jaxtune.train.state import abstract_train_state, new_train_state, split_mod
 from jaxtune.train.step import ModelDef, TrainState, compile_train_step
 
 log = logging.getLogger("jaxtune")
-
-# Keys that may change between a checkpoint and its resumption without changing the run.
-_RESUME_NEUTRAL = ("work_dir", "auto_resume", "resume_from", "load_weights_only", "progress_bar",
-                   "log_interval", "tensorboard", "profile_steps", "checkpoint_interval",
-                   "checkpoint_maxkeep", "hf_interval", "hf_max_keep", "eval_interval",
-                   "eval_datasets", "max_consecutive_nonfinite", "data.num_workers",
-                   "data.cache_dir")
-
 
 class Position(NamedTuple):
   step: int                 # trainer steps done (batches consumed, skipped ones included)
@@ -82,14 +74,19 @@ class Trainer:
     """
     self.started = time.perf_counter()
     multihost.watch()
+    start = None
     try:
-      start = rundir.choose_start(self.cfg)
+      start = rundir.choose_start(self.cfg)  # process 0 holds the run directory's lock now
       self.run_dir = start.run_dir
       is_main = jax.process_index() == 0
       with logs.run_logging(self.run_dir, is_main=is_main,
                             step_lines_on_console=not self.cfg.progress_bar):
         try:
-          if is_main:
+          if start.lock is not None and start.lock.notice:
+            log.warning("%s", start.lock.notice)
+          # A resumed run's config.json is rewritten once its checkpoint restored.
+          rundir.check_recipe(start, self.cfg)
+          if is_main and not start.own:
             rundir.write_snapshot(self.run_dir, self.cfg, start)
           log.info("run directory: %s", self.run_dir)
           mesh = make_mesh(config_lib.mesh_shape(self.cfg, jax.device_count()))
@@ -97,12 +94,19 @@ class Trainer:
             return self._fit(mesh, start, is_main)
         except BaseException as e:  # pylint: disable=broad-except
           if jax.process_count() > 1:
+            rundir.release(start)  # multihost.fail exits without unwinding
             multihost.fail(e)  # while train.log is still open; does not return
+          logs.log_fatal(e)  # the error and its traceback in train.log (console: jaxtune.main)
           raise
     except BaseException as e:  # pylint: disable=broad-except  (before the log was set up)
       if jax.process_count() > 1:
+        rundir.release(start)
         multihost.fail(e)
+      rundir.release(start)  # before a failed new run's directory is renamed <name>-failed
+      self.run_dir = startup_checks.set_aside_failed_start(self.run_dir)
       raise
+    finally:
+      rundir.release(start)
 
   # ---- set-up ------------------------------------------------------------------------------
 
@@ -127,6 +131,7 @@ class Trainer:
   def _fit_with(self, mesh, start: rundir.Start, is_main: bool) -> dict:
     cfg = self.cfg
     encoder = open_encoder(cfg.tokenizer_path)
+    startup_checks.check_tokenizer(cfg, encoder)  # its ids vs the model's vocabulary: exit 2
     if is_main and hasattr(encoder, "describe"):
       log.info("%s", encoder.describe())
     # The order of one host reading every row, this host taking the rows its devices hold:
@@ -139,6 +144,7 @@ class Trainer:
                    host_rows=_host_rows(mesh, cfg.global_batch_size),
                    **models.family(cfg.model.type).data_options(cfg.model))
     _check_same_data(data)
+    self.vocabulary = startup_checks.check_data(cfg, encoder, data)  # the data's ids too
     total_steps = cfg.total_steps or cfg.epoch_num * data.steps_per_epoch
     num_micro = cfg.global_batch_size // (dp * cfg.data.micro_batch_size)
     schedule = lr_schedule(cfg.lr, cfg.optim.lr, total_steps)
@@ -190,11 +196,13 @@ class Trainer:
         log.info("loaded the weights of %s (new optimizer state, schedule and data order)",
                  where)
         return new_train_state(restored.params, optimizer, mesh, model_def), Position(0, 0)
-      _warn_config_changes(restored.config, cfg)
-      # Exact resume needs the same batches: this raises if the data pipeline differs.
+      # The recipe was compared before the restore (rundir.check_recipe). Exact resume needs
+      # the same batches: this raises if the data pipeline differs.
       data.iterator().set_state(_data_state_of_this_process(restored.progress))
       state = TrainState(params=restored.params, opt_state=restored.optimizer["opt_state"],
                          step=restored.optimizer["step"])
+      if start.own and jax.process_index() == 0:  # restored: the run now has this recipe
+        rundir.write_snapshot(self.run_dir, cfg, start)
       log.info("resumed from %s (step %d, epoch %d, step %d in that epoch)", where,
                restored.step, restored.progress["epoch"] + 1, restored.progress["step_in_epoch"])
       return state, Position(restored.step, int(restored.progress["consumed_tokens"]))
@@ -215,6 +223,7 @@ class _Loop:
                model_def: ModelDef, optimizer, schedule, num_micro: int, total_steps: int,
                checkpointer: Checkpointer, is_main: bool):
     self.cfg, self.run_dir, self.started = trainer.cfg, trainer.run_dir, trainer.started
+    self.vocabulary = trainer.vocabulary  # the start-up id check, for the non-finite guard
     self.mesh, self.data, self.encoder, self.model_def = mesh, data, encoder, model_def
     self.family = models.family(self.cfg.model.type)
     self.batch_layout = self.family.batch_layout(self.cfg.model, self.cfg.global_batch_size,
@@ -246,10 +255,10 @@ class _Loop:
         if position.step < self.total_steps:
           state, position = self._train(state, position, monitor, stop)
       step, tokens = position
+      self.checkpointer.wait()  # the last checkpoint commits before the final export starts
       if step == self.total_steps and not os.path.isdir(
           os.path.join(self.run_dir, f"hf-{step}")):  # complete, but stopped before exporting
         self.exporter.export(self.model_def, state.params, step)
-      self.checkpointer.wait()
     finally:
       monitor.close()
 
@@ -296,7 +305,8 @@ class _Loop:
     evaluator = (Evaluator(cfg, self.mesh, self.model_def, tokenizer=self.encoder,
                            data_parallel=config_lib.data_parallel_size(cfg, self.n_devices))
                  if cfg.eval_datasets else None)
-    guard = NonFiniteGuard(cfg.max_consecutive_nonfinite)
+    guard = NonFiniteGuard(cfg.max_consecutive_nonfinite, total_steps=self.total_steps,
+                           vocabulary=self.vocabulary)
     profiler = Profiler(self.run_dir, tuple(cfg.profile_steps))
     step, tokens = position
     epoch, in_epoch = divmod(step, self.data.steps_per_epoch)
@@ -332,6 +342,8 @@ class _Loop:
         # On the way out after a signal only the checkpoint matters (the grace period is
         # short), unless this was the last step: then the run is complete and exports.
         if self._due(cfg.hf_interval, step) and (not stopping or step == self.total_steps):
+          if step == self.total_steps:  # a kill during the final export loses only the export
+            self.checkpointer.wait()
           self.exporter.export(self.model_def, state.params, step)
         if stopping:
           break
@@ -393,28 +405,6 @@ def _data_state_of_this_process(progress: dict) -> dict:
   if jax.process_index() < len(hashes):
     state["data_hash"] = hashes[jax.process_index()]
   return state
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def _warn_config_changes(saved: dict | None, cfg: ConfigDict) -> None:
-  """Logs the recipe keys that differ from the checkpoint's (the run may then not be exact)."""
-  if saved is None:
-    return
-  before, now = _flatten(saved), _flatten(json_roundtrip(cfg.to_dict()))
-  changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
-                   and not any(k == n or k.startswith(n + ".") for n in _RESUME_NEUTRAL))
-  if changed:
-    log.warning("the recipe differs from the checkpoint's in: %s",
-                ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed))
 
 
 def json_roundtrip(tree: dict) -> dict:
