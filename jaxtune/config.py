@@ -8,6 +8,7 @@ user can make in a recipe into one `ConfigError` that names the key and the fix.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import logging
 import math
@@ -123,6 +124,16 @@ def base_config() -> ConfigDict:
   c.max_consecutive_nonfinite = 10     # NaN/Inf steps in a row (each skipped) before stopping
   c.tensorboard = True                 # TensorBoard event files in <run>/tensorboard
   c.profile_steps = ()                 # (first, last): JAX profiler trace of those steps
+  # Weights & Biases (pip install jaxtune[wandb]): process 0 logs every metrics.jsonl record
+  # to the run `wandb_project` names (None = off); the run's id is kept in
+  # <run>/wandb_id.txt, so auto_resume continues the same W&B run.
+  c.observability = ConfigDict()
+  c.observability.wandb_project = config_dict.placeholder(str)
+  c.observability.wandb_entity = config_dict.placeholder(str)    # None = the default entity
+  c.observability.wandb_run_name = config_dict.placeholder(str)  # None = the run directory's name
+  c.observability.wandb_tags = ()
+  c.observability.wandb_mode = config_dict.placeholder(str)      # None = W&B's (WANDB_MODE) |
+                                                                 # online | offline | disabled
   return c
 
 
@@ -296,6 +307,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
                         f"{ds['allow_outside_media_root']!r}")
 
   _check_run_keys(cfg)
+  _check_observability(cfg.observability)
 
   if cfg.load_from is not None:
     if cfg.model_from_checkpoint:
@@ -434,6 +446,26 @@ def _check_run_keys(cfg: ConfigDict) -> None:
     raise ConfigError(f"resume_from '{cfg.resume_from}' does not exist. Point it at a "
                       "checkpoint (<run>/checkpoints/<step>), a checkpoints directory or a run "
                       "directory.")
+
+
+_WANDB_MODES = ("online", "offline", "disabled")
+
+
+def _check_observability(obs: ConfigDict) -> None:
+  """The W&B keys: a project name, a known mode, string tags, and wandb importable."""
+  if obs.wandb_project is None:
+    return
+  if not obs.wandb_project.strip():
+    raise ConfigError("observability.wandb_project must be a W&B project name or None (off), "
+                      "got ''")
+  if obs.wandb_mode is not None and obs.wandb_mode not in _WANDB_MODES:
+    raise ConfigError(f"observability.wandb_mode must be None (W&B's default, WANDB_MODE) or "
+                      f"one of {list(_WANDB_MODES)}, got {obs.wandb_mode!r}")
+  if not all(isinstance(tag, str) for tag in obs.wandb_tags):
+    raise ConfigError(f"observability.wandb_tags must be strings, got {obs.wandb_tags!r}")
+  if importlib.util.find_spec("wandb") is None:
+    raise ConfigError("observability.wandb_project is set but wandb is not installed: "
+                      "pip install jaxtune[wandb]")
 
 
 def _check_attention_heads(section: ConfigDict, where: str) -> None:

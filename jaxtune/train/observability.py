@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from jaxtune.train import logs
 from jaxtune.train import metrics as metrics_lib
+from jaxtune.train import wandb_log
 
 log = logging.getLogger(__name__)
 step_log = logging.getLogger(logs.STEP_LOGGER)
@@ -28,12 +29,13 @@ _NOT_PLOTTED = ("step", "epoch", "skipped")
 
 
 class RunMonitor:
-  """metrics.jsonl + TensorBoard + tqdm + periodic log lines + totals for the summary."""
+  """metrics.jsonl + TensorBoard + W&B + tqdm + periodic log lines + totals for the summary."""
 
   def __init__(self, run_dir: str, *, total_steps: int, start_step: int, n_devices: int,
                is_main: bool, progress_bar: bool, tensorboard: bool, log_interval: int,
-               started: float | None = None):
-    """started: time.perf_counter() when the run began (wall time in the summary)."""
+               started: float | None = None, recipe=None):
+    """started: time.perf_counter() when the run began (wall time in the summary); recipe:
+    the resolved config, for its observability.wandb_* keys (W&B, jaxtune.train.wandb_log)."""
     self.total_steps, self.start_step, self.n_devices = total_steps, start_step, n_devices
     self.log_interval = max(1, log_interval)
     self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -54,6 +56,7 @@ class RunMonitor:
     self.totals = dict(steps=0, tokens=0, step_time=0.0, data_time=0.0, eval_time=0.0,
                        mfu=0.0, mfu_steps=0, skipped=0)
     self.last_eval: dict[str, float] = {}
+    self._wandb = wandb_log.start(recipe, run_dir, is_main) if recipe is not None else None
 
   def start(self) -> None:
     """Call when the first step is about to run (after compilation): the bar and ETA start."""
@@ -77,6 +80,8 @@ class RunMonitor:
     self.last_eval.update(evals)
 
     self._writer.write(record)
+    if self._wandb is not None:
+      self._wandb.log(record)
     if self._tb is not None:
       for key, value in record.items():
         if key not in _NOT_PLOTTED and isinstance(value, (int, float)) and math.isfinite(value):
@@ -130,6 +135,12 @@ class RunMonitor:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._wandb is not None:
+      try:
+        self._wandb.finish()
+      except Exception as e:  # pylint: disable=broad-except  (the run's outcome stands)
+        log.warning("closing the W&B run failed: %s", e)
+      self._wandb = None
 
 
 def log_summary(summary: dict) -> None:

@@ -182,7 +182,7 @@ RESUME_NEUTRAL = ("work_dir", "auto_resume", "resume_from", "load_weights_only",
                   "log_interval", "tensorboard", "profile_steps", "checkpoint_interval",
                   "checkpoint_maxkeep", "hf_interval", "hf_max_keep", "eval_interval",
                   "eval_datasets", "max_consecutive_nonfinite", "data.num_workers",
-                  "data.cache_dir")
+                  "data.cache_dir", "observability")
 # Keys that cannot change under a checkpoint: they decide the tree, the shapes or the types of
 # the stored parameters and optimizer state (the tokenizer is compared by its files, and
 # optim.max_grad_norm only where clipping is switched on or off: that adds or drops a state).

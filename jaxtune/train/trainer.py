@@ -248,7 +248,7 @@ class _Loop:
     monitor = RunMonitor(self.run_dir, total_steps=self.total_steps, start_step=position.step,
                          n_devices=self.n_devices, is_main=self.is_main,
                          progress_bar=cfg.progress_bar, tensorboard=cfg.tensorboard,
-                         log_interval=cfg.log_interval, started=self.started)
+                         log_interval=cfg.log_interval, started=self.started, recipe=cfg)
     stop = StopRequest()
     try:
       with stop:
