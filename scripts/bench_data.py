@@ -62,8 +62,9 @@ from ml_collections import ConfigDict  # pylint: disable=wrong-import-position
 from jaxtune.config import dataset  # pylint: disable=wrong-import-position
 from jaxtune.data import encoding, images, sources, templates  # pylint: disable=wrong-import-position
 from jaxtune.data.pipeline import SFTData  # pylint: disable=wrong-import-position
+from jaxtune.data.encoders import open_encoder  # pylint: disable=wrong-import-position
 from jaxtune.data.tokenizer import (TokenEncoder, build_qwen_tokenizer,  # pylint: disable=wrong-import-position
-                                    load_tokenizer, open_encoder)
+                                    load_tokenizer)
 
 WORDS = ("the of and to in is that for it as with was on be by at this are from or have an "
          "they which one you had not but what all were when we there can been has more if "

@@ -17,8 +17,8 @@ import sentencepiece as spm
 
 from interns1_layout import write_tokenizer
 from jaxtune.data import intern_s1_tokenizer as s1
-from jaxtune.data.tokenizer import (TokenEncoder, build_qwen_tokenizer, load_tokenizer,
-                                    open_encoder)
+from jaxtune.data.encoders import open_encoder
+from jaxtune.data.tokenizer import TokenEncoder, build_qwen_tokenizer, load_tokenizer
 from jaxtune.data.tokenizer_files import TokenizerFilesError, read_tokenizer_files
 
 QWEN_DIR = os.path.join(tempfile.gettempdir(), "jaxtune-tests", "qwen3-tokenizer")

@@ -17,7 +17,7 @@ from jaxtune import launch
 from jaxtune.config import ConfigError
 from jaxtune.data.encoding import TRAINED_BIT
 from jaxtune.data.intern_s1_tokenizer import OFFSETS
-from jaxtune.data.tokenizer import open_encoder
+from jaxtune.data.encoders import open_encoder
 from jaxtune.models import presets
 from jaxtune.train import startup_checks
 from jaxtune.train.nonfinite import NonFiniteError, NonFiniteGuard

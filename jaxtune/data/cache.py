@@ -43,7 +43,7 @@ STALE_SECONDS = 3600         # a partial entry (.tmp-*) this old was left by a c
 # their source files' bytes, so any change to them invalidates the cache (no version to bump).
 CODE_MODULES = ("jaxtune.data.sources", "jaxtune.data.images", "jaxtune.data.templates",
                 "jaxtune.data.encoding", "jaxtune.data.tokenizer", "jaxtune.data.tokenizer_files",
-                "jaxtune.data.intern_s1_tokenizer", "jaxtune.data.cache")
+                "jaxtune.data.intern_s1_tokenizer", "jaxtune.data.encoders", "jaxtune.data.cache")
 
 
 @functools.lru_cache(maxsize=8)

@@ -39,7 +39,8 @@ from jaxtune.data import encoding, idstore, images, packing, sources, stages, te
 from jaxtune.data.cache import TokenCache
 from jaxtune.data.sources import DataError, DatasetSpec
 from jaxtune.data.tiles import TileDecoder
-from jaxtune.data.tokenizer import ENDOFTEXT, TokenEncoder, open_encoder, tokenizer_dir
+from jaxtune.data.encoders import open_encoder
+from jaxtune.data.tokenizer import ENDOFTEXT, TokenEncoder, tokenizer_dir
 
 if TYPE_CHECKING:
   import grain

@@ -197,22 +197,12 @@ def _hf_tokenizer(files: TokenizerFiles):
     return AutoTokenizer.from_pretrained(files.path)
   if files.layout != "vocab+merges":
     raise ValueError(f"'{files.path}' holds the {files.layout} tokenizer layout, which no HF fast "
-                     "tokenizer reproduces; encode with jaxtune.data.tokenizer.open_encoder(path).")
+                     "tokenizer reproduces; encode with jaxtune.data.encoders.open_encoder(path).")
   from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
   tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(files.spec)),
                                 eos_token=files.eos_token)
   tok.name_or_path = files.path
   return tok
-
-
-def open_encoder(path: str, **kwargs) -> "TokenEncoder":
-  """The encoder for the tokenizer directory `path`, whatever its layout: a TokenEncoder, or
-  for Intern-S1's scientific tokenizer an InternS1Encoder (same interface, its rules)."""
-  files = read_tokenizer_files(path)
-  if files.layout == "intern-s1":
-    from jaxtune.data.intern_s1_tokenizer import InternS1Encoder  # pylint: disable=import-outside-toplevel
-    return InternS1Encoder(path, files=files, **kwargs)
-  return TokenEncoder(path, files=files, **kwargs)
 
 
 def tokenizer_dir(tokenizer) -> str | None:

@@ -30,7 +30,7 @@ from jaxtune import config as config_lib
 from jaxtune import models
 from jaxtune.data.pipeline import SFTData
 from jaxtune.data.sources import DataError
-from jaxtune.data.tokenizer import open_encoder
+from jaxtune.data.encoders import open_encoder
 from jaxtune.hf.export import read_hf_dtype
 from jaxtune.hf.load import load_hf_weights
 from jaxtune.parallel.mesh import make_mesh
