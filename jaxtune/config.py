@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from typing import Any
 
+import jax.numpy as jnp
 from ml_collections import ConfigDict, FieldReference, config_dict
 
 from jaxtune.data import tokenizer_files
@@ -334,7 +335,6 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   return cfg
 
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _WORK_DIR_FIX = ("Point work_dir at a writable directory (it is created at the start if missing), "
                  "e.g. --config.work_dir=/path/to/runs")
 
@@ -360,8 +360,8 @@ def checkpoint_bytes_estimate(cfg: ConfigDict) -> int | None:
   except Exception as e:  # pylint: disable=broad-except  (only a warning depends on it)
     log.debug("work_dir free-space check skipped: the model could not be sized (%s)", e)
     return None
-  param = _DTYPE_BYTES.get(cfg.get("param_dtype", "float32"), 4)
-  moment = _DTYPE_BYTES.get(cfg.optim.get("state_dtype", "float32"), 4)
+  param = jnp.dtype(cfg.get("param_dtype", "float32")).itemsize
+  moment = jnp.dtype(cfg.optim.get("state_dtype", "float32")).itemsize
   return count * (param + 2 * moment)
 
 

@@ -84,10 +84,10 @@ def _data_with(ids):
 def test_data_ids_past_the_vocabulary_are_a_configuration_error(tmp_path):
   cfg = tiny_config(str(tmp_path))               # byte tokenizer (max 258), vocabulary 320
   encoder = open_encoder(cfg.tokenizer_path)
-  found = check_data(cfg, encoder, _data_with([1, 258, 7]))
+  found = check_data(cfg, check_tokenizer(cfg, encoder), _data_with([1, 258, 7]))
   assert found == Vocabulary(320, "model.vocab_size", 258, 258)
   with pytest.raises(ConfigError) as err:        # ids a sample_transform made, say
-    check_data(cfg, encoder, _data_with([1, 400 | TRAINED_BIT]))
+    check_data(cfg, check_tokenizer(cfg, encoder), _data_with([1, 400 | TRAINED_BIT]))
   msg = str(err.value)
   assert "training data is 400" in msg and "model.vocab_size=320" in msg, msg
   assert cfg.tokenizer_path in msg and "load_from" in msg and "largest id is 258" in msg, msg

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 OFFSETS = {"SMILES": 151669, "IUPAC": 151929, "FASTA": 152443}
 TAG_MODELS = {"SMILES": "SMILES", "SELFIES": "SMILES", "IUPAC": "IUPAC", "FASTA": "FASTA"}
 PROTECT_OPEN, PROTECT_CLOSE = "<MOLFORMULA>", "</MOLFORMULA>"
-AUTO = ("SMILES", "FASTA")   # auto-detected domains, in the order they are searched
 SP_SPACE = "\u2581"          # SentencePiece's whitespace mark
 _VERDICTS = 1 << 16          # SMILES candidates whose check is remembered
 

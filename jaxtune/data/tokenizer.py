@@ -384,6 +384,9 @@ class TokenEncoder:
            else max(self._hf.get_vocab().values(), default=-1))
     return int(max(bpe, max(self.added.values(), default=-1)))
 
+  def describe(self) -> str:
+    return f"tokenizer at {self.path} ({self.layout} layout, {self.backend} encoder)"
+
   def token_id(self, token: str) -> int:
     if token not in self.added:
       raise KeyError(f"'{token}' is not an added token of the tokenizer at {self.path}")

@@ -84,11 +84,10 @@ def check_tokenizer(cfg: ConfigDict, encoder) -> Vocabulary | None:
   return Vocabulary(size, key, largest, None)
 
 
-def check_data(cfg: ConfigDict, encoder, data) -> Vocabulary | None:
-  """ConfigError unless every id of the packed data is below the model's vocabulary size
-  (also checks the tokenizer, when `check_tokenizer` was not called). Returns what it found;
-  logs one line."""
-  vocab = check_tokenizer(cfg, encoder)
+def check_data(cfg: ConfigDict, vocab: Vocabulary | None, data) -> Vocabulary | None:
+  """ConfigError unless every id of the packed data is below the model's vocabulary size;
+  `vocab` is what `check_tokenizer` found. Returns it with the data's largest id; logs one
+  line."""
   if vocab is None:
     return None
   largest = data.max_token_id()

@@ -15,7 +15,6 @@ See docs/training.md.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -131,8 +130,8 @@ class Trainer:
   def _fit_with(self, mesh, start: rundir.Start, is_main: bool) -> dict:
     cfg = self.cfg
     encoder = open_encoder(cfg.tokenizer_path)
-    startup_checks.check_tokenizer(cfg, encoder)  # its ids vs the model's vocabulary: exit 2
-    if is_main and hasattr(encoder, "describe"):
+    vocabulary = startup_checks.check_tokenizer(cfg, encoder)  # ids vs the model's: exit 2
+    if is_main:
       log.info("%s", encoder.describe())
     # The order of one host reading every row, this host taking the rows its devices hold:
     # the batches do not depend on the host count, so a run resumes on another topology.
@@ -144,7 +143,7 @@ class Trainer:
                    host_rows=_host_rows(mesh, cfg.global_batch_size),
                    **models.family(cfg.model.type).data_options(cfg.model))
     _check_same_data(data)
-    self.vocabulary = startup_checks.check_data(cfg, encoder, data)  # the data's ids too
+    self.vocabulary = startup_checks.check_data(cfg, vocabulary, data)  # the data's ids too
     total_steps = cfg.total_steps or cfg.epoch_num * data.steps_per_epoch
     num_micro = cfg.global_batch_size // (dp * cfg.data.micro_batch_size)
     schedule = lr_schedule(cfg.lr, cfg.optim.lr, total_steps)
@@ -405,8 +404,3 @@ def _data_state_of_this_process(progress: dict) -> dict:
   if jax.process_index() < len(hashes):
     state["data_hash"] = hashes[jax.process_index()]
   return state
-
-
-def json_roundtrip(tree: dict) -> dict:
-  """What a dict looks like after a JSON save and load (tuples become lists)."""
-  return json.loads(json.dumps(tree, default=str))
