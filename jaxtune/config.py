@@ -1,7 +1,7 @@
 """Recipe configuration: every key at its default, and the checks run before any heavy work.
 
 A recipe file defines `get_config(arg=None)` returning `base_config()` with its changes. Key
-names follow XTuner's (see shared/DESIGN.md, contract 3). `validate` turns every mistake a
+names follow XTuner's (docs/training.md, "Config keys"). `validate` turns every mistake a
 user can make in a recipe into one `ConfigError` that names the key and the fix.
 """
 

@@ -1,7 +1,7 @@
 """Command line: `python -m jaxtune.main --config=configs/<recipe>.py[:arg] [--config.a.b=v]`.
 
-Without --config it runs the embedded default recipe (a miniature Qwen3 on shipped data), which
-finishes in a few minutes on a laptop CPU.
+Without --config it runs the embedded default recipe (jaxtune/recipes/sft_mini.py: a miniature
+Intern-S1 on bundled text + image data), which finishes in a few minutes on a laptop CPU.
 
 One process per host. With several hosts each process joins the job first (flags
 --coordinator_address/--num_processes/--process_id, or SLURM / Open MPI; see jaxtune.launch and

@@ -2,7 +2,7 @@
 
 One checkpoint is `checkpoints/<step>/` with four items:
   state      {"params": the model parameters} (each stored once; frozen ones included, they
-             have no optimizer state because `make_optimizer(mask=...)` gives them none);
+             have no optimizer state: the train state keeps it for the trainable ones only);
   optimizer  the optimizer state and the applied-update counter that drives the LR schedule;
   progress   JSON: step, epoch, consumed tokens, seeds, the data iterator state;
   config     JSON: the resolved recipe the run was started with.

@@ -51,7 +51,6 @@ class HFExporter:
     self.run_dir, self.model_cfg, self.dtype = run_dir, model_cfg, dtype
     self.source_dir = source_dir
     self.tokenizer_path, self.max_keep = tokenizer_path, max_keep
-    self.last: str | None = None
 
   def export(self, model_def, params, step: int) -> str:
     """model_def: the `ModelDef` the params belong to."""
@@ -68,7 +67,6 @@ class HFExporter:
     if jax.process_index() == 0:  # export_hf returns on all processes once the files are in
       point_latest(self.run_dir, out_dir)
       self._prune()
-    self.last = out_dir
     log.info("HF export (%s) written to %s", self.dtype, out_dir)
     return out_dir
 

@@ -48,10 +48,6 @@ class StopRequest:
     log.warning("received %s: stopping after the current step with a checkpoint%s", name,
                 " (press Ctrl-C again to abort at once)" if signum == signal.SIGINT else "")
 
-  def request(self, name: str = "request") -> None:
-    """Asks the loop to stop at the next boundary (what a signal does), e.g. from a callback."""
-    self.signal_name = self.signal_name or name
-
   def should_stop(self) -> bool:
     """Whether any process was asked to stop; every process must call this at each boundary."""
     local = self.signal_name is not None

@@ -353,7 +353,7 @@ class _Loop:
 
   def _record(self, step: int, out: dict, host: dict, step_time: float, data_time: float,
               consumed_tokens: int) -> dict:
-    """One metrics.jsonl line: the contract-4 fields first, then extras."""
+    """One metrics.jsonl line: the documented fields first (docs/training.md), then extras."""
     tokens = int(out["tokens"])
     # This host's rows stand for every host's (their FLOPs differ only by their lengths).
     flops = self.family.train_flops(self.cfg.model, host) * jax.process_count()
