@@ -8,7 +8,6 @@ import shutil
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from jaxtune import models
@@ -35,7 +34,7 @@ MESH_SIZES = {"fsdp": 2, "tensor": 2}
 def setup():
   """(mesh, optimizer, abstract state, states keyed by step: params shifted by the step)."""
   mesh = make_mesh(MESH_SIZES)
-  optimizer = make_optimizer(base_config().optim, optax.constant_schedule(1e-3))
+  optimizer = make_optimizer(base_config().optim)
   with jax.set_mesh(mesh):
     model_def, params = split_model(models.create_model(CFG, mesh, seed=0))
     abstract = abstract_train_state(split_model(models.abstract_model(CFG, mesh))[1], optimizer,

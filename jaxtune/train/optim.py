@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,18 +82,21 @@ def global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
   """XTuner's (and torch's clip_grad_norm_) rule: scale by min(1, max_norm / (norm + 1e-6)).
 
   optax.clip_by_global_norm scales by max_norm / norm with no epsilon; keeping XTuner's
-  epsilon makes clipped steps match it to the last bit the dtype allows.
+  epsilon makes clipped steps match it to the last bit the dtype allows. The train step has
+  the norm already (it reports it): it passes it as the extra argument `grad_norm`, so the
+  norm is computed once per step.
   """
-  def update_fn(updates, state, params=None):
-    del params
-    scale = jnp.minimum(1.0, max_norm / (global_norm(updates) + 1e-6))
+  def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = global_norm(updates) if grad_norm is None else grad_norm
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
     return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
 
 def scale_by_adam_stored_in(dtype, *, b1: float, b2: float, eps: float
@@ -114,32 +117,21 @@ def scale_by_adam_stored_in(dtype, *, b1: float, b2: float, eps: float
   return optax.GradientTransformation(init_fn, inner.update)
 
 
-def make_optimizer(optim_cfg: ConfigDict, schedule: optax.Schedule | None = None, *,
-                   mask: Any | Callable[[Any], Any] | None = None
-                   ) -> optax.GradientTransformation:
-  """Clip (skipped when max_grad_norm <= 0), then AdamW on one parameter group.
+def make_optimizer(optim_cfg: ConfigDict) -> optax.GradientTransformationExtraArgs:
+  """Clip (skipped when max_grad_norm <= 0), then AdamW on one parameter group, at a unit
+  learning rate: the train step scales the updates by the schedule at the *trainer* step, so a
+  skipped step still advances the schedule (as XTuner's) but not Adam's count. AdamW's update
+  is linear in the learning rate (decay included), so this is the scheduled AdamW bit for bit.
+  Frozen parameters never reach it: the train step gives it the trainable ones only.
 
-  Args:
-    optim_cfg: the `optim` section: weight_decay, betas, eps, max_grad_norm, state_dtype
-      (float32, or bfloat16 for Adam's moments: `scale_by_adam_stored_in`; lr is in the
-      schedule already).
-    schedule: update count -> learning rate, e.g. `lr_schedule(...)`, read from the
-      optimizer's own count. None: a unit learning rate, for the train step, which scales the
-      updates by the schedule at the *trainer* step itself, so that a skipped step still
-      advances the schedule (as XTuner's) but not Adam's count. AdamW's update is linear in
-      the learning rate (decay included), so both give the same update bit for bit.
-    mask: optional pytree of bools (or params -> pytree) like the params: True = trainable.
-      Frozen leaves get zero updates and no optimizer state, and are left out of the clipping
-      norm, as XTuner's frozen (requires_grad=False) modules are. This uses
-      `optax.multi_transform` with `set_to_zero` for the frozen label rather than
-      `optax.masked`, because `masked` passes the raw gradient through for masked-out leaves,
-      which would move "frozen" parameters.
+  optim_cfg: the `optim` section: weight_decay, betas, eps, max_grad_norm, state_dtype
+  (float32, or bfloat16 for Adam's moments: `scale_by_adam_stored_in`).
+  `update(..., grad_norm=n)` clips with a norm the caller has computed (`global_norm`).
   """
   b1, b2 = (float(b) for b in optim_cfg.betas)
-  learning_rate = 1.0 if schedule is None else schedule
-  state_dtype = jnp.dtype(optim_cfg.get("state_dtype", "float32"))
+  state_dtype = jnp.dtype(optim_cfg.state_dtype)
   if state_dtype == jnp.float32:
-    adamw = optax.adamw(learning_rate=learning_rate, b1=b1, b2=b2, eps=float(optim_cfg.eps),
+    adamw = optax.adamw(learning_rate=1.0, b1=b1, b2=b2, eps=float(optim_cfg.eps),
                         weight_decay=float(optim_cfg.weight_decay))
   else:  # optax.adamw's own chain, with both moments stored in state_dtype
     if b2 > 0.99:
@@ -150,14 +142,7 @@ def make_optimizer(optim_cfg: ConfigDict, schedule: optax.Schedule | None = None
     adamw = optax.chain(scale_by_adam_stored_in(state_dtype, b1=b1, b2=b2,
                                                 eps=float(optim_cfg.eps)),
                         optax.add_decayed_weights(float(optim_cfg.weight_decay)),
-                        optax.scale_by_learning_rate(learning_rate))
+                        optax.scale_by_learning_rate(1.0))
   max_norm = float(optim_cfg.max_grad_norm)
-  inner = optax.chain(clip_by_global_norm(max_norm), adamw) if max_norm > 0 else adamw
-  if mask is None:
-    return inner
-
-  def labels(params):
-    trainable = mask(params) if callable(mask) else mask
-    return jax.tree.map(lambda m: "trainable" if m else "frozen", trainable)
-
-  return optax.multi_transform({"trainable": inner, "frozen": optax.set_to_zero()}, labels)
+  return optax.chain(clip_by_global_norm(max_norm), adamw) if max_norm > 0 else \
+      optax.chain(adamw)

@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxtune.ops.loss import chunked_cross_entropy, eager_cross_entropy, loss_weights
 from jaxtune.parallel import sharding
+from jaxtune.train.optim import global_norm
 
 
 class TrainState(NamedTuple):
@@ -121,14 +122,15 @@ def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, loss_fn: 
 
   loss = sums["lm_sum"] / denominator
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), sums["grads"], trainable)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = global_norm(grads)  # float32 accumulation; the clip reuses it
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   apply = finite
   if skip_grad_norm_threshold is not None:
     apply = apply & (grad_norm <= skip_grad_norm_threshold)
 
   lr = jnp.asarray(schedule(state.step), jnp.float32)
-  updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+  updates, opt_state = optax.with_extra_args_support(optimizer).update(
+      grads, state.opt_state, trainable, grad_norm=grad_norm)
   updates = jax.tree.map(lambda u: (u * lr).astype(u.dtype), updates)
   new_trainable = optax.apply_updates(trainable, updates)
   # A skipped step leaves params and optimizer state (Adam's count too) untouched; the
