@@ -42,6 +42,15 @@ IMPLEMENTATIONS = ("auto", "blockwise", "xla", "cudnn", "dpa_xla", "pallas")
 AUTO_GPU_IMPL = "cudnn"
 
 
+def resolve_impl(impl: str, backend: str, dtype) -> str:
+  """What `impl` runs on `backend` with inputs of `dtype`: "auto"'s rule, in one place (the
+  planner's report and jaxtune.config.resolve read it too)."""
+  if impl != "auto":
+    return impl
+  on_gpu = backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  return AUTO_GPU_IMPL if on_gpu else "blockwise"
+
+
 def segment_causal_mask(segment_ids_bt: jax.Array) -> jax.Array:
   """[B, T, S] bool: query t may attend key s (s <= t, same segment)."""
   seq_len = segment_ids_bt.shape[-1]
@@ -87,9 +96,7 @@ def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
   num_heads, num_kv_heads = q_btnh.shape[2], k_btkh.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
-  if impl == "auto":
-    on_gpu = jax.default_backend() == "gpu" and q_btnh.dtype in (jnp.bfloat16, jnp.float16)
-    impl = AUTO_GPU_IMPL if on_gpu else "blockwise"
+  impl = resolve_impl(impl, jax.default_backend(), q_btnh.dtype)
   if impl == "blockwise":
     return blockwise_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, block_q=block_q,
                                block_kv=block_kv).astype(v_btkh.dtype)
