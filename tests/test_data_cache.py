@@ -9,13 +9,13 @@ import time
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from jaxtune.config import dataset
 from jaxtune.data import SFTData, cache, idstore
 from jaxtune.data.encoding import EncodeJob
 from jaxtune.data.sources import ParseOptions, SourceFile
 from jaxtune.data.tokenizer import TokenEncoder, build_qwen_tokenizer
+from data_section import data_section
 
 TOK_DIR = os.path.join(tempfile.gettempdir(), "jaxtune-tests", "qwen3-tokenizer")
 KEYS = ("input_ids", "labels", "segment_ids", "positions")
@@ -44,7 +44,7 @@ def cfg(path, **kw):
   out = dict(datasets=[dataset("d", path)], sample_max_length=128, pack_max_length=256,
              pack_level="soft", num_workers=1, cache_dir=None, seed=1)
   out.update(kw)
-  return ConfigDict(out)
+  return data_section(**out)
 
 
 def open_fds():

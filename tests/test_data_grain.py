@@ -5,12 +5,12 @@ import pickle
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from jaxtune.config import dataset
 from jaxtune.data import DataError, SFTData, stages
 from jaxtune.data.packing import IGNORE
 from jaxtune.data.tokenizer import TokenEncoder
+from data_section import data_section, intern_media
 
 # The tokenizer and the two-dataset chat corpus of the pipeline tests (the same lines).
 from test_data_pipeline import KEYS, corpus, enc, tok  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
@@ -21,7 +21,7 @@ def cfg_for(corpus, **kw):
              sample_max_length=256, pack_max_length=256, pack_level="soft", num_workers=1,
              cache_dir=None, seed=7, prefetch=2)
   cfg.update(kw)
-  return ConfigDict(cfg)
+  return data_section(**cfg)
 
 
 def same(b1, b2):
@@ -187,9 +187,9 @@ def test_image_stages_and_a_filter_keep_pixels_exact(tmp_path):
   lines = [image_line(f"m{i}", [(f"{x}.jpg", *SHAPES[x])]) for i, x in
            enumerate(["sq", "wide", "tall"] * 3)]
   cfg = cfg_of(mm("img", write_jsonl(tmp_path / "img.jsonl", lines), tmp_path))
-  plain = SFTData(cfg, enc, global_batch_size=2, image_size=448)
+  plain = SFTData(cfg, enc, global_batch_size=2, media=intern_media())
   assert [plain.mixed()[k]["tiles"] for k in range(9)] == plain._tiles.tolist()
-  data = SFTData(cfg, enc, global_batch_size=2, image_size=448,
+  data = SFTData(cfg, enc, global_batch_size=2, media=intern_media(),
                  sample_transform=lambda ds: ds.filter(lambda el: el["tiles"] != 3))
   assert len(data.mixed()) == 6 and data.stats["datasets"]["img"]["filtered"] == 3
   assert data.data_hash != plain.data_hash and data.stats["image_tiles"] == 3 * (1 + 4)
@@ -204,4 +204,4 @@ def test_image_stages_and_a_filter_keep_pixels_exact(tmp_path):
   def grow(ds):   # a map may not change a sample with images
     return ds.map(lambda el: dict(el, input_ids=el["input_ids"][:-1], labels=el["labels"][:-1]))
   with pytest.raises(DataError, match="images"):
-    SFTData(cfg, enc, global_batch_size=2, image_size=448, sample_transform=grow)
+    SFTData(cfg, enc, global_batch_size=2, media=intern_media(), sample_transform=grow)

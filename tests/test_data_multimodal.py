@@ -12,13 +12,14 @@ import shutil
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 from PIL import Image
 
 from jaxtune.config import dataset
 from jaxtune.data import DataError, SFTData, packing
 from jaxtune.data.images import load_tiles
 from jaxtune.data.tokenizer import TokenEncoder, build_qwen_tokenizer
+from jaxtune.data.media import MediaSpec
+from data_section import data_section, intern_media
 
 # XTuner's example files as shipped with the package: urls "resource/..." under media_root FIX.
 FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "jaxtune", "assets", "xtuner")
@@ -81,7 +82,7 @@ def cfg_of(*datasets, **kw):
   out = dict(datasets=list(datasets), pack_max_length=2048, sample_max_length=2048,
              num_workers=1, seed=3, prefetch=0)
   out.update(kw)
-  return ConfigDict(out)
+  return data_section(**out)
 
 
 def mm(name, path, root, ratio=1.0):
@@ -159,11 +160,11 @@ def test_xtuner_example_files_parse_and_pack(enc):
   # XTuner's multi-image file has a wrong image_wh on line 6 (the two-cat image, 640 x 480,
   # listed as 375 x 500): XTuner fails when it loads it mid-training; jaxtune at start-up.
   with pytest.raises(DataError) as err:
-    SFTData(cfg, enc, global_batch_size=2, image_size=448)
+    SFTData(cfg, enc, global_batch_size=2, media=intern_media())
   msg = str(err.value)
   assert f"{MULTI}:6" in msg and CATS in msg and "[375, 500]" in msg and "[640, 480]" in msg
   cfg.skip_bad_samples = True
-  data = SFTData(cfg, enc, global_batch_size=2, image_size=448)
+  data = SFTData(cfg, enc, global_batch_size=2, media=intern_media())
   single, multi = data.stats["datasets"]["single"], data.stats["datasets"]["multi"]
   assert single["image_samples"] == 22 and single["bad"] == 0
   assert multi["image_samples"] == 10 and multi["bad_lines"] == 1
@@ -211,14 +212,14 @@ def test_images_need_an_image_model_and_soft_or_none_packing(enc, mixed):
     SFTData(cfg, enc, global_batch_size=1)
   cfg.pack_level = "hard"
   with pytest.raises(DataError, match="pack_level='hard' splits samples.*'soft'"):
-    SFTData(cfg, enc, global_batch_size=1, image_size=448)
+    SFTData(cfg, enc, global_batch_size=1, media=intern_media())
   # The model's image token must be the tokenizer's <IMG_CONTEXT>.
   with pytest.raises(DataError, match="image_token_id is 7 but the tokenizer"):
-    SFTData(cfg, enc, global_batch_size=1, image_size=448, image_token_id=7)
+    SFTData(cfg, enc, global_batch_size=1, media=MediaSpec(448, 256, 7))
   # Text-only data with an image model: no tile slots, no pixel arrays (the model's layout
   # has none, and its tower never runs).
   text = SFTData(cfg_of(dataset("t", mixed["text"])), enc, global_batch_size=2,
-                 image_size=448, image_token_id=enc.added[IMG])
+                 media=MediaSpec(448, 256, enc.added[IMG]))
   assert text.max_tiles == 0
   batch = text.batch(0, 0)
   assert set(batch) == {"input_ids", "labels", "segment_ids", "positions"}
@@ -231,7 +232,7 @@ def test_images_need_an_image_model_and_soft_or_none_packing(enc, mixed):
 # ---------------------------------------------------------------- batches
 def test_pixels_follow_the_image_tokens_of_mixed_rows(enc, mixed):
   cfg = cfg_of(mm("img", mixed["img"], mixed["root"], 1.5), dataset("text", mixed["text"], 2.0))
-  data = SFTData(cfg, enc, global_batch_size=1, image_size=448)
+  data = SFTData(cfg, enc, global_batch_size=1, media=intern_media())
   s = data.stats
   assert s["datasets"]["img"]["samples"] == 24 and s["datasets"]["text"]["samples"] == 40
   used = text_rows = 0
@@ -263,7 +264,7 @@ def test_tile_bound_is_respected_dropped_and_reported(enc, mixed, tmp_path):
   images.update({f"s{i}": [(str(root / "sq.jpg"), 448, 448)] for i in range(6)})
   cfg = cfg_of(mm("b", path, root), dataset("text", mixed["text"], 0.5),
                max_tiles_per_pack=4)
-  data = SFTData(cfg, enc, global_batch_size=1, image_size=448)
+  data = SFTData(cfg, enc, global_batch_size=1, media=intern_media())
   s = data.stats
   assert s["datasets"]["b"]["dropped_tile_bound"] == 1 and s["dropped_tile_bound"] == 1
   assert s["datasets"]["b"]["packed_samples"] == 18 and s["datasets"]["text"]["samples"] == 10
@@ -279,11 +280,11 @@ def test_tile_bound_is_respected_dropped_and_reported(enc, mixed, tmp_path):
   assert np.isclose(np.mean(per_pack), s["tiles_per_pack_mean"])
   # pack_level 'none': one sample per row; the bound drops the same sample.
   cfg.pack_level = "none"
-  none = SFTData(cfg, enc, global_batch_size=1, image_size=448)
+  none = SFTData(cfg, enc, global_batch_size=1, media=intern_media())
   assert none.stats["dropped_tile_bound"] == 1 and none.stats["packs"] == 18 + 10
   with pytest.raises(DataError, match="data.max_tiles_per_pack"):
     SFTData(cfg_of(mm("b", path, root), max_tiles_per_pack=0), enc, global_batch_size=1,
-            image_size=448)
+            media=intern_media())
 
 
 def test_soft_packing_with_tiles_by_hand():
@@ -340,14 +341,14 @@ def test_bad_images_stop_the_start_up_or_are_skipped(enc, mixed, tmp_path):
   for name, (line, image, what) in cases.items():
     path = write_jsonl(tmp_path / "bad.jsonl", [text_line("ok", 3), line])
     with pytest.raises(DataError) as err:
-      SFTData(cfg_of(mm("bad", path, root)), enc, global_batch_size=1, image_size=448)
+      SFTData(cfg_of(mm("bad", path, root)), enc, global_batch_size=1, media=intern_media())
     msg = str(err.value)
     assert f"{path}:2" in msg and os.path.join(str(root), image) in msg and what in msg, \
         (name, msg)
   lines = [text_line("ok", 3)] + [c[0] for c in cases.values()] + [text_line("ok2", 3)]
   path = write_jsonl(tmp_path / "all.jsonl", lines)
   data = SFTData(cfg_of(mm("bad", path, root), skip_bad_samples=True), enc,
-                 global_batch_size=1, image_size=448)
+                 global_batch_size=1, media=intern_media())
   s = data.stats["datasets"]["bad"]
   assert s["bad_lines"] == 4 and s["packed_samples"] == 2
   assert [loc.split(" ")[0] for loc in s["bad_locations"]] == [f"{path}:{i}" for i in range(2, 6)]
@@ -360,15 +361,15 @@ def test_cached_lines_recheck_their_images(enc, tmp_path):
                                             text_line("c1", 5)])
   cfg = cfg_of(mm("c", path, root), cache_dir=str(tmp_path / "cache"))
   with pytest.raises(DataError, match="does not exist"):
-    SFTData(cfg, enc, global_batch_size=1, image_size=448)
+    SFTData(cfg, enc, global_batch_size=1, media=intern_media())
   make_image(root / "late.jpg", 448, 448, 9)       # fixed: the cached bad line is rechecked
-  data = SFTData(cfg, enc, global_batch_size=1, image_size=448)
+  data = SFTData(cfg, enc, global_batch_size=1, media=intern_media())
   assert data.stats["datasets"]["c"]["image_samples"] == 1 and data.cache.hits == 0
-  again = SFTData(cfg, enc, global_batch_size=1, image_size=448)
+  again = SFTData(cfg, enc, global_batch_size=1, media=intern_media())
   assert again.cache.hits == 1 and again.stats["datasets"]["c"]["image_samples"] == 1
   # An image that breaks after its line was cached is caught when it is loaded.
   make_image(root / "late.jpg", 300, 448, 9)
-  stale = SFTData(cfg, enc, global_batch_size=1, image_size=448)
+  stale = SFTData(cfg, enc, global_batch_size=1, media=intern_media())
   with pytest.raises(DataError) as err:
     [stale.batch(0, k) for k in range(stale.steps_per_epoch)]
   assert f"{path}:1" in str(err.value) and "late.jpg" in str(err.value)
@@ -383,7 +384,7 @@ def test_truncated_image_fails_at_batch_time_or_is_skipped(enc, mixed, tmp_path)
   lines += [text_line(f"t{i}", 30) for i in range(3)]
   path = write_jsonl(tmp_path / "t.jsonl", lines)
   cfg = cfg_of(mm("t", path, tmp_path), pack_level="none", prefetch=2)
-  strict = SFTData(cfg, enc, global_batch_size=1, image_size=448)   # start-up passes
+  strict = SFTData(cfg, enc, global_batch_size=1, media=intern_media())   # start-up passes
   with pytest.raises(DataError) as err:
     list(strict.batches(0))                  # through the prefetch thread
   msg = str(err.value)
@@ -391,7 +392,7 @@ def test_truncated_image_fails_at_batch_time_or_is_skipped(enc, mixed, tmp_path)
   cfg.skip_bad_samples = True
   runs = []
   for _ in range(2):                         # deterministic: a resumed run sees the same
-    skip = SFTData(cfg, enc, global_batch_size=1, image_size=448)
+    skip = SFTData(cfg, enc, global_batch_size=1, media=intern_media())
     runs.append(list(skip.batches(0)))
     assert skip.stats["image_decode_failures"] == 1
     assert skip.stats["image_decode_skipped_samples"] == 1
@@ -416,16 +417,16 @@ def test_truncated_image_fails_at_batch_time_or_is_skipped(enc, mixed, tmp_path)
 def test_resume_and_hosts_get_the_same_pixels(enc, mixed):
   cfg = cfg_of(mm("img", mixed["img"], mixed["root"], 2.0), dataset("text", mixed["text"], 3.0),
                prefetch=2)
-  one = SFTData(cfg, enc, global_batch_size=4, image_size=448)
+  one = SFTData(cfg, enc, global_batch_size=4, media=intern_media())
   full = list(one.batches(1))
   resumed = list(one.batches(1, 2))
   assert len(resumed) == len(full) - 2 and len(full) >= 4
   for a, b in zip(full[2:], resumed):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
-  hosts = [SFTData(cfg, enc, global_batch_size=4, image_size=448, process_index=h,
+  hosts = [SFTData(cfg, enc, global_batch_size=4, media=intern_media(), process_index=h,
                    process_count=2, global_order=True) for h in range(2)]
-  odd = SFTData(cfg, enc, global_batch_size=4, image_size=448, process_index=1,
+  odd = SFTData(cfg, enc, global_batch_size=4, media=intern_media(), process_index=1,
                 process_count=2, global_order=True, host_rows=[3, 0])
   for k in (0, 3):
     whole = one.batch(1, k)

@@ -10,11 +10,11 @@ import threading
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from jaxtune.config import dataset
 from jaxtune.data import DataError, SFTData, encoding
 from jaxtune.data.tokenizer import TokenEncoder, build_qwen_tokenizer
+from data_section import data_section, intern_media
 
 TOK_DIR = os.path.join(tempfile.gettempdir(), "jaxtune-tests", "qwen3-tokenizer")
 KEYS = ("input_ids", "labels", "segment_ids", "positions")
@@ -54,7 +54,7 @@ def cfg_for(corpus, **kw):
              sample_max_length=256, pack_max_length=256, pack_level="soft", num_workers=1,
              cache_dir=None, seed=7)
   cfg.update(kw)
-  return ConfigDict(cfg)
+  return data_section(**cfg)
 
 
 def same(b1, b2):
@@ -253,10 +253,10 @@ def test_bad_line_in_cached_file_still_stops(corpus, tok, tmp_path):
     f.write('{"messages": [{"role": "user", "content": "hi"}]}\n[1, 2]\n')
   cfg = dict(datasets=[dataset("bad", path)], pack_max_length=64, sample_max_length=64,
              cache_dir=str(tmp_path / "c"), skip_bad_samples=True, num_workers=1)
-  assert SFTData(ConfigDict(cfg), tok, global_batch_size=1).stats["datasets"]["bad"]["bad"] == 1
+  assert SFTData(data_section(**cfg), tok, global_batch_size=1).stats["datasets"]["bad"]["bad"] == 1
   cfg["skip_bad_samples"] = False
   with pytest.raises(DataError, match=f"{re.escape(path)}:2 .*message 0 must be an object"):
-    SFTData(ConfigDict(cfg), tok, global_batch_size=1)
+    SFTData(data_section(**cfg), tok, global_batch_size=1)
 
 
 def check_rows(batch, level, pack_len):
@@ -333,19 +333,19 @@ def test_image_samples_are_counted_refused_or_dropped(image_tok, tmp_path):
   path = str(tmp_path / "mm.jsonl")
   with open(path, "w") as f:
     f.write(json.dumps(line) + "\n" + json.dumps(chat("t", 0, np.random.default_rng(0))) + "\n")
-  cfg = ConfigDict(dict(datasets=[dataset("mm", path, chat_template="intern-s1",
+  cfg = data_section(**dict(datasets=[dataset("mm", path, chat_template="intern-s1",
                                           media_root=str(tmp_path))],
                         pack_max_length=512, sample_max_length=512, num_workers=1))
   with pytest.raises(DataError, match="hold samples with images"):
     SFTData(cfg, image_tok, global_batch_size=1)
-  data = SFTData(cfg, image_tok, global_batch_size=1, image_size=448)
+  data = SFTData(cfg, image_tok, global_batch_size=1, media=intern_media())
   s = data.stats["datasets"]["mm"]
   assert s["image_samples"] == 1
   # One 448x448 tile: <img> + 256 x <IMG_CONTEXT> + </img>, after the default system prompt.
   ids = data._tokens[:s["tokens"]] & encoding.ID_MASK
   assert (ids == 151671).sum() == 256 and (ids == 151669).sum() == 1
   cfg.sample_max_length = 100                       # would cut into the image tokens
-  data = SFTData(cfg, image_tok, global_batch_size=1, image_size=448)
+  data = SFTData(cfg, image_tok, global_batch_size=1, media=intern_media())
   assert data.stats["datasets"]["mm"]["dropped_image_cut"] == 1
   assert data.stats["datasets"]["mm"]["packed_samples"] == 1
 
@@ -379,12 +379,12 @@ def test_workers_start_when_main_cannot_be_reimported(corpus, tok):
   import subprocess
   import sys
   code = f"""
-from ml_collections import ConfigDict
-from jaxtune.config import dataset
+from jaxtune.config import base_config, dataset
 from jaxtune.data import SFTData, encoding
 encoding.MIN_LINES_FOR_WORKERS = 0
-cfg = ConfigDict(dict(datasets=[dataset("a", {corpus['a']!r})], num_workers=2,
-                      pack_max_length=256, sample_max_length=256))
+cfg = base_config().data
+cfg.datasets = [dataset("a", {corpus['a']!r})]
+cfg.num_workers, cfg.pack_max_length, cfg.sample_max_length = 2, 256, 256
 print("packs", SFTData(cfg, {tok!r}, global_batch_size=1).stats["packs"])
 """
   # Code piped to stdin, no __main__ guard: spawned workers must not try to re-run it.

@@ -6,13 +6,13 @@ import tempfile
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from jaxtune.config import dataset
 from jaxtune.data import sources
 from jaxtune.data.pipeline import SFTData
 from jaxtune.data.sources import DataError
 from jaxtune.data.tokenizer import build_qwen_tokenizer
+from data_section import data_section
 
 TOK_DIR = os.path.join(tempfile.gettempdir(), "jaxtune-tests", "qwen3-tokenizer")
 
@@ -39,7 +39,7 @@ def data_cfg(*datasets, **kw):
   cfg = dict(datasets=list(datasets), sample_max_length=256, pack_max_length=256,
              pack_level="soft", num_workers=1, cache_dir=None, seed=3)
   cfg.update(kw)
-  return ConfigDict(cfg)
+  return data_section(**cfg)
 
 
 def test_ratio_counts_repeats_and_subsets():

@@ -12,11 +12,11 @@ import tempfile
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from jaxtune.config import dataset
 from jaxtune.data import SFTData, encoding, packing
 from jaxtune.data.tokenizer import TokenEncoder, build_qwen_tokenizer
+from data_section import data_section
 
 TOK_DIR = os.path.join(tempfile.gettempdir(), "jaxtune-tests", "qwen3-tokenizer")
 
@@ -48,7 +48,7 @@ def cfg(*datasets, **kw):
   out = dict(datasets=list(datasets), sample_max_length=256, pack_max_length=256,
              pack_level="none", num_workers=1, cache_dir=None, seed=5)
   out.update(kw)
-  return ConfigDict(out)
+  return data_section(**out)
 
 
 def tags(batch, enc):
@@ -243,7 +243,7 @@ def test_group_by_length_balances_the_ranks_of_each_micro_batch(tmp_path, enc):
   base = cfg(dataset("m", path), pack_level="soft", pack_max_length=512, sample_max_length=512)
 
   def spread(group_by_length):
-    c = ConfigDict(base.to_dict())
+    c = data_section(**base.to_dict())
     c.group_by_length = group_by_length
     data = SFTData(c, enc, global_batch_size=16, data_parallel=4)
     assert data.micro_steps == 4 and data.group_rows == 4

@@ -10,6 +10,7 @@ from jaxtune import config as config_lib
 from jaxtune.config import ConfigError, dataset
 from jaxtune.data import DataError, SFTData, images, sources
 from jaxtune.recipes.qwen3_mini import get_config
+from data_section import intern_media
 from test_data_multimodal import cfg_of, enc, image_line, make_image, write_jsonl  # noqa: F401  pylint: disable=unused-import
 
 HINT = "set allow_outside_media_root=True on the dataset if this is intended"
@@ -132,7 +133,7 @@ def test_outside_image_is_a_bad_line_naming_file_line_and_fix(enc, tree, kind, o
   url = _url(kind, tree)
   path = write_jsonl(tree["tmp"] / "data.jsonl", [_line("img.png"), _line(url)])
   with pytest.raises(DataError) as err:
-    SFTData(cfg_of(_mm(path, tree["media"])), enc, global_batch_size=1, image_size=448)
+    SFTData(cfg_of(_mm(path, tree["media"])), enc, global_batch_size=1, media=intern_media())
   msg = str(err.value)
   assert msg.startswith(f"{path}:2 (dataset 'mm'): image '{url}' resolves to "
                         f"'{tree['secret']}'"), msg
@@ -145,7 +146,7 @@ def test_skip_bad_samples_skips_and_counts_outside_images(enc, tree, opened):
            _line(tree["secret"]), _line("link_out.png"), _line("link_in.png")]
   path = write_jsonl(tree["tmp"] / "data.jsonl", lines)
   data = SFTData(cfg_of(_mm(path, tree["media"]), skip_bad_samples=True), enc,
-                 global_batch_size=1, image_size=448)
+                 global_batch_size=1, media=intern_media())
   stats = data.stats["datasets"]["mm"]
   assert stats["bad_lines"] == 3 and stats["image_samples"] == 3
   assert len(stats["bad_locations"]) == 3
@@ -161,11 +162,11 @@ def test_a_cached_bad_line_is_checked_again(enc, tree):
   path = write_jsonl(tree["tmp"] / "data.jsonl", [_line("img.png"), _line("link_out.png")])
   cfg = cfg_of(_mm(path, tree["media"]), skip_bad_samples=True,
                cache_dir=str(tree["tmp"] / "cache"))
-  assert SFTData(cfg, enc, global_batch_size=1, image_size=448) \
+  assert SFTData(cfg, enc, global_batch_size=1, media=intern_media()) \
       .stats["datasets"]["mm"]["bad_lines"] == 1
   os.remove(os.path.join(tree["media"], "link_out.png"))
   os.symlink("img.png", os.path.join(tree["media"], "link_out.png"))
-  assert SFTData(cfg, enc, global_batch_size=1, image_size=448) \
+  assert SFTData(cfg, enc, global_batch_size=1, media=intern_media()) \
       .stats["datasets"]["mm"]["bad_lines"] == 0
 
 
@@ -174,6 +175,6 @@ def test_allow_outside_media_root_loads(enc, tree):
            _line("link_out.png")]
   path = write_jsonl(tree["tmp"] / "data.jsonl", lines)
   cfg = cfg_of(_mm(path, tree["media"], allow_outside_media_root=True))
-  data = SFTData(cfg, enc, global_batch_size=1, image_size=448)
+  data = SFTData(cfg, enc, global_batch_size=1, media=intern_media())
   stats = data.stats["datasets"]["mm"]
   assert stats["bad_lines"] == 0 and stats["image_samples"] == 4

@@ -11,10 +11,10 @@ import collections
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from jaxtune.config import dataset
 from jaxtune.data import SFTData
+from data_section import data_section
 from test_trainer_utils import write_byte_tokenizer, write_chats
 
 KEYS = ("input_ids", "labels", "segment_ids", "positions")
@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("hosts")
   tok = write_byte_tokenizer(str(root / "tokenizer"))
   path = write_chats(str(root / "train.jsonl"), 150, seed=3)
-  cfg = ConfigDict(dict(datasets=[dataset("chats", path)], sample_max_length=64,
+  cfg = data_section(**dict(datasets=[dataset("chats", path)], sample_max_length=64,
                         pack_max_length=128, pack_level="soft", num_workers=1, seed=5))
   return cfg, tok
 

@@ -133,7 +133,8 @@ class TokenCache:
                  template=templates.get_template(job.template).fingerprint(),
                  media_root=job.opts.media_root, min_patch=job.opts.min_dynamic_patch,
                  max_patch=job.opts.max_dynamic_patch,
-                 allow_outside_media_root=job.opts.allow_outside_media_root)
+                 allow_outside_media_root=job.opts.allow_outside_media_root,
+                 tile_size=job.opts.tile_size, tokens_per_tile=job.opts.tokens_per_tile)
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
   def _path(self, src: SourceFile, job: EncodeJob) -> str:

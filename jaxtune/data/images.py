@@ -2,7 +2,8 @@
 
 Candidate grids (i, j) satisfy min_patch <= i * j <= max_patch; the grid whose aspect ratio is
 closest to the image's wins (ties: the later, larger grid when the image area exceeds half the
-grid's area). More than one tile adds a thumbnail tile. Each tile is 256 <IMG_CONTEXT> tokens.
+grid's area). More than one tile adds a thumbnail tile. Each tile becomes tokens_per_tile
+<IMG_CONTEXT> tokens (Intern-S1: 256 per 448-pixel tile).
 
 The pixels follow XTuner (intern_s1_vl_tokenize_fn + intern_s1_vl_process.dynamic_preprocess):
 EXIF orientation applied, convert("RGB") (alpha dropped, not composited), Pillow bicubic resize
@@ -23,6 +24,8 @@ import numpy as np
 if TYPE_CHECKING:
   from PIL import Image
 
+# Intern-S1's numbers, the defaults of these functions for tools and tests; the pipeline takes
+# its own from the model family (jaxtune.data.media.MediaSpec) and passes them in.
 TILE = 448
 TOKENS_PER_TILE = 256   # (448 / 14)^2 * 0.5^2 after pixel shuffle
 # The model normalises the uint8 tiles batches carry (jaxtune.models.intern_vit.normalize_pixels
@@ -261,10 +264,10 @@ def load_tiles(path: str, image_wh, n_images: int, min_patch: int, max_patch: in
   n = cols * rows
   total = n + (thumb is not None)
   wh = image.size if image_wh is None else image_wh
-  expected = image_tokens(wh[0], wh[1], n_images, min_patch, max_patch, size=size)
-  if total * TOKENS_PER_TILE != expected:
-    raise ImageError(f"image '{path}': {total} tiles but {expected // TOKENS_PER_TILE} were "
-                     "counted for its <IMG_CONTEXT> tokens: a jaxtune bug, please report it")
+  expected = num_tiles(wh[0], wh[1], lo, hi, size=size)
+  if total != expected:
+    raise ImageError(f"image '{path}': {total} tiles but {expected} were counted for its "
+                     "<IMG_CONTEXT> tokens: a jaxtune bug, please report it")
   if not normalized:
     return _assemble(cols, rows, resized, thumb, size)
   out = np.empty((total, size, size, 3), np.float32)

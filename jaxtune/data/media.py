@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from jaxtune.data.sources import DataError
+
 
 class MediaSpec(NamedTuple):
   """tile_size:       pixels per side of one square tile (Intern-S1: 448);
   tokens_per_tile: image-context tokens one tile becomes in the text (Intern-S1: 256);
-  image_token_id:  the model's image-context token id, checked against the tokenizer's;
+  image_token_id:  the model's image-context token id, checked against the tokenizer's (None:
+                   the tokenizer's, unchecked);
   channels:        colour channels of a tile (3: RGB)."""
   tile_size: int
   tokens_per_tile: int
-  image_token_id: int
+  image_token_id: int | None
   channels: int = 3
 
 
@@ -26,11 +29,11 @@ def tiles_bound(data_cfg, media: MediaSpec | None) -> int:
   tokens_per_tile (a row can hold no more); 0 for a text model (no pixels)."""
   if media is None:
     return 0
-  bound = data_cfg.get("max_tiles_per_pack")
+  bound = data_cfg.max_tiles_per_pack
   if bound is None:
     return max(1, int(data_cfg.pack_max_length) // media.tokens_per_tile)
   if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
-    raise ValueError(f"data.max_tiles_per_pack must be a positive integer (image tiles per "
-                     f"packed row) or None (pack_max_length // {media.tokens_per_tile}), got "
-                     f"{bound!r}")
+    raise DataError(f"data.max_tiles_per_pack must be a positive integer (image tiles per "
+                    f"packed row) or None (pack_max_length // {media.tokens_per_tile}), got "
+                    f"{bound!r}")
   return bound

@@ -206,8 +206,9 @@ def hard_pack(lengths: np.ndarray, pack_len: int) -> PackPlan:
 
 def make_plan(level: str, lengths: np.ndarray, pack_len: int, buffer: int = 100,
               tiles: np.ndarray | None = None, max_tiles: int | None = None) -> PackPlan:
-  """tiles / max_tiles: image tiles per sample and per pack (soft and none only)."""
-  if level in ("soft", "expand_soft"):
+  """tiles / max_tiles: image tiles per sample and per pack (soft and none only). `level` is
+  a resolved one (config.validate turns the older 'expand_soft' into 'soft')."""
+  if level == "soft":
     return soft_pack(lengths, pack_len, buffer, tiles, max_tiles)
   if level == "hard":
     if tiles is not None and np.any(tiles):

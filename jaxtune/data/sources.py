@@ -60,11 +60,15 @@ class DatasetSpec:
                sample_max_length=entry.get("sample_max_length"),
                allow_outside_media_root=bool(entry.get("allow_outside_media_root", False)))
 
-  def parse_options(self, min_dynamic_patch: int = 1,
-                    max_dynamic_patch: int = 12) -> "ParseOptions":
-    """The ParseOptions of this dataset's lines (its media_root and boundary)."""
+  def parse_options(self, min_dynamic_patch: int = 1, max_dynamic_patch: int = 12,
+                    media=None) -> "ParseOptions":
+    """The ParseOptions of this dataset's lines (its media_root and boundary); `media` (a
+    MediaSpec) sets the tile size and tokens per tile, else InternVL's tiling numbers (a text
+    model only needs to see that a sample has images, to refuse it)."""
+    tiling = {} if media is None else dict(tile_size=int(media.tile_size),
+                                           tokens_per_tile=int(media.tokens_per_tile))
     return ParseOptions(self.media_root, min_dynamic_patch, max_dynamic_patch,
-                        self.allow_outside_media_root)
+                        self.allow_outside_media_root, **tiling)
 
 
 def list_jsonl(anno_path: str, dataset: str) -> list[str]:
@@ -167,11 +171,15 @@ class ParseOptions:
   """How a line's images are found and tiled. Image urls are joined to media_root (relative
   to the current directory when it is "", as os.path.join does) and must resolve, symbolic
   links followed, inside that directory: else the line is bad (`OutsideMediaRoot`), before
-  any file is opened, unless allow_outside_media_root."""
+  any file is opened, unless allow_outside_media_root. tile_size / tokens_per_tile: the model
+  family's (jaxtune.data.media.MediaSpec); an image of n tiles becomes n x tokens_per_tile
+  <IMG_CONTEXT> tokens."""
   media_root: str = ""
   min_dynamic_patch: int = 1
   max_dynamic_patch: int = 12
   allow_outside_media_root: bool = False
+  tile_size: int = images.TILE
+  tokens_per_tile: int = images.TOKENS_PER_TILE
 
 
 def _text_of(content: Any, what: str) -> tuple[str, list[dict]]:
@@ -225,7 +233,7 @@ class ImageRef(NamedTuple):
   path: str                # the url joined to the dataset's media_root
   image_wh: tuple[int, int]
   n_images: int            # images of the sample: they share max_dynamic_patch tiles
-  tiles: int               # tiles it gets (its <IMG_CONTEXT> tokens // 256)
+  tiles: int               # tiles it gets (its <IMG_CONTEXT> tokens // tokens_per_tile)
 
 
 def parse_sample(obj: Any, opts: ParseOptions, *,
@@ -302,7 +310,7 @@ def _parse(obj: Any, opts: ParseOptions,
     for i, n in enumerate(n_placeholders):
       if n:
         messages[i] = messages[i]._replace(image_tokens=tuple(
-            r.tiles * images.TOKENS_PER_TILE for r in refs[k:k + n]))
+            r.tiles * opts.tokens_per_tile for r in refs[k:k + n]))
         k += n
   return messages, tools, refs
 
@@ -328,10 +336,11 @@ def _image_refs(parts: list[dict], opts: ParseOptions, check: bool) -> list[Imag
                        f"integers), got {wh!r}")
     if check:
       images.check_image(path, wh)
-    tokens = images.image_tokens(wh[0], wh[1], len(parts), opts.min_dynamic_patch,
-                                 opts.max_dynamic_patch)
-    refs.append(ImageRef(path, (int(wh[0]), int(wh[1])), len(parts),
-                         tokens // images.TOKENS_PER_TILE))
+    tiles = images.num_tiles(wh[0], wh[1], *images.tile_budget(len(parts),
+                                                                opts.min_dynamic_patch,
+                                                                opts.max_dynamic_patch),
+                             size=opts.tile_size)
+    refs.append(ImageRef(path, (int(wh[0]), int(wh[1])), len(parts), tiles))
   return refs
 
 
