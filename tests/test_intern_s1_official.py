@@ -26,7 +26,7 @@ from jaxtune import Trainer, config as config_lib
 from jaxtune.data import SFTData, open_encoder, templates
 from jaxtune.data.intern_s1_tokenizer import OFFSETS
 from jaxtune.data.tokenizer_files import TokenizerFilesError, read_tokenizer_files
-from jaxtune.hf import export_hf, load_hf_weights
+from jaxtune.models import export_hf, load_hf_weights
 from jaxtune.models import abstract_model, family, presets
 from jaxtune.recipes import sft_mini
 
@@ -243,7 +243,7 @@ def test_recipe_trains_with_the_scientific_tokenizer(checkpoint, recipe_run):
   assert type(encoder).__name__ == "InternS1Encoder"
   data = SFTData(cfg.data, encoder, global_batch_size=cfg.global_batch_size, global_order=True,
                  data_parallel=config_lib.data_parallel_size(cfg, jax.device_count()),
-                 **family(cfg.model.type).data_options(cfg.model))
+                 media=family(cfg.model.type).media(cfg.model))
   samples = data.samples("pure_text")
   assert len(samples) == len(TEXT_LINES)
   template = templates.get_template("intern-s1")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -50,21 +49,16 @@ class SFTData:
                host_rows: Sequence[int] | None = None,
                sample_transform: Callable[[Any], Any] | None = None,
                batch_transform: Callable[[Any], Any] | None = None):
-    """media: the model family's images (`family.media(cfg.model)`); samples with images are
-    packed with their tiles and every batch carries `pixel_values` and `tile_segment_ids`,
-    text-only batches too, so that the layout is static. None (a text model): samples with
-    images are an error. Its image_token_id is checked against the tokenizer's <IMG_CONTEXT>.
-
-    global_order: every host reads all samples and builds the order of one host reading all
-    global_batch_size rows; this host then takes rows `host_rows` of each batch (default: its
-    contiguous block), so the batches do not depend on the host count and a run resumes on
-    another number of hosts (training). Without it each host tokenizes and packs only its own
-    share (evaluation: every pack is seen once whatever the split).
-
-    sample_transform: mixed() -> the samples to pack (a grain Map/IterDataset), run once
-    before packing: filter, or map (a sample keeps its `index`). batch_transform:
-    grain_dataset(epoch) -> a MapDataset of the same length that batches() then read."""
-    clock = _Clock()
+    """media: the model family's images (`family.media(cfg.model)`; None: a text model,
+    samples with images are an error); batches then carry `pixel_values` and
+    `tile_segment_ids`, text-only ones too (a static layout).
+    global_order: every host builds the order of one host reading all rows and takes its
+    `host_rows` of each batch (default: its block), so a run resumes on another host count;
+    without it each host reads and packs only its share (evaluation).
+    sample_transform: mixed() -> the samples to pack (filter, or map keeping `index`), once
+    before packing. batch_transform: grain_dataset(epoch) -> a MapDataset of the same length
+    (docs/data.md, "Composing with Grain")."""
+    clock = stats_lib.Clock()
     self.encoder = make_encoder(tokenizer)
     clock.lap("encoder")
     c = data_cfg
@@ -140,7 +134,7 @@ class SFTData:
         workers=self.num_workers, skip_bad=self.skip_bad, sample_uid=self._samples,
         where=lambda s: self.corpus.where(self._samples[s], self.specs), stats=self.stats)
 
-  def _build(self, c, clock: _Clock) -> None:
+  def _build(self, c, clock: stats_lib.Clock) -> None:
     """Start-up: corpus -> selection -> packing plan, the image refs and the data hash."""
     share = None if self.global_order else (self.process_index, self.process_count)
     self.corpus = corpus_lib.read(self.specs, self.opts, self.encoder, self.cache,
@@ -155,7 +149,7 @@ class SFTData:
     self._samples, self._lengths, self._tiles = sel.samples, sel.lengths, sel.tiles
     self._sample_ds, self._sample_line = sel.sample_ds, sel.sample_line
     self._tokens, self._sample_starts = sel.tokens, sel.sample_starts
-    self._starts = self.corpus.starts                # unique line u's ids: corpus.tokens[_starts[u]:]
+    self._starts = self.corpus.starts                # where unique line u's ids begin
     clock.lap("truncate")
     tiles = self._tiles if self.media is not None else None
     self.plan = packing.make_plan(self.level, self._lengths, self.pack_len,
@@ -197,8 +191,6 @@ class SFTData:
   def batch(self, epoch: int, step: int, order: np.ndarray | None = None) -> dict[str,
                                                                                   np.ndarray]:
     """This host's rows of step `step` of `epoch` (order: that epoch's, if already made)."""
-    if not 0 <= step < self.steps_per_epoch:
-      raise IndexError(f"step {step} outside epoch of {self.steps_per_epoch} steps")
     order = self.epoch_order(epoch) if order is None else order
     return self.pack_rows(self.layout.step_packs(order, step))
 
@@ -217,8 +209,7 @@ class SFTData:
 
   # ---------------------------------------------------------------- stages (Grain datasets)
   def samples(self, dataset: int | str) -> "grain.MapDataset":
-    """One dataset's (index or name) tokenized lines this host read, in line order, before
-    ratio, truncation and sample_transform; ids read from the store on access."""
+    """One dataset's (index or name) lines this host read, tokenized, in line order."""
     d = dataset if isinstance(dataset, (int, np.integer)) else \
         [s.name for s in self.specs].index(dataset)
     c = self.corpus
@@ -228,8 +219,7 @@ class SFTData:
                                              c.u_line[at], tiles))
 
   def mixed(self) -> "grain.MapDataset":
-    """The packed samples in packing order (ratio applied, mixed, truncated, after
-    sample_transform): element k is sample k of the plan, with its dataset and line."""
+    """The packed samples in packing order: element k is sample k of the plan."""
     tiles = self._tiles if self.media is not None else None
     return stages.source(stages.SampleSource(self._tokens, self._sample_starts, self._lengths,
                                              self._sample_ds, self._sample_line, tiles))
@@ -304,15 +294,5 @@ class SFTData:
     """(epoch, step) of a saved state; DataError if this pipeline would give other batches."""
     return batches_lib.position_of(self.signature(), state)
 
-  check_state = position_of   # a resume that only needs the check reads better by this name
+  check_state = position_of   # what a resume that only needs the check calls
 
-
-class _Clock:
-  def __init__(self):
-    self.laps: dict[str, float] = {}
-    self._t = time.perf_counter()
-
-  def lap(self, name: str) -> None:
-    now = time.perf_counter()
-    self.laps[name] = round(now - self._t, 3)
-    self._t = now

@@ -6,6 +6,7 @@ batch. `SFTData.stats` is the dict these build; image decode failures are added 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -121,3 +122,16 @@ def check_epoch(stats: dict[str, Any]) -> None:
                     f"but {rows} rows per step: an epoch has no full batch. Add data, "
                     "raise sample_ratio, lower global_batch_size / pack_max_length or set "
                     "data.round_up=True.")
+
+
+class Clock:
+  """Start-up timings: stats['startup_seconds'] = {stage: seconds}."""
+
+  def __init__(self):
+    self.laps: dict[str, float] = {}
+    self._t = time.perf_counter()
+
+  def lap(self, name: str) -> None:
+    now = time.perf_counter()
+    self.laps[name] = round(now - self._t, 3)
+    self._t = now
