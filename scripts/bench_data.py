@@ -59,7 +59,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ml_collections import ConfigDict  # pylint: disable=wrong-import-position
 
-from jaxtune.config import dataset  # pylint: disable=wrong-import-position
+from jaxtune.config import base_config, dataset  # pylint: disable=wrong-import-position
 from jaxtune.data import encoding, images, sources, templates  # pylint: disable=wrong-import-position
 from jaxtune.data.pipeline import SFTData  # pylint: disable=wrong-import-position
 from jaxtune.data.encoders import open_encoder  # pylint: disable=wrong-import-position
@@ -205,7 +205,8 @@ def hf_alone(tok_dir: str, pieces: list[list[str]], limit: int = 20000) -> dict:
 
 
 def end_to_end(tok_dir: str, path: str, workers: int, cache_dir: str | None) -> dict:
-  cfg = ConfigDict(dict(datasets=[dataset("bench", path)], sample_max_length=16384,
+  cfg = ConfigDict(base_config().data.to_dict() | dict(
+      datasets=[dataset("bench", path)], sample_max_length=16384,
                         pack_max_length=16384, pack_level="soft", num_workers=workers,
                         cache_dir=cache_dir, seed=42))
   t0 = time.perf_counter()
@@ -248,7 +249,8 @@ def balance(tok_dir: str, path: str, workers: int, cache_dir: str, data_parallel
              global_batch_size=data_parallel * accum, pack_max_length=pack_len)
   encoder = TokenEncoder(tok_dir)
   for grouped in (False, True):
-    cfg = ConfigDict(dict(datasets=[dataset("bench", path)], sample_max_length=pack_len,
+    cfg = ConfigDict(base_config().data.to_dict() | dict(
+        datasets=[dataset("bench", path)], sample_max_length=pack_len,
                           pack_max_length=pack_len, pack_level="soft", num_workers=workers,
                           cache_dir=cache_dir, seed=42, group_by_length=grouped))
     data = SFTData(cfg, encoder, global_batch_size=data_parallel * accum,
@@ -286,7 +288,7 @@ _SCALE_CHILD = r"""
 import json, os, resource, sys, threading, time
 sys.path.insert(0, sys.argv[1])
 from ml_collections import ConfigDict
-from jaxtune.config import dataset
+from jaxtune.config import base_config, dataset
 from jaxtune.data.pipeline import SFTData
 from jaxtune.data.tokenizer import TokenEncoder
 tok_dir, root, cache_dir, workers, pack_len = sys.argv[2:7]
@@ -304,7 +306,8 @@ encoder = TokenEncoder(tok_dir)
 fds0, anon0 = len(os.listdir("/proc/self/fd")), status("RssAnon")
 threading.Thread(target=watch, daemon=True).start()
 t0 = time.perf_counter()
-cfg = ConfigDict(dict(datasets=[dataset("scale", root)], sample_max_length=int(pack_len),
+cfg = ConfigDict(base_config().data.to_dict() | dict(
+    datasets=[dataset("scale", root)], sample_max_length=int(pack_len),
                       pack_max_length=int(pack_len), pack_level="soft",
                       num_workers=int(workers), cache_dir=cache_dir, seed=42))
 data = SFTData(cfg, encoder, global_batch_size=8)
