@@ -2,11 +2,13 @@
 
 A recipe file defines `get_config(arg=None)` returning `base_config()` with its changes. Key
 names follow XTuner's (docs/training.md, "Config keys"). `validate` turns every mistake a
-user can make in a recipe into one `ConfigError` that names the key and the fix.
+user can make in a recipe into one `ConfigError` that names the key and the fix; `resolve`
+adds every value derived from the recipe and the devices (`Resolved`), computed once, here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib.util
 import json
@@ -20,9 +22,13 @@ from typing import Any
 import jax.numpy as jnp
 from ml_collections import ConfigDict, FieldReference, config_dict
 
-from jaxtune.data import tokenizer_files
+from jaxtune.data import templates, tokenizer_files
+from jaxtune.data.media import MediaSpec, tiles_bound
 from jaxtune.models import presets
+from jaxtune.models.layers import REMAT
+from jaxtune.ops import attention
 from jaxtune.parallel import sharding
+from jaxtune.parallel.mesh import AXES
 
 
 class ConfigError(ValueError):
@@ -146,9 +152,9 @@ _CHOICES = {
     "loss.loss_reduction": ("token", "sample", "square"),
     "param_dtype": _DTYPES,
     "compute_dtype": _DTYPES,
-    "remat": ("full", "none", "dots", "save_attention", "offload"),  # = models.qwen3.REMAT
+    "remat": REMAT,
     "optim.state_dtype": ("float32", "bfloat16"),
-    "attention": ("auto", "blockwise", "xla", "cudnn", "pallas"),
+    "attention": attention.IMPLEMENTATIONS,
 }
 
 
@@ -200,7 +206,8 @@ def axis_rules(cfg: ConfigDict) -> sharding.Rules:
 def data_parallel_size(cfg: ConfigDict, num_devices: int) -> int:
   """Ranks that see different rows: the product of the data-parallel axes' sizes (-1
   resolved). Those axes come from the rules (`sharding.batch_axes`): data x fsdp x expert by
-  default, since an expert-parallel group is data parallel outside the MoE blocks.
+  default, since an expert-parallel group is data parallel outside the MoE blocks. A run
+  reads it from `resolve(...).data_parallel`.
   """
   sizes = mesh_shape(cfg, num_devices)
   return math.prod(sizes[axis] for axis in sharding.batch_axes(axis_rules(cfg)))
@@ -208,7 +215,7 @@ def data_parallel_size(cfg: ConfigDict, num_devices: int) -> int:
 
 def mesh_shape(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
   """Mesh axis sizes with the single -1 resolved to the devices left over."""
-  sizes = {axis: int(cfg.mesh[axis]) for axis in ("data", "fsdp", "tensor", "expert")}
+  sizes = {axis: int(cfg.mesh[axis]) for axis in AXES}
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
     raise ConfigError(f"at most one mesh axis may be -1, got {free}. Set all but one explicitly.")
@@ -228,8 +235,13 @@ def mesh_shape(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
   return sizes
 
 
-def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
-  """Checks a recipe; returns it with aliases resolved. Raises ConfigError on the first mistake."""
+def validate(cfg: ConfigDict, num_devices: int | None = None, *, files: bool = True
+             ) -> ConfigDict:
+  """Checks a recipe; returns it with aliases resolved. Raises ConfigError on the first mistake.
+
+  num_devices: also check the batch against the mesh on that many devices.
+  files=False: skip the checks of the files a run reads or writes (datasets, tokenizer,
+  work_dir, resume_from), for planning from abstract state (jaxtune.plan)."""
   base = base_config()
   family = cfg.model.get("type") if "model" in cfg else None
   if family not in presets.FAMILIES:
@@ -285,7 +297,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   _check_attention_heads(cfg.model, "model")
   axis_rules(cfg)  # a bad override fails here, naming its entry
 
-  if not cfg.data.datasets:
+  if files and not cfg.data.datasets:
     raise ConfigError("data.datasets is empty: add at least one "
                       "jaxtune.config.dataset(name=..., anno_path=...) to the recipe.")
   ds_keys = set(dataset("", "").keys())
@@ -296,24 +308,36 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     if unknown or "anno_path" not in ds:
       raise ConfigError(f"{where} has unknown keys {sorted(unknown)} or no 'anno_path'; "
                         f"allowed keys: {sorted(ds_keys)}")
-    if not os.path.exists(ds["anno_path"]):
+    if files and not os.path.exists(ds["anno_path"]):
       raise ConfigError(f"{where}.anno_path '{ds['anno_path']}' does not exist. Point it at a "
                         ".jsonl file or a folder of them.")
     if ds.get("sample_ratio", 1.0) <= 0:
       raise ConfigError(f"{where}.sample_ratio must be positive, got {ds['sample_ratio']}")
-    if ds.get("chat_template", "qwen3") not in ("qwen3", "intern-s1"):
-      raise ConfigError(f"{where}.chat_template must be 'qwen3' or 'intern-s1'")
+    if ds.get("chat_template", "qwen3") not in templates.TEMPLATES:
+      raise ConfigError(f"{where}.chat_template must be one of {sorted(templates.TEMPLATES)}, "
+                        f"got {ds['chat_template']!r}")
     if not isinstance(ds.get("allow_outside_media_root", False), bool):
       raise ConfigError(f"{where}.allow_outside_media_root must be True or False, got "
                         f"{ds['allow_outside_media_root']!r}")
 
-  _check_run_keys(cfg)
+  _check_run_keys(cfg, files)
   _check_observability(cfg.observability)
 
   if cfg.load_from is not None:
+    checkpoint = _model_of_checkpoint(cfg.load_from)  # read once
     if cfg.model_from_checkpoint:
-      _take_model_from_checkpoint(cfg)
-    _check_against_hf_config(cfg)
+      _take_model_from_checkpoint(cfg, checkpoint)
+    _check_against_hf_config(cfg, checkpoint)
+  if files:
+    _check_tokenizer_path(cfg)
+  if num_devices is not None:
+    _batch_split(cfg, num_devices)
+  if files:
+    _check_work_dir(cfg)
+  return cfg
+
+
+def _check_tokenizer_path(cfg: ConfigDict) -> None:
   if cfg.tokenizer_path is None:
     raise ConfigError("tokenizer_path is not set: point it at the checkpoint's tokenizer "
                       "directory (usually the same as load_from).")
@@ -324,15 +348,64 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   except tokenizer_files.TokenizerFilesError as e:
     raise ConfigError(f"tokenizer_path: {e}") from None
 
-  if num_devices is not None:
-    dp = data_parallel_size(cfg, num_devices)
-    rows_per_pass = dp * cfg.data.micro_batch_size
-    if cfg.global_batch_size % rows_per_pass:
-      raise ConfigError(f"global_batch_size ({cfg.global_batch_size}) must be a multiple of "
-                        f"data-parallel size x data.micro_batch_size ({dp} x "
-                        f"{cfg.data.micro_batch_size} = {rows_per_pass}).")
-  _check_work_dir(cfg)
-  return cfg
+
+def _batch_split(cfg: ConfigDict, num_devices: int) -> tuple[dict[str, int], int, int]:
+  """(mesh shape, data-parallel size, micro-batches per step) on `num_devices`: the only place
+  they are computed. The global batch must split into whole micro-batches on every rank."""
+  shape, dp = mesh_shape(cfg, num_devices), data_parallel_size(cfg, num_devices)
+  rows_per_pass = dp * cfg.data.micro_batch_size
+  if cfg.global_batch_size % rows_per_pass:
+    raise ConfigError(f"global_batch_size ({cfg.global_batch_size}) must be a multiple of "
+                      f"data-parallel size x data.micro_batch_size ({dp} x "
+                      f"{cfg.data.micro_batch_size} = {rows_per_pass}).")
+  return shape, dp, cfg.global_batch_size // rows_per_pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """A validated recipe with every value derived from it and the devices, computed once.
+
+  `cfg` stays the recipe itself (what config.json and the checkpoints hold, JSON-serialisable);
+  what is derived lives beside it. jaxtune.train.build makes a run from this."""
+  cfg: ConfigDict               # the validated recipe
+  num_devices: int
+  backend: str                  # the JAX backend the run compiles for
+  mesh_shape: dict[str, int]    # mesh axis sizes, the -1 resolved
+  axis_rules: sharding.Rules    # the logical-axis rules, overrides applied
+  data_parallel: int            # ranks that see different rows
+  num_micro: int                # micro-batches per optimizer step (gradient accumulation)
+  attention: str                # what attention='auto' runs here (ops.attention.resolve_impl)
+  media: MediaSpec | None       # how images enter the batches; None for a text model
+  tiles_bound: int              # image tile slots per packed row (0: no pixels)
+
+  @property
+  def model_kwargs(self) -> dict:
+    """The keyword arguments of models.create_model / abstract_model for this recipe."""
+    cfg = self.cfg
+    return dict(param_dtype=jnp.dtype(cfg.param_dtype),
+                compute_dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
+                attention=cfg.attention, seed=cfg.seed)
+
+
+def resolve(cfg: ConfigDict, num_devices: int, *, backend: str | None = None,
+            files: bool = True) -> Resolved:
+  """`validate` the recipe for `num_devices` devices of `backend` (default: JAX's) and derive
+  what a run needs from it (see `Resolved`). files=False: as `validate`'s."""
+  from jaxtune import models  # pylint: disable=import-outside-toplevel  (loads the family)
+  cfg = validate(cfg, num_devices, files=files)
+  if backend is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    backend = jax.default_backend()
+  shape, dp, num_micro = _batch_split(cfg, num_devices)
+  media = models.family(cfg.model.type).media(cfg.model)
+  try:
+    tiles = tiles_bound(cfg.data, media)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return Resolved(cfg=cfg, num_devices=int(num_devices), backend=backend, mesh_shape=shape,
+                  axis_rules=axis_rules(cfg), data_parallel=dp, num_micro=num_micro,
+                  attention=attention.resolve_impl(cfg.attention, backend, cfg.compute_dtype),
+                  media=media, tiles_bound=tiles)
 
 
 _WORK_DIR_FIX = ("Point work_dir at a writable directory (it is created at the start if missing), "
@@ -420,7 +493,7 @@ def _check_work_dir(cfg: ConfigDict) -> None:
                 cfg.get("param_dtype", "float32"), cfg.optim.get("state_dtype", "float32"))
 
 
-def _check_run_keys(cfg: ConfigDict) -> None:
+def _check_run_keys(cfg: ConfigDict, files: bool) -> None:
   """Checkpoint / export / eval schedules, resume options, the profiler window."""
   for key in ("checkpoint_interval", "hf_interval", "eval_interval"):
     if cfg[key] != -1 and cfg[key] <= 0:
@@ -439,6 +512,8 @@ def _check_run_keys(cfg: ConfigDict) -> None:
     raise ConfigError(f"config key 'profile_steps' must be () or (first, last) with "
                       f"1 <= first <= last, got {cfg.profile_steps!r}, e.g. "
                       "--config.profile_steps=(5,7)")
+  if not files:
+    return
   if cfg.load_weights_only and not cfg.resume_from:
     raise ConfigError("load_weights_only=True needs resume_from=<checkpoint> (the weights to "
                       "load); to start from HF weights use load_from instead.")
@@ -498,13 +573,17 @@ def _differences(recipe: ConfigDict, checkpoint: ConfigDict, where: str,
   return out
 
 
-def _take_model_from_checkpoint(cfg: ConfigDict) -> None:
+def _model_of_checkpoint(load_from: str) -> ConfigDict:
+  """The `model` section of load_from's config.json."""
+  try:
+    return presets.from_hf(load_from)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"load_from '{load_from}': {e}") from None
+
+
+def _take_model_from_checkpoint(cfg: ConfigDict, checkpoint: ConfigDict) -> None:
   """model_from_checkpoint: the architecture and tokenizer of load_from, the recipe's training
   choices (the family's recipe_only fields, e.g. freeze_vision)."""
-  try:
-    checkpoint = presets.from_hf(cfg.load_from)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"load_from '{cfg.load_from}': {e}") from None
   if checkpoint.type == cfg.model.type:
     _copy_fields(cfg.model, checkpoint, presets.FAMILIES[checkpoint.type].recipe_only)
   cfg.model = checkpoint
@@ -522,13 +601,9 @@ def _copy_fields(source: ConfigDict, target: ConfigDict, names: tuple[str, ...])
       target[key] = value
 
 
-def _check_against_hf_config(cfg: ConfigDict) -> None:
+def _check_against_hf_config(cfg: ConfigDict, checkpoint: ConfigDict) -> None:
   """`load_from`'s config.json is the truth for the architecture; a mismatch is an error."""
   path = os.path.join(cfg.load_from, "config.json")
-  try:
-    checkpoint = presets.from_hf(cfg.load_from)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"load_from '{cfg.load_from}': {e}") from None
   skip = presets.FAMILIES[checkpoint.type].recipe_only
   mismatched = _differences(cfg.model, checkpoint, "model", skip)
   if mismatched:

@@ -3,10 +3,10 @@
     python -m jaxtune.plan --config=RECIPE [--config.x=v ...] [--devices=N] [--json]
         [--device_memory_gib=G] [--max_tiles=M]
 
-It builds the trainer's own step (jaxtune.train.trainer: `models.abstract_model`,
-`split_model`, `abstract_train_state`, `compile_train_step`, the family's `batch_layout`) from
-abstract state and abstract batches and compiles it ahead of time: nothing is allocated, no
-weights, data files or tokenizer are read. The default is the real devices; `--devices=N`
+It is a report over the trainer's own build (jaxtune.train.build: `config.resolve`, then
+`build_run`, from abstract state and abstract batches) and compiles its step ahead of time:
+nothing is allocated, no weights, data files or tokenizer are read (the recipe is resolved
+with `files=False`). The default is the real devices; `--devices=N`
 takes the first N of them, and on a CPU simulates N (it sets
 `--xla_force_host_platform_device_count` before JAX starts).
 
@@ -30,13 +30,11 @@ GPU's temporaries can be lower or higher (docs/benchmarks.md, "Memory planner").
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -44,46 +42,6 @@ from ml_collections import ConfigDict
 
 GIB = 1024 ** 3
 _NOMINAL_STEPS = 1000  # an epoch_num recipe's step count needs the data; memory does not
-
-
-def _planning_config(cfg: ConfigDict, num_devices: int) -> ConfigDict:
-  """`config.validate` of the recipe, minus the files planning never reads: missing dataset
-  files and tokenizer directory are stood in for, resuming is off."""
-  from jaxtune import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = copy.deepcopy(cfg)
-  stand_in = os.path.dirname(os.path.abspath(__file__))  # any existing path will do
-  present = lambda ds: dict(ds) if os.path.exists(ds.get("anno_path", "")) else dict(
-      ds, anno_path=stand_in)
-  cfg.data.datasets = [present(ds) for ds in cfg.data.datasets] or [
-      config_lib.dataset("plan", stand_in)]
-  cfg.eval_datasets = [present(ds) for ds in cfg.eval_datasets]
-  if cfg.tokenizer_path is None or not _has_tokenizer(cfg.tokenizer_path):
-    cfg.tokenizer_path = tempfile.mkdtemp(prefix="jaxtune-plan-tokenizer-")
-    open(os.path.join(cfg.tokenizer_path, "tokenizer.json"), "w").close()  # never read
-  cfg.resume_from, cfg.auto_resume = None, False
-  return config_lib.validate(cfg, num_devices=num_devices)
-
-
-def _has_tokenizer(path: str) -> bool:
-  from jaxtune.data.tokenizer_files import detect_layout  # pylint: disable=import-outside-toplevel
-  try:
-    detect_layout(path)
-  except ValueError:
-    return False
-  return True
-
-
-def _max_tiles(cfg: ConfigDict, family, max_tiles: int | None) -> int:
-  """Tile slots per row: the data's bound (data.max_tiles_per_pack, else pack_max_length //
-  256, as SFTData's), for a model whose data carries pixels; 0 for a text model. The trainer
-  sizes them to the packs' actual maximum, which is at most this."""
-  from jaxtune.data.images import TOKENS_PER_TILE  # pylint: disable=import-outside-toplevel
-  if max_tiles is not None:
-    return int(max_tiles)
-  if "image_size" not in family.data_options(cfg.model):
-    return 0
-  bound = cfg.data.max_tiles_per_pack
-  return int(bound) if bound is not None else max(1, cfg.data.pack_max_length // TOKENS_PER_TILE)
 
 
 def _shard_bytes(tree: Any) -> int:
@@ -101,14 +59,6 @@ def _device_memory_bytes(device) -> int | None:
   return stats.get("bytes_limit")
 
 
-def _attention_impl(cfg: ConfigDict, backend: str) -> str:
-  """What attention='auto' runs here (jaxtune.ops.attention.attention's rule)."""
-  if cfg.attention != "auto":
-    return cfg.attention
-  return "cudnn" if backend == "gpu" and cfg.compute_dtype in ("bfloat16", "float16") \
-      else "blockwise"
-
-
 def plan(cfg: ConfigDict, num_devices: int | None = None, *,
          device_memory_gib: float | None = None, max_tiles: int | None = None) -> dict:
   """Compiles `cfg`'s train step on `num_devices` devices (default: all) and returns the report
@@ -116,18 +66,12 @@ def plan(cfg: ConfigDict, num_devices: int | None = None, *,
   # Imported here, not at the top: `--devices` must set XLA_FLAGS before anything JAX runs.
   # pylint: disable=import-outside-toplevel
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
   from jaxtune import config as config_lib
   from jaxtune import models
-  from jaxtune.parallel.mesh import make_mesh
-  from jaxtune.parallel import sharding
-  from jaxtune.parallel.sharding import batch_sharding
+  from jaxtune.train import build
   from jaxtune.train.logs import quiet_libraries
-  from jaxtune.train.optim import lr_schedule, make_optimizer
-  from jaxtune.train.state import abstract_train_state, split_model
-  from jaxtune.train.step import compile_train_step
 
   quiet_libraries()
   available = jax.devices()
@@ -138,45 +82,29 @@ def plan(cfg: ConfigDict, num_devices: int | None = None, *,
         f"({jax.default_backend()}); on a CPU, `python -m jaxtune.plan --devices={n}` simulates "
         f"them (or set XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts)")
   devices = available[:n]
-  cfg = _planning_config(cfg, n)
+  resolved = config_lib.resolve(cfg, n, files=False)
+  cfg = resolved.cfg
   family = models.family(cfg.model.type)
-  mesh = make_mesh(config_lib.mesh_shape(cfg, n), devices)
-  dp = config_lib.data_parallel_size(cfg, n)
-  num_micro = cfg.global_batch_size // (dp * cfg.data.micro_batch_size)
-  tiles = _max_tiles(cfg, family, max_tiles)
-  layout = family.batch_layout(cfg.model, cfg.global_batch_size, cfg.data.pack_max_length,
-                               max_tiles=tiles)
+  mesh = build.make_run_mesh(resolved, devices)
   total_steps = cfg.total_steps or _NOMINAL_STEPS
+  # Tile slots per row: the data's bound for a model whose data carries pixels (the trainer
+  # sizes them to the packs' actual maximum, which is at most this), or --max_tiles.
+  tiles = resolved.tiles_bound if max_tiles is None else int(max_tiles)
 
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh), sharding.axis_rules(config_lib.axis_rules(cfg)):
-    # The trainer's set-up (Trainer._fit_with and _Loop._compile), from abstract state.
-    optimizer = make_optimizer(cfg.optim)
-    schedule = lr_schedule(cfg.lr, cfg.optim.lr, total_steps)
-    model_kwargs = dict(param_dtype=jnp.dtype(cfg.param_dtype),
-                        compute_dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
-                        attention=cfg.attention, seed=cfg.seed)
-    model_def, abstract_params = split_model(
-        models.abstract_model(cfg.model, mesh, **model_kwargs))
-    state = abstract_train_state(abstract_params, optimizer, mesh, model_def)
-    sharding = batch_sharding(mesh)
-    step_fn = compile_train_step(state, model_def=model_def, loss_cfg=cfg.loss,
-                                 optimizer=optimizer, schedule=schedule, num_micro=num_micro,
-                                 batch_layout=layout, batch_sharding=sharding,
-                                 skip_grad_norm_threshold=cfg.optim.skip_grad_norm_threshold)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
-             for k, (shape, dtype) in layout.items()}
-    compiled = step_fn.lower(state, batch).compile()
+  with build.run_context(resolved, mesh):
+    run = build.build_run(resolved, mesh, total_steps=total_steps, max_tiles=tiles)
+    compiled = run.compile()
   compile_s = time.perf_counter() - t0
 
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
     cost = cost[0] if cost else {}
-  trainable, _ = model_def.split_trainable(abstract_params)
-  params_bytes = _shard_bytes(state.params)
-  opt_bytes = _shard_bytes(state.opt_state)
-  batch_bytes = _shard_bytes(batch)
+  trainable, _ = run.model_def.split_trainable(run.abstract_params)
+  params_bytes = _shard_bytes(run.abstract_state.params)
+  opt_bytes = _shard_bytes(run.abstract_state.opt_state)
+  batch_bytes = _shard_bytes(run.abstract_batch)
   arguments = int(memory.argument_size_in_bytes)
   parts = dict(
       params_bytes=params_bytes,
@@ -189,29 +117,29 @@ def plan(cfg: ConfigDict, num_devices: int | None = None, *,
   per_device = sum(parts.values())
 
   # Full rows, one sample each: the most attention work a row of this length can carry.
-  dummy = {k: np.ones(shape, dtype) for k, (shape, dtype) in layout.items() if len(shape) <= 2}
+  dummy = {k: np.ones(shape, dtype) for k, (shape, dtype) in run.batch_layout.items()
+           if len(shape) <= 2}
   model_flops = float(family.train_flops(cfg.model, dummy))
   limit = (int(device_memory_gib * GIB) if device_memory_gib is not None
            else _device_memory_bytes(devices[0]))
-  backend = jax.default_backend()
   return dict(
       model=cfg.model.type,
-      param_count=int(sum(math.prod(p.shape) for p in jax.tree.leaves(abstract_params))),
+      param_count=int(sum(math.prod(p.shape) for p in jax.tree.leaves(run.abstract_params))),
       trainable_param_count=int(sum(math.prod(p.shape) for p in jax.tree.leaves(trainable))),
-      backend=backend,
+      backend=resolved.backend,
       device_kind=devices[0].device_kind,
       devices=n,
       mesh={k: int(v) for k, v in mesh.shape.items()},
       global_batch_size=int(cfg.global_batch_size),
       pack_max_length=int(cfg.data.pack_max_length),
-      micro_batches=int(num_micro),
+      micro_batches=int(run.num_micro),
       max_tiles=tiles,
       tokens_per_step=int(cfg.global_batch_size * cfg.data.pack_max_length),
       param_dtype=cfg.param_dtype,
       compute_dtype=cfg.compute_dtype,
-      optimizer_state_dtype=cfg.optim.get("state_dtype", "float32"),
+      optimizer_state_dtype=cfg.optim.state_dtype,
       remat=cfg.remat,
-      attention=_attention_impl(cfg, backend),
+      attention=resolved.attention,
       **parts,
       alias_bytes=int(memory.alias_size_in_bytes),
       argument_bytes=arguments,

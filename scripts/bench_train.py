@@ -5,7 +5,8 @@
   python scripts/bench_train.py --preset=qwen3_tiny --pack=512 --batch=2 --steps=2   # CPU smoke
 
 A real fine-tuning step with random-init weights: the model, the chunked loss, clipping, AdamW
-and the jit-compiled, donated step are the trainer's own (`jaxtune.train.step`); fp32 master
+and the jit-compiled, donated step are the trainer's own, built the trainer's way (the flags
+make a recipe, `jaxtune.config.resolve` then `jaxtune.train.build.build_run`); fp32 master
 weights, `--compute_dtype` compute (bf16 by default), `--remat` policy. The batch is synthetic:
 rows packed with samples whose lengths follow a log-normal law like SFT chats (`packed_rows`,
 deterministic from `--seed`); `scripts/bench_torch_baseline.py` imports it to run PyTorch on
@@ -159,52 +160,45 @@ def main(argv: list[str] | None = None) -> dict:
   args = p.parse_args(argv)
 
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from jaxtune import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxtune import models  # pylint: disable=import-outside-toplevel
-  from jaxtune.parallel.mesh import make_mesh  # pylint: disable=import-outside-toplevel
-  from jaxtune.parallel.sharding import batch_sharding  # pylint: disable=import-outside-toplevel
+  from jaxtune.train import build  # pylint: disable=import-outside-toplevel
   from jaxtune.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
-  from jaxtune.train.optim import lr_schedule, make_optimizer  # pylint: disable=import-outside-toplevel
   from jaxtune.train.prefetch import to_global_array  # pylint: disable=import-outside-toplevel
   from jaxtune.train.state import new_train_state, split_model  # pylint: disable=import-outside-toplevel
-  from jaxtune.train.step import compile_train_step  # pylint: disable=import-outside-toplevel
 
   t_start = time.perf_counter()
   model_cfg = model_config(args)
   cfg = config_lib.base_config()
   cfg.model = model_cfg
   cfg.loss.mode, cfg.loss.chunk_size = args.loss_mode, args.chunk
+  cfg.attention, cfg.remat = args.attention, args.remat
+  cfg.param_dtype, cfg.compute_dtype = "float32", args.compute_dtype
+  cfg.global_batch_size, cfg.data.micro_batch_size = args.batch, args.micro
+  cfg.data.pack_max_length = cfg.data.sample_max_length = args.pack
+  cfg.optim.lr, cfg.total_steps, cfg.seed = 1e-5, 1000, 0
   n_dev = jax.device_count()
-  mesh = make_mesh(config_lib.mesh_shape(cfg, n_dev))
-  dp = config_lib.data_parallel_size(cfg, n_dev)
-  if args.batch % (dp * args.micro):
-    raise SystemExit(f"--batch={args.batch} is not a multiple of data-parallel size {dp} x "
-                     f"--micro={args.micro}")
-  num_micro = args.batch // (dp * args.micro)
-  schedule = lr_schedule(cfg.lr, 1e-5, 1000)
-  optimizer = make_optimizer(cfg.optim)  # unit lr: the step applies the schedule
+  try:
+    resolved = config_lib.resolve(cfg, n_dev, files=False)
+  except config_lib.ConfigError as e:
+    raise SystemExit(f"bench_train: {e}") from None
+  mesh = build.make_run_mesh(resolved)
   host = make_batch(args, model_cfg.vocab_size)
-  with jax.set_mesh(mesh):
-    model = models.create_model(model_cfg, mesh, param_dtype=jnp.float32,
-                                compute_dtype=jnp.dtype(args.compute_dtype), remat=args.remat,
-                                attention=args.attention, seed=0)
+  with build.run_context(resolved, mesh):
+    run = build.build_run(resolved, mesh, total_steps=cfg.total_steps, max_tiles=0)
+    model = models.create_model(model_cfg, mesh, **resolved.model_kwargs)
     if args.export_hf:
       from jaxtune.hf import export_hf  # pylint: disable=import-outside-toplevel
       export_hf(model, model_cfg, args.export_hf, dtype="float32")
-    model_def, params = split_model(model)
+    _, params = split_model(model)
     del model
-    state = new_train_state(params, optimizer, mesh, model_def)
-    step_fn = compile_train_step(state, model_def=model_def, loss_cfg=cfg.loss,
-                                 optimizer=optimizer, schedule=schedule, num_micro=num_micro,
-                                 batch_layout=models.text_batch_layout(args.batch, args.pack),
-                                 batch_sharding=batch_sharding(mesh))
-    batch = {k: to_global_array(v, batch_sharding(mesh)) for k, v in host.items()}
+    state = new_train_state(params, run.optimizer, mesh, run.model_def)
+    batch = {k: to_global_array(v, run.batch_sharding) for k, v in host.items()}
     jax.block_until_ready((state, batch))
     init_s = time.perf_counter() - t_start
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = run.compile()
     compile_s = time.perf_counter() - t0
     memory = compiled.memory_analysis()
     t0 = time.perf_counter()
@@ -230,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
       stack="jaxtune", device=jax.devices()[0].device_kind, n_devices=n_dev,
       jax=jax.__version__, preset=args.preset, layers=model_cfg.num_hidden_layers,
       vocab=model_cfg.vocab_size, params=models.param_count(model_cfg), pack=args.pack,
-      global_batch=args.batch, micro_batches=num_micro, lengths=args.lengths,
+      global_batch=args.batch, micro_batches=resolved.num_micro, lengths=args.lengths,
       mean_len=args.mean_len, seed=args.seed, **batch_stats(host),
       attention=args.attention, remat=args.remat, loss_mode=args.loss_mode, chunk=args.chunk,
       param_dtype="float32", compute_dtype=args.compute_dtype,

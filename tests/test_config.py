@@ -103,16 +103,15 @@ def test_load_from_config_json_must_match_recipe(good, tmp_path):
     validate(good)
 
 
-def test_nested_model_fields_are_checked_against_config_json(good, tmp_path, monkeypatch):
+def test_nested_model_fields_are_checked_against_config_json(good, tmp_path):
   """A mismatch inside a nested section (a VLM's text_config) names the nested field."""
   nested = ConfigDict({"type": "qwen3", "text": presets.qwen3_tiny(), "depth": 2})
   checkpoint = ConfigDict({"type": "qwen3", "text": presets.qwen3_tiny(hidden_size=32),
                            "depth": 2})
-  monkeypatch.setattr(presets, "from_hf", lambda path: checkpoint)
   good.model = nested
   good.load_from = str(tmp_path)
   with pytest.raises(ConfigError, match=r"model\.text\.hidden_size: recipe 64 vs config.json 32"):
-    config_lib._check_against_hf_config(good)  # pylint: disable=protected-access
+    config_lib._check_against_hf_config(good, checkpoint)  # pylint: disable=protected-access
 
 
 def test_mesh_shape_resolves_minus_one(good):
@@ -143,3 +142,49 @@ def test_cli_rejects_unknown_override(tmp_path):
       cwd=tmp_path)
   assert proc.returncode != 0
   assert "learning_rate" in proc.stderr
+
+
+def test_resolve_derives_every_value_once_beside_the_recipe(good):
+  """The recipe stays what config.json holds; the derived values sit beside it."""
+  good.mesh.update(data=2, fsdp=-1)
+  good.data.micro_batch_size = 1
+  resolved = config_lib.resolve(good, 4, backend="cpu")
+  assert config_lib.to_json(resolved.cfg) == config_lib.to_json(validate(good, num_devices=4))
+  assert resolved.mesh_shape == dict(data=2, fsdp=2, tensor=1, expert=1)
+  assert resolved.data_parallel == 4 and resolved.num_micro == 1
+  assert resolved.attention == "blockwise" and resolved.media is None
+  assert resolved.tiles_bound == 0
+  with pytest.raises(ConfigError, match="global_batch_size"):
+    config_lib.resolve(good, 8, backend="cpu")
+
+
+def test_attention_auto_follows_the_ops_rule(good, monkeypatch):
+  """'auto' is resolved by ops.attention.resolve_impl, the function the model runs, so a flip
+  of AUTO_GPU_IMPL reaches the planner's report too."""
+  from jaxtune.ops import attention  # pylint: disable=import-outside-toplevel
+  assert config_lib.resolve(good, 1, backend="gpu").attention == attention.AUTO_GPU_IMPL
+  monkeypatch.setattr(attention, "AUTO_GPU_IMPL", "pallas")
+  assert config_lib.resolve(good, 1, backend="gpu").attention == "pallas"
+  good.compute_dtype = "float32"
+  assert config_lib.resolve(good, 1, backend="gpu").attention == "blockwise"
+
+
+def test_load_from_config_is_read_once(good, monkeypatch):
+  reads = []
+  checkpoint = presets.qwen3_tiny()
+  monkeypatch.setattr(presets, "from_hf", lambda path: reads.append(path) or checkpoint)
+  good.load_from = good.tokenizer_path   # a directory with a tokenizer
+  good.model_from_checkpoint = True
+  out = validate(good)
+  assert reads == [good.load_from] and out.tokenizer_path == good.load_from
+
+
+def test_files_false_skips_only_the_files(good):
+  """Planning (files=False) checks the recipe but not the files a run reads or writes."""
+  good.data.datasets = []
+  good.tokenizer_path = None
+  good.work_dir = "/proc/no/such/dir"
+  assert validate(good, files=False).data.datasets == []
+  good.optim.lr = -1.0
+  with pytest.raises(ConfigError, match="optim.lr"):
+    validate(good, files=False)

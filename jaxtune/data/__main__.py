@@ -119,11 +119,11 @@ def main(argv) -> None:
   # pylint: disable=import-outside-toplevel
   from jaxtune.config import ConfigError, resolve
   from jaxtune.data.sources import DataError
+  from jaxtune.parallel.mesh import AXES
   from jaxtune.train import build
   recipe = _CONFIG.value
   try:
-    devices = _DEVICES.value or math.prod(max(1, int(recipe.mesh[axis]))
-                                          for axis in ("data", "fsdp", "tensor", "expert"))
+    devices = _DEVICES.value or math.prod(max(1, int(recipe.mesh[axis])) for axis in AXES)
     resolved = resolve(recipe, devices)
     # Pixels are decoded only for --show_row's row.
     data = build.build_data(resolved, resolved.cfg.tokenizer_path, role="train")

@@ -17,13 +17,12 @@ from typing import Callable
 
 import jax
 import numpy as np
-from ml_collections import ConfigDict
 
+from jaxtune.config import Resolved
 from jaxtune.data.pipeline import SFTData
-from jaxtune.models import family
 from jaxtune.ops.loss import loss_weights
 from jaxtune.parallel.sharding import batch_sharding
-from jaxtune.train import multihost
+from jaxtune.train import build, multihost
 from jaxtune.train.prefetch import to_global_array
 from jaxtune.train.step import ModelDef, make_loss_fn
 
@@ -69,30 +68,23 @@ class EvalSet:
 class Evaluator:
   """Builds the eval sets once; `evaluate(params)` -> {"eval_loss_<name>": loss, ...}."""
 
-  def __init__(self, cfg: ConfigDict, mesh, model_def: ModelDef, *, tokenizer,
-               data_parallel: int):
+  def __init__(self, resolved: Resolved, mesh, model_def: ModelDef, *, tokenizer):
     """tokenizer: what SFTData accepts (a directory, an HF tokenizer, a TokenEncoder)."""
+    cfg = resolved.cfg
     self.mesh = mesh
     self.step = make_eval_step(model_def, cfg.loss)
-    n_proc, index = jax.process_count(), jax.process_index()
-    rows_global = data_parallel * cfg.data.micro_batch_size
+    n_proc = jax.process_count()
+    rows_global = resolved.data_parallel * cfg.data.micro_batch_size
     # Every process must hold whole rows of each batch.
     rows_global = rows_global * n_proc // math.gcd(rows_global, n_proc)
     self.sets = []
-    model_family = family(cfg.model.type)
     for ds in cfg.eval_datasets:
-      data_cfg = ConfigDict(cfg.data.to_dict())
-      data_cfg.datasets = [ds]
-      # One row per host and step: SFTData then keeps every pack (no incomplete last batch).
-      data = SFTData(data_cfg, tokenizer, global_batch_size=n_proc,
-                     process_index=index, process_count=n_proc,
-                     **model_family.data_options(cfg.model))
+      data = build.build_data(resolved, tokenizer, role="eval", dataset=ds)
       rows = rows_global // n_proc
       batches = math.ceil(data.plan.num_packs / rows)
       # Every process runs the same number of (collective) forward passes.
       batches = max(multihost.allgather_ints(batches))
-      layout = model_family.batch_layout(cfg.model, rows, data.pack_len,
-                                         max_tiles=data.max_tiles)
+      layout = build.batch_layout(resolved, rows, max_tiles=data.max_tiles)
       self.sets.append(EvalSet(ds["name"], data, rows, batches, layout))
       log.info("eval dataset '%s': %d packs in %d batch(es) of %d rows", ds["name"],
                data.plan.num_packs, batches, rows_global)

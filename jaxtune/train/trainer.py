@@ -1,8 +1,9 @@
 """The training loop: `Trainer(config).fit()`, the same from the command line and a notebook.
 
 Everything numeric happens in the jit-compiled train step (jaxtune.train.step). The trainer
-builds what it needs (data, model, optimizer, state: fresh, from HF weights or restored from a
-checkpoint), then runs one loop that owns the schedule of everything around the step:
+builds what it needs through jaxtune.train.build (data, model, optimizer, step; the planner
+builds the same), fills the state (fresh, from HF weights or restored from a checkpoint), then
+runs one loop that owns the schedule of everything around the step:
 
   next batch -> step -> record -> [eval] -> log -> [checkpoint] -> [HF export] -> [stop?]
 
@@ -21,8 +22,6 @@ import time
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from ml_collections import ConfigDict
 
 from jaxtune import config as config_lib
@@ -32,21 +31,17 @@ from jaxtune.data.sources import DataError
 from jaxtune.data.encoders import open_encoder
 from jaxtune.hf.export import read_hf_dtype
 from jaxtune.hf.load import load_hf_weights
-from jaxtune.parallel.mesh import make_mesh
-from jaxtune.parallel import sharding
-from jaxtune.parallel.sharding import batch_sharding
-from jaxtune.train import logs, multihost, rundir, startup_checks
+from jaxtune.train import build, logs, multihost, rundir, startup_checks
 from jaxtune.train import metrics as metrics_lib
 from jaxtune.train.checkpoint import CheckpointError, Checkpointer
 from jaxtune.train.eval import Evaluator
 from jaxtune.train.hf_exports import HFExporter
 from jaxtune.train.nonfinite import NonFiniteGuard
 from jaxtune.train.observability import Profiler, RunMonitor, log_summary
-from jaxtune.train.optim import lr_schedule, make_optimizer
 from jaxtune.train.preemption import StopRequest
 from jaxtune.train.prefetch import prefetch_to_device
-from jaxtune.train.state import abstract_train_state, new_train_state, split_model
-from jaxtune.train.step import ModelDef, TrainState, compile_train_step
+from jaxtune.train.state import new_train_state, split_model
+from jaxtune.train.step import TrainState
 
 log = logging.getLogger("jaxtune")
 
@@ -60,7 +55,8 @@ class Trainer:
 
   def __init__(self, config: ConfigDict):
     logs.quiet_libraries()  # before JAX starts its backends and Orbax its managers
-    self.cfg = config_lib.validate(config, num_devices=jax.device_count())
+    self.resolved = config_lib.resolve(config, jax.device_count())
+    self.cfg = self.resolved.cfg
     self.run_dir: str | None = None
     self.started = 0.0
 
@@ -88,8 +84,8 @@ class Trainer:
           if is_main and not start.own:
             rundir.write_snapshot(self.run_dir, self.cfg, start)
           log.info("run directory: %s", self.run_dir)
-          mesh = make_mesh(config_lib.mesh_shape(self.cfg, jax.device_count()))
-          with jax.set_mesh(mesh), sharding.axis_rules(config_lib.axis_rules(self.cfg)):
+          mesh = build.make_run_mesh(self.resolved)
+          with build.run_context(self.resolved, mesh):
             return self._fit(mesh, start, is_main)
         except BaseException as e:  # pylint: disable=broad-except
           if jax.process_count() > 1:
@@ -133,52 +129,36 @@ class Trainer:
     vocabulary = startup_checks.check_tokenizer(cfg, encoder)  # ids vs the model's: exit 2
     if is_main:
       log.info("%s", encoder.describe())
-    # The order of one host reading every row, this host taking the rows its devices hold:
-    # the batches do not depend on the host count, so a run resumes on another topology.
-    dp = config_lib.data_parallel_size(cfg, jax.device_count())
-    # data_parallel: length grouping balances the packs of each micro-batch over these ranks.
-    data = SFTData(cfg.data, encoder, global_batch_size=cfg.global_batch_size,
-                   process_index=jax.process_index(), process_count=jax.process_count(),
-                   data_parallel=dp, global_order=True,
-                   host_rows=_host_rows(mesh, cfg.global_batch_size),
-                   **models.family(cfg.model.type).data_options(cfg.model))
+    data = build.build_data(self.resolved, encoder, role="train", mesh=mesh)
     _check_same_data(data)
     self.vocabulary = startup_checks.check_data(cfg, vocabulary, data)  # the data's ids too
     total_steps = cfg.total_steps or cfg.epoch_num * data.steps_per_epoch
-    num_micro = cfg.global_batch_size // (dp * cfg.data.micro_batch_size)
-    schedule = lr_schedule(cfg.lr, cfg.optim.lr, total_steps)
-    optimizer = make_optimizer(cfg.optim)  # unit lr: the step applies `schedule` itself
-
-    model_kwargs = dict(param_dtype=jnp.dtype(cfg.param_dtype),
-                        compute_dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
-                        attention=cfg.attention, seed=cfg.seed)
-    model_def, abstract_params = split_model(
-        models.abstract_model(cfg.model, mesh, **model_kwargs))
+    # Tile slots: the packs' actual maximum (at most the bound the planner sizes).
+    run = build.build_run(self.resolved, mesh, total_steps=total_steps,
+                          max_tiles=data.max_tiles)
     checkpointer = self._checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"),
                                                       max_to_keep=cfg.checkpoint_maxkeep)
     multihost.set_run(total_steps=total_steps, checkpoints=checkpointer.directory,
                       drain=checkpointer.drain)
-    state, position = self._initial_state(start, checkpointer, data, model_def,
-                                           abstract_params, optimizer, mesh, model_kwargs)
+    state, position = self._initial_state(start, checkpointer, data, run)
     multihost.note_step(position.step)
     log.info("model %s: %.3fM parameters; %d device(s), mesh %s; %d steps (%d per epoch), "
              "%d micro-batch(es) per step, %d tokens per row", cfg.model.type,
              models.param_count(cfg.model) / 1e6, jax.device_count(), dict(mesh.shape),
-             total_steps, data.steps_per_epoch, num_micro, cfg.data.pack_max_length)
+             total_steps, data.steps_per_epoch, run.num_micro, cfg.data.pack_max_length)
     if position.step >= total_steps:
       log.info("the run is already complete (step %d of %d): nothing to do", position.step,
                total_steps)
-    loop = _Loop(self, mesh, data, encoder, model_def, optimizer, schedule, num_micro,
-                 total_steps, checkpointer, is_main)
+    loop = _Loop(self, data, encoder, run, checkpointer, is_main)
     return loop.run(state, position, resumed_from=start.checkpoint_dir)
 
   def _initial_state(self, start: rundir.Start, checkpointer: Checkpointer, data: SFTData,
-                     model_def: ModelDef, abstract_params, optimizer, mesh, model_kwargs
-                     ) -> tuple[TrainState, Position]:
+                     run: build.Run) -> tuple[TrainState, Position]:
     """Restored from a checkpoint (all of it or the weights), from HF weights, or random."""
     cfg = self.cfg
+    optimizer, mesh, model_def = run.optimizer, run.mesh, run.model_def
     if start.checkpoint_dir is not None:
-      abstract = abstract_train_state(abstract_params, optimizer, mesh, model_def)
+      abstract = run.abstract_state
       if start.own:  # auto_resume: damaged newer checkpoints of this run are moved aside
         restored = checkpointer.restore_latest(abstract, quarantine=True)
       else:
@@ -206,11 +186,10 @@ class Trainer:
                restored.step, restored.progress["epoch"] + 1, restored.progress["step_in_epoch"])
       return state, Position(restored.step, int(restored.progress["consumed_tokens"]))
     if cfg.load_from:
-      model = load_hf_weights(models.abstract_model(cfg.model, mesh, **model_kwargs),
-                              cfg.load_from)
+      model = load_hf_weights(run.abstract_model(), cfg.load_from)
       log.info("loaded weights from %s", cfg.load_from)
     else:
-      model = models.create_model(cfg.model, mesh, **model_kwargs)
+      model = models.create_model(cfg.model, mesh, **self.resolved.model_kwargs)
     _, params = split_model(model)
     return new_train_state(params, optimizer, mesh, model_def), Position(0, 0)
 
@@ -218,18 +197,15 @@ class Trainer:
 class _Loop:
   """One training session: the loop and the schedule of everything around the step."""
 
-  def __init__(self, trainer: Trainer, mesh, data: SFTData, encoder: TokenEncoder,
-               model_def: ModelDef, optimizer, schedule, num_micro: int, total_steps: int,
+  def __init__(self, trainer: Trainer, data: SFTData, encoder: TokenEncoder, run: build.Run,
                checkpointer: Checkpointer, is_main: bool):
     self.cfg, self.run_dir, self.started = trainer.cfg, trainer.run_dir, trainer.started
+    self.resolved = trainer.resolved
     self.vocabulary = trainer.vocabulary  # the start-up id check, for the non-finite guard
-    self.mesh, self.data, self.encoder, self.model_def = mesh, data, encoder, model_def
+    self.parts, self.mesh, self.model_def = run, run.mesh, run.model_def
+    self.data, self.encoder = data, encoder
     self.family = models.family(self.cfg.model.type)
-    self.batch_layout = self.family.batch_layout(self.cfg.model, self.cfg.global_batch_size,
-                                                 self.cfg.data.pack_max_length,
-                                                 max_tiles=data.max_tiles)
-    self.optimizer, self.schedule, self.num_micro = optimizer, schedule, num_micro
-    self.total_steps, self.checkpointer, self.is_main = total_steps, checkpointer, is_main
+    self.total_steps, self.checkpointer, self.is_main = run.total_steps, checkpointer, is_main
     self.n_devices = jax.device_count()
     self.peak_flops = metrics_lib.peak_flops_per_device()
     cfg = self.cfg
@@ -280,18 +256,10 @@ class _Loop:
     log_summary(summary)
     return summary
 
-  def _compile(self, state: TrainState):
+  def _compile(self):
     """The train step compiled ahead of time, so that step 1's time is its own."""
     t0 = time.perf_counter()
-    sharding = batch_sharding(self.mesh)
-    step_fn = compile_train_step(state, model_def=self.model_def, loss_cfg=self.cfg.loss,
-                                 optimizer=self.optimizer, schedule=self.schedule,
-                                 num_micro=self.num_micro, batch_layout=self.batch_layout,
-                                 batch_sharding=sharding,
-                                 skip_grad_norm_threshold=self.cfg.optim.skip_grad_norm_threshold)
-    abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
-                      for k, (shape, dtype) in self.batch_layout.items()}
-    compiled = step_fn.lower(state, abstract_batch).compile()
+    compiled = self.parts.compile()
     self.compile_time = time.perf_counter() - t0
     log.info("train step compiled in %.1f s", self.compile_time)
     return compiled
@@ -300,18 +268,17 @@ class _Loop:
              stop: StopRequest) -> tuple[TrainState, Position]:
     """Steps from `position` to the end or to a stop request; returns the state and where."""
     cfg = self.cfg
-    step_fn = self._compile(state)
-    evaluator = (Evaluator(cfg, self.mesh, self.model_def, tokenizer=self.encoder,
-                           data_parallel=config_lib.data_parallel_size(cfg, self.n_devices))
+    step_fn = self._compile()
+    evaluator = (Evaluator(self.resolved, self.mesh, self.model_def, tokenizer=self.encoder)
                  if cfg.eval_datasets else None)
     guard = NonFiniteGuard(cfg.max_consecutive_nonfinite, total_steps=self.total_steps,
                            vocabulary=self.vocabulary)
     profiler = Profiler(self.run_dir, tuple(cfg.profile_steps))
     step, tokens = position
     epoch, in_epoch = divmod(step, self.data.steps_per_epoch)
-    host_batches = ({k: b[k] for k in self.batch_layout}
+    host_batches = ({k: b[k] for k in self.parts.batch_layout}
                     for b in self.data.iterator(epoch, in_epoch))
-    batches = prefetch_to_device(host_batches, batch_sharding(self.mesh), first_step=step + 1)
+    batches = prefetch_to_device(host_batches, self.parts.batch_sharding, first_step=step + 1)
     monitor.start()
     try:
       while step < self.total_steps:
@@ -379,14 +346,6 @@ class _Loop:
                     skipped_steps=skipped, seed=self.cfg.seed, data_seed=self.cfg.data.seed,
                     data=data_state, data_hash_per_process=hashes)
     self.checkpointer.save(step, state, progress, self.cfg.to_dict())
-
-
-def _host_rows(mesh, rows: int) -> np.ndarray:
-  """The rows of a global batch that this process's devices hold, in ascending order (the
-  order `jax.make_array_from_process_local_data` reads a host's rows in)."""
-  indices = batch_sharding(mesh).addressable_devices_indices_map((rows, 1))
-  held = {r for index in indices.values() for r in range(*index[0].indices(rows))}
-  return np.asarray(sorted(held), np.int64)
 
 
 def _check_same_data(data: SFTData) -> None:
