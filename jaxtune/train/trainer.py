@@ -177,7 +177,7 @@ class Trainer:
         return new_train_state(restored.params, optimizer, mesh, model_def), Position(0, 0)
       # The recipe was compared before the restore (rundir.check_recipe). Exact resume needs
       # the same batches: this raises if the data pipeline differs.
-      data.iterator().set_state(_data_state_of_this_process(restored.progress))
+      data.check_state(_data_state_of_this_process(restored.progress))
       state = TrainState(params=restored.params, opt_state=restored.optimizer["opt_state"],
                          step=restored.optimizer["step"])
       if start.own and jax.process_index() == 0:  # restored: the run now has this recipe
@@ -338,7 +338,7 @@ class _Loop:
 
   def _save(self, step: int, state: TrainState, consumed_tokens: int, skipped: int) -> None:
     epoch, in_epoch = divmod(step, self.data.steps_per_epoch)
-    data_state = self.data.iterator(epoch, in_epoch).get_state()
+    data_state = self.data.state_at(epoch, in_epoch)
     # Process 0 writes the JSON; each host's share of the data has its own hash.
     hashes = multihost.allgather_text(str(data_state.get("data_hash", "")))
     progress = dict(step=step, epoch=epoch, step_in_epoch=in_epoch,
