@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-# The forward's residuals, named so a remat policy can keep them (qwen3.remat_policy's
+# The forward's residuals, named so a remat policy can keep them (models.layers.remat_policy's
 # "save_attention"): then the backward pass needs no recomputed attention forward.
 RESIDUAL_NAMES = ("attention_out", "attention_lse")
 

@@ -365,7 +365,8 @@ def chunked_cross_entropy(hidden_nd: jax.Array, kernel_dv: jax.Array, labels_n: 
     # Pallas' interpreter loses the varying type of its blocks inside a type-checked
     # shard_map (jax 0.12); unchecked, shard_map itself sums the replicated kernel's gradient.
     fn = _per_device(fn, token_axes, check_vma=not (interpret and fn.func is not _chunked_ce))
-  return _auto_sharded(fn)(hidden_nd, kernel_dv, labels_n.astype(jnp.int32), weights_n)
+  with jax.named_scope("loss"):  # profiles read the LM head and loss by this name
+    return _auto_sharded(fn)(hidden_nd, kernel_dv, labels_n.astype(jnp.int32), weights_n)
 
 
 def eager_cross_entropy(hidden_nd: jax.Array, kernel_dv: jax.Array, labels_n: jax.Array,
@@ -374,7 +375,8 @@ def eager_cross_entropy(hidden_nd: jax.Array, kernel_dv: jax.Array, labels_n: ja
   def fn(h, w, y, wt):
     _, ce_n = _token_ce(_chunk_logits(h, w.astype(h.dtype)), y)
     return jnp.sum(jnp.where(y >= 0, wt.astype(jnp.float32) * ce_n, 0.0))
-  return _auto_sharded(fn)(hidden_nd, kernel_dv, labels_n, weights_n)
+  with jax.named_scope("loss"):
+    return _auto_sharded(fn)(hidden_nd, kernel_dv, labels_n, weights_n)
 
 
 def loss_weights(labels_bt: jax.Array, segment_ids_bt: jax.Array, reduction: str) -> jax.Array:
