@@ -189,8 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = build.build_run(resolved, mesh, total_steps=cfg.total_steps, max_tiles=0)
     model = models.create_model(model_cfg, mesh, **resolved.model_kwargs)
     if args.export_hf:
-      from jaxtune.hf import export_hf  # pylint: disable=import-outside-toplevel
-      export_hf(model, model_cfg, args.export_hf, dtype="float32")
+      models.export_hf(model, model_cfg, args.export_hf, dtype="float32")
     _, params = split_model(model)
     del model
     state = new_train_state(params, run.optimizer, mesh, run.model_def)
