@@ -13,9 +13,9 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from jaxtune.hf import export_hf, load_hf_weights, read_hf_dtype
+from jaxtune.hf import read_hf_dtype
 from jaxtune.hf import export as export_module
-from jaxtune.models import abstract_model, create_model, presets
+from jaxtune.models import abstract_model, create_model, export_hf, load_hf_weights, presets
 from jaxtune.models.qwen3 import Qwen3ForCausalLM
 from jaxtune.parallel import make_mesh
 

@@ -18,8 +18,8 @@ from safetensors.numpy import load_file, save_file
 
 from jaxtune import config as config_lib
 from jaxtune import models
-from jaxtune.hf import export_hf, load_hf_weights
-from jaxtune.models import abstract_model, intern_s1, param_count, presets
+from jaxtune.models import (abstract_model, export_hf, intern_s1, load_hf_weights, param_count,
+                            presets)
 from jaxtune.parallel import batch_sharding, make_mesh
 from jaxtune.train.prefetch import to_global_array
 from jaxtune.train.state import new_train_state, split_model
@@ -403,7 +403,8 @@ def test_uint8_tiles_are_normalised_on_device_as_on_the_host():
   """The batches' uint8 tiles, normalised by the model, equal the host-side float32 tiles
   (torchvision's ToTensor + Normalize steps) and reach the LM exactly as those would."""
   from jaxtune.data import images  # pylint: disable=import-outside-toplevel
-  from jaxtune.models import intern_vit  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jaxtune.models.intern_s1 import vision as intern_vit
   rng = np.random.default_rng(5)
   tiles = rng.integers(0, 256, (2, TILE, TILE, 3), dtype=np.uint8)
   np.testing.assert_allclose(np.asarray(intern_vit.normalize_pixels(jnp.asarray(tiles))),

@@ -14,7 +14,7 @@ import transformers
 
 from jaxtune import Trainer, config as config_lib, models
 from jaxtune.data import images
-from jaxtune.hf import load_hf_weights
+from jaxtune.models import load_hf_weights
 from jaxtune.models import intern_s1
 from jaxtune.parallel.mesh import make_mesh
 from jaxtune.recipes import sft_mini

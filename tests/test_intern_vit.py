@@ -11,7 +11,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from jaxtune.hf.load import check_table, flat_params, hf_shape
-from jaxtune.models import intern_vit as iv
+from jaxtune.models.intern_s1 import vision as iv
 from jaxtune.parallel import make_mesh, param_shardings
 
 pytestmark = pytest.mark.parity

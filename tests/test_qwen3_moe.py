@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxtune import config as config_lib
 from jaxtune import models
-from jaxtune.hf import export_hf, load_hf_weights
+from jaxtune.models import export_hf, load_hf_weights
 from jaxtune.models import abstract_model, param_count, presets, qwen3_moe
 from jaxtune.parallel import batch_sharding, make_mesh
 from jaxtune.train.prefetch import to_global_array

@@ -8,7 +8,7 @@ import torch
 import transformers
 from flax import nnx
 
-from jaxtune.hf import export_hf, load_hf_weights
+from jaxtune.models import export_hf, load_hf_weights
 from jaxtune.models import abstract_model, presets
 from jaxtune.parallel import batch_sharding, make_mesh
 

@@ -14,7 +14,7 @@ from jaxtune import config as config_lib
 from jaxtune import models
 from jaxtune.config import dataset
 from jaxtune.data.pipeline import SFTData
-from jaxtune.hf.export import export_hf
+from jaxtune.models import export_hf
 from jaxtune.parallel.mesh import make_mesh
 from jaxtune.train.nonfinite import NonFiniteError
 from jaxtune.train.trainer import Trainer

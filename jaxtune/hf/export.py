@@ -1,8 +1,10 @@
 """A jaxtune model -> an HF directory that `transformers.AutoModelForCausalLM` loads.
 
 Writes `model-0000i-of-0000n.safetensors` shards, `model.safetensors.index.json`,
-`config.json` and the tokenizer files. Names come from the family's `hf_weight_map` (the
-same table the loader reads), walked in HF's order.
+`config.json` and the tokenizer files. Names come from the caller's family: its
+`hf_weight_map` (the same table the loader reads, walked in HF's order; a row's `Transform`
+fuses or reshapes params into the HF tensor) and its `hf_config`. This module knows no family:
+`jaxtune.models.export_hf` passes the registered one.
 
 Tokenizer: the files of the tokenizer directory's layout (`jaxtune.data.tokenizer_files`:
 tokenizer.json; vocab.json + merges.txt; Intern-S1's vocab + merges + SentencePiece models),
@@ -33,9 +35,8 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from jaxtune.data.tokenizer_files import TokenizerFilesError, detect_layout, read_tokenizer_files
-from jaxtune.hf.load import SAFETENSORS_DTYPES, check_table, flat_params, hf_names, hf_shape
-from jaxtune.models import HFWeight, family
-from jaxtune.models.presets import read_hf_config
+from jaxtune.hf.files import SAFETENSORS_DTYPES, read_hf_config, read_hf_dtype
+from jaxtune.hf.weights import HFFamily, HFWeight, check_table, flat_params, hf_names, shapes_of
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' classic "5GB" shards
 # Besides the files of the tokenizer's layout, these are copied when present: the tokenizer's
@@ -45,21 +46,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "preprocessor_config.json",
                    "processor_config.json", "video_preprocessor_config.json")
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-
-def read_hf_dtype(hf_dir: str) -> str:
-  """The dtype an HF checkpoint declares ("bfloat16", ...), so exports can keep it.
-
-  Reads `dtype` (transformers 5) or `torch_dtype` (4.x) from config.json, also inside
-  `text_config`; "float32" when absent, which is what transformers assumes.
-  """
-  with open(os.path.join(hf_dir, "config.json")) as f:
-    config = json.load(f)
-  for section in (config, config.get("text_config") or {}):
-    for key in ("dtype", "torch_dtype"):
-      if isinstance(section.get(key), str):
-        return section[key].removeprefix("torch.")
-  return "float32"
 
 
 @functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
@@ -93,7 +79,7 @@ def _hf_order(table: tuple[HFWeight, ...], params: dict
   def flush():
     tensors = [((hf_layer(entry, position), k, position), name, entry, position)
                for k, entry in enumerate(run)
-               for name, position in hf_names(entry, params[entry.path].get_value().shape)]
+               for name, position in hf_names(entry, shapes_of(entry, params)[0])]
     order.extend(t[1:] for t in sorted(tensors, key=lambda t: t[0]))
     run.clear()
 
@@ -109,23 +95,25 @@ def _hf_order(table: tuple[HFWeight, ...], params: dict
   return order
 
 
-def _plan_shards(tensors: list[tuple[str, tuple[int, ...]]], itemsize: int,
-                 max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+Planned = tuple[str, tuple[int, ...], np.dtype]  # an HF tensor's name, shape and dtype
+
+
+def _plan_shards(tensors: list[Planned], max_shard_bytes: int) -> list[list[Planned]]:
   shards, current, current_bytes = [], [], 0
-  for name, shape in tensors:
-    nbytes = int(np.prod(shape)) * itemsize
+  for name, shape, dtype in tensors:
+    nbytes = int(np.prod(shape)) * dtype.itemsize
     if current and current_bytes + nbytes > max_shard_bytes:
       shards.append(current)
       current, current_bytes = [], 0
-    current.append((name, shape))
+    current.append((name, shape, dtype))
     current_bytes += nbytes
   return shards + ([current] if current else [])
 
 
-def _write_header(f, shard: list[tuple[str, tuple[int, ...]]], dtype: np.dtype) -> None:
+def _write_header(f, shard: list[Planned]) -> None:
   header: dict = {"__metadata__": {"format": "pt"}}
   offset = 0
-  for name, shape in shard:
+  for name, shape, dtype in shard:
     nbytes = int(np.prod(shape)) * dtype.itemsize
     header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape),
                     "data_offsets": [offset, offset + nbytes]}
@@ -175,11 +163,35 @@ def _replace_dir(tmp_dir: str, out_dir: str) -> None:
   shutil.rmtree(old_dir)
 
 
-def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, *, dtype: str = "bfloat16",
-              tokenizer_path: str | None = None, source_dir: str | None = None,
+def _row_tensor(entry: HFWeight, params: dict, position: tuple[int, ...],
+                dtype: np.dtype) -> np.ndarray:
+  """One HF tensor of a row, on this host: its param's element transposed and cast on device,
+  or its params' elements (in their own dtype) through the row's transform, then cast."""
+  index = np.asarray(position, np.int32)
+  if entry.transform is None:
+    return _to_host(_hf_tensor(params[entry.path].get_value(), index,
+                               transpose=entry.transpose, dtype=dtype))
+  parts = [_to_host(_hf_tensor(params[path].get_value(), index, transpose=False,
+                               dtype=np.dtype(params[path].get_value().dtype)))
+           for path in entry.paths]
+  return np.asarray(entry.transform.to_hf(*parts)).astype(_row_dtype(entry, dtype))
+
+
+def _row_dtype(entry: HFWeight, dtype: np.dtype) -> np.dtype:
+  """The dtype HF stores a row's tensors in: the export's, or its transform's own."""
+  if entry.transform is not None and entry.transform.hf_dtype is not None:
+    return np.dtype(jnp.dtype(entry.transform.hf_dtype))
+  return dtype
+
+
+def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, family: HFFamily, *,
+              dtype: str = "bfloat16", tokenizer_path: str | None = None,
+              source_dir: str | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
   """Writes `model` as an HF checkpoint in `dtype` to `out_dir`; returns `out_dir`.
 
+  family: the model's family: `hf_weight_map(model_cfg)` names the tensors,
+  `hf_config(model_cfg, dtype, source)` is the config.json.
   tokenizer_path: a tokenizer directory in any layout jaxtune reads; its tokenizer files and
   custom code are copied unchanged (TokenizerFilesError when it holds no tokenizer).
   source_dir: the HF directory the weights were loaded from; its config.json is handed to the
@@ -190,16 +202,15 @@ def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, *, dtype: 
   dtype = np_dtype.name  # "bfloat16", also when given jnp.bfloat16
   if np_dtype not in _SAFETENSORS_NAMES:
     raise ValueError(f"cannot export dtype {dtype!r}; use float32, bfloat16 or float16")
-  table = family(model_cfg.type).hf_weight_map(model_cfg)
+  table = family.hf_weight_map(model_cfg)
   params = flat_params(model)
   check_table(params, table)
   tokenizer_files = _tokenizer_files(tokenizer_path) if tokenizer_path is not None else []
 
   order = _hf_order(table, params)
-  shapes = {name: hf_shape(entry, params[entry.path].get_value().shape)
-            for name, entry, _ in order}
-  shards = _plan_shards([(name, shapes[name]) for name, _, _ in order], np_dtype.itemsize,
-                        max_shard_bytes)
+  planned = {name: (entry.hf_shape(shapes_of(entry, params)), _row_dtype(entry, np_dtype))
+             for name, entry, _ in order}
+  shards = _plan_shards([(name, *planned[name]) for name, _, _ in order], max_shard_bytes)
   by_name = {name: (entry, position) for name, entry, position in order}
 
   out_dir = os.path.abspath(out_dir)
@@ -215,14 +226,13 @@ def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, *, dtype: 
     f = open(os.path.join(tmp_dir, file_name), "wb") if is_writer else None
     try:
       if f:
-        _write_header(f, shard, np_dtype)
-      for name, shape in shard:
+        _write_header(f, shard)
+      for name, shape, tensor_dtype in shard:
         entry, position = by_name[name]
-        host = _to_host(_hf_tensor(params[entry.path].get_value(),
-                                   np.asarray(position, np.int32),
-                                   transpose=entry.transpose, dtype=np_dtype))
-        if host.shape != shape:  # the header already promised `shape`
-          raise RuntimeError(f"{name}: gathered shape {host.shape}, planned {shape}")
+        host = _row_tensor(entry, params, position, np_dtype)
+        if host.shape != shape or host.dtype != tensor_dtype:  # the header promised these
+          raise RuntimeError(f"{name}: gathered {host.shape} {host.dtype}, planned {shape} "
+                             f"{tensor_dtype}")
         if f:
           f.write(np.ascontiguousarray(host).reshape(-1).view(np.uint8).data)
         weight_map[name] = file_name
@@ -237,7 +247,7 @@ def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, *, dtype: 
     with open(os.path.join(tmp_dir, "model.safetensors.index.json"), "w") as f:
       json.dump(index, f, indent=2)
     source = read_hf_config(source_dir) if source_dir else None
-    hf_config = family(model_cfg.type).hf_config(model_cfg, dtype, source)
+    hf_config = family.hf_config(model_cfg, dtype, source)
     with open(os.path.join(tmp_dir, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2)
     copied = {os.path.basename(path): path for path in tokenizer_files}
@@ -250,3 +260,6 @@ def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, *, dtype: 
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"jaxtune export_hf {out_dir}")
   return out_dir
+
+
+__all__ = ["DEFAULT_MAX_SHARD_BYTES", "TOKENIZER_FILES", "export_hf", "read_hf_dtype"]

@@ -1,138 +1,38 @@
 """HF safetensors -> a jaxtune model, one tensor at a time, straight into each param's sharding.
 
 The model (concrete from `create_model`, or abstract from `abstract_model`) fixes every
-param's shape, dtype and sharding; its family's `hf_weight_map` names the HF tensors. Before
-anything is copied, the HF key set and every shape are checked against the model, so a wrong
-checkpoint fails with the tensor and file named and nothing half-loaded.
+param's shape, dtype and sharding; the caller's family names the HF tensors
+(`family.hf_weight_map`, rows of `jaxtune.hf.weights.HFWeight`): this module knows no family.
+Before anything is copied, the HF key set and every shape are checked against the model, so a
+wrong checkpoint fails with the tensor and file named and nothing half-loaded.
 
-Reading: the safetensors header (8-byte length + JSON) is parsed here and each tensor is a
-read-only `np.memmap` view. safetensors' numpy framework cannot represent bfloat16 and its
-flax/jax frameworks place each whole tensor on device 0; a memmap view lets every device read
-only its own slice of the file. Peak host memory is one layer's tensor (one HF tensor) in
+Reading (`jaxtune.hf.files`): each tensor is a read-only `np.memmap` view, so every device
+reads only its own slice of the file. Peak host memory is one layer's tensor (one HF tensor) in
 param_dtype: each device's slice is read once (identical slices are shared), cast and copied
-to its device, then dropped. Stacked layer params are filled layer by layer with a jitted,
-donated `stack.at[i].set(layer)`, so the [L, ...] array is never assembled on the host.
+to its device, then dropped. A row with a `Transform` (a fused tensor split into params, a
+reshape) reads its whole HF tensor once and places the transformed arrays. Stacked layer
+params are filled layer by layer with a jitted, donated `stack.at[i].set(layer)`, so the
+[L, ...] array is never assembled on the host.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxtune.models import HFWeight, family
+from jaxtune.hf.files import SAFETENSORS_DTYPES, SafetensorsFile, open_checkpoint
+from jaxtune.hf.weights import (HFFamily, HFWeight, check_table, flat_params, hf_names,
+                                hf_shape, shapes_of)
 
-SAFETENSORS_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
-
-
-class SafetensorsFile:
-  """Header and zero-copy tensor views of one .safetensors file."""
-
-  def __init__(self, path: str):
-    self.path = path
-    file_size = os.path.getsize(path)
-    with open(path, "rb") as f:
-      header_len = int.from_bytes(f.read(8), "little")
-      try:
-        if header_len > file_size - 8:
-          raise ValueError(f"header length {header_len} exceeds the file")
-        header = json.loads(f.read(header_len))
-      except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError included
-        raise ValueError(f"{path} is not a valid safetensors file ({e}); re-download or "
-                         "re-export it.") from None
-    header.pop("__metadata__", None)
-    self._data_start = 8 + header_len
-    self.entries: dict[str, dict] = header
-    self._mmap: np.memmap | None = None
-    for name, entry in header.items():
-      if entry["data_offsets"][1] > file_size - self._data_start:
-        raise ValueError(f"tensor {name} in {path} ends past the end of the file: the file is "
-                         "truncated; re-download or re-export it.")
-      if entry["dtype"] not in SAFETENSORS_DTYPES:
-        raise ValueError(f"tensor {name} in {path} has dtype {entry['dtype']}, which jaxtune "
-                         f"cannot read (supported: {sorted(SAFETENSORS_DTYPES)})")
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self.entries[name]["shape"])
-
-  def tensor(self, name: str) -> np.ndarray:
-    """A read-only view of the tensor; pages are read from disk only when sliced."""
-    entry = self.entries[name]
-    if self._mmap is None:
-      self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-    start, end = entry["data_offsets"]
-    raw = self._mmap[self._data_start + start:self._data_start + end]
-    return raw.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-
-
-def open_checkpoint(hf_dir: str) -> dict[str, SafetensorsFile]:
-  """Tensor name -> its file, from `model.safetensors` or `model.safetensors.index.json`."""
-  index_path = os.path.join(hf_dir, "model.safetensors.index.json")
-  single_path = os.path.join(hf_dir, "model.safetensors")
-  if os.path.isfile(index_path):
-    with open(index_path) as f:
-      weight_map: dict[str, str] = json.load(f)["weight_map"]
-    files = {name: SafetensorsFile(os.path.join(hf_dir, name))
-             for name in sorted(set(weight_map.values()))}
-    by_tensor = {}
-    for tensor_name, file_name in weight_map.items():
-      if tensor_name not in files[file_name].entries:
-        raise ValueError(f"{index_path} places tensor {tensor_name} in {file_name}, but that "
-                         "file does not contain it: the checkpoint is incomplete or corrupt.")
-      by_tensor[tensor_name] = files[file_name]
-    for file in files.values():
-      for tensor_name in file.entries:
-        if weight_map.get(tensor_name) != os.path.basename(file.path):
-          raise ValueError(f"tensor {tensor_name} in {file.path} is missing from {index_path}")
-    return by_tensor
-  if os.path.isfile(single_path):
-    file = SafetensorsFile(single_path)
-    return {name: file for name in file.entries}
-  raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor "
-                          "model.safetensors.index.json: point load_from at an HF model directory.")
-
-
-def hf_shape(entry: HFWeight, our_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The shape of each HF tensor of a param: its stacked axes dropped, transposed if HF's."""
-  per_tensor = our_shape[len(entry.indices):]
-  return tuple(reversed(per_tensor)) if entry.transpose else tuple(per_tensor)
-
-
-def hf_names(entry: HFWeight, our_shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
-  """(HF name, position in our stack) of every tensor of a param of shape `our_shape`."""
-  return entry.names(tuple(our_shape[:len(entry.indices)]))
-
-
-def flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
-  """Dot-joined path -> Param variable, e.g. "model.layers.mlp.up_proj.kernel"."""
-  return {".".join(str(k) for k in path): var
-          for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def check_table(params: dict[str, nnx.Variable], table: tuple[HFWeight, ...]) -> None:
-  """Every param has exactly one HF name and every table row names a param."""
-  table_paths = {entry.path for entry in table if entry.path is not None}
-  untabled = sorted(set(params) - table_paths)
-  unknown = sorted(table_paths - set(params))
-  if untabled or unknown:
-    raise ValueError(f"the model's params and its HF name table disagree: params without an "
-                     f"HF name {untabled}, table paths not in the model {unknown}. Is the "
-                     "model config the one the model was built with?")
+__all__ = ["SAFETENSORS_DTYPES", "SafetensorsFile", "check_checkpoint", "check_table",
+           "flat_params", "hf_names", "hf_shape", "load_hf_weights", "open_checkpoint"]
 
 
 def check_checkpoint(params: dict[str, nnx.Variable], table: tuple[HFWeight, ...],
@@ -143,12 +43,14 @@ def check_checkpoint(params: dict[str, nnx.Variable], table: tuple[HFWeight, ...
   for entry in table:
     if entry.path is None:
       continue
-    shape = params[entry.path].get_value().shape
-    if len(shape) < len(entry.indices):
-      raise ValueError(f"{entry.hf_name}: the param {entry.path} has shape {shape}, fewer axes "
-                       f"than the name's indices {entry.indices}")
-    for name, _ in hf_names(entry, shape):
-      expected[name] = hf_shape(entry, shape)
+    shapes = shapes_of(entry, params)
+    for path, shape in zip(entry.paths, shapes):
+      if len(shape) < len(entry.indices) or shape[:len(entry.indices)] != shapes[0][
+          :len(entry.indices)]:
+        raise ValueError(f"{entry.hf_name}: the param {path} has shape {shape}, which does not "
+                         f"stack as the name's indices {entry.indices} say")
+    for name, _ in hf_names(entry, shapes[0]):
+      expected[name] = entry.hf_shape(shapes)
   missing = [name for name in expected if name not in tensors]
   if missing:
     raise ValueError(f"tensor {missing[0]} is missing from {hf_dir} (expected shape "
@@ -203,11 +105,24 @@ def _stack_setter(sharding: jax.sharding.Sharding) -> Callable:
                  donate_argnums=0, out_shardings=sharding)
 
 
-def load_hf_weights(model: nnx.Module, hf_dir: str) -> nnx.Module:
+def _transformed(entry: HFWeight, source: np.ndarray, element_shapes, name: str
+                 ) -> tuple[np.ndarray, ...]:
+  """The row's arrays of one HF tensor, through its transform; shapes checked."""
+  parts = tuple(entry.transform.to_ours(np.asarray(source)))
+  got = tuple(tuple(p.shape) for p in parts)
+  if got != tuple(element_shapes):
+    raise ValueError(f"{name}: the table's transform gives shapes {got} for "
+                     f"{list(entry.paths)}, the params need {tuple(element_shapes)}")
+  return parts
+
+
+def load_hf_weights(model: nnx.Module, hf_dir: str, family: HFFamily) -> nnx.Module:
   """Fills `model`'s params (concrete or abstract) from the HF checkpoint in `hf_dir`, cast to
-  each param's dtype and placed in its sharding; returns the model (also updated in place)."""
-  cfg = model.config
-  table = family(cfg.type).hf_weight_map(cfg)
+  each param's dtype and placed in its sharding; returns the model (also updated in place).
+
+  family: the model's family (its `hf_weight_map(model.config)` names the tensors);
+  `jaxtune.models.load_hf_weights(model, hf_dir)` passes the registered one."""
+  table = family.hf_weight_map(model.config)
   params = flat_params(model)
   tensors = open_checkpoint(hf_dir)
   check_checkpoint(params, table, tensors, hf_dir)
@@ -215,23 +130,36 @@ def load_hf_weights(model: nnx.Module, hf_dir: str) -> nnx.Module:
   for entry in table:
     if entry.path is None:
       continue
-    var = params[entry.path]
-    target = var.get_value()
-    shape, dtype, sharding = target.shape, np.dtype(target.dtype), target.sharding
-    if not entry.stacked:
-      var.set_value(_place(tensors[entry.hf_name].tensor(entry.hf_name), shape, sharding,
-                           entry.transpose, dtype))
-      continue
-    if isinstance(target, jax.Array):
-      stack = target  # reuse (donate) the random-init buffer
-    else:
-      stack = jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)()
+    variables = [params[path] for path in entry.paths]
+    targets = [var.get_value() for var in variables]
     stacked = len(entry.indices)
-    element_sharding = _element_sharding(sharding, stacked)
-    set_element = _stack_setter(sharding)
-    for name, position in hf_names(entry, shape):
-      element = _place(tensors[name].tensor(name), shape[stacked:], element_sharding,
-                       entry.transpose, dtype)
-      stack = set_element(stack, element, np.asarray(position, np.int32))
-    var.set_value(stack)
+    stacks = []
+    for target in targets:
+      shape, dtype, sharding = target.shape, np.dtype(target.dtype), target.sharding
+      if not entry.stacked:
+        stacks.append(None)
+      elif isinstance(target, jax.Array):
+        stacks.append(target)  # reuse (donate) the random-init buffer
+      else:
+        stacks.append(jax.jit(functools.partial(jnp.zeros, shape, dtype),
+                              out_shardings=sharding)())
+    setters = [_stack_setter(t.sharding) if entry.stacked else None for t in targets]
+    for name, position in hf_names(entry, targets[0].shape):
+      source = tensors[name].tensor(name)
+      if entry.transform is None:
+        sources, transpose = (source,), entry.transpose
+      else:
+        sources = _transformed(entry, source, [t.shape[stacked:] for t in targets], name)
+        transpose = False
+      for k, (target, part) in enumerate(zip(targets, sources)):
+        dtype = np.dtype(target.dtype)
+        if not entry.stacked:
+          variables[k].set_value(_place(part, target.shape, target.sharding, transpose, dtype))
+          continue
+        element = _place(part, target.shape[stacked:],
+                         _element_sharding(target.sharding, stacked), transpose, dtype)
+        stacks[k] = setters[k](stacks[k], element, np.asarray(position, np.int32))
+    if entry.stacked:
+      for var, stack in zip(variables, stacks):
+        var.set_value(stack)
   return model

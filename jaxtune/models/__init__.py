@@ -1,47 +1,29 @@
-"""Model families: the one seam between a model and the generic trainer, loader and exporter.
+"""Model families: the one seam between a model and the generic trainer, data, loader and
+exporter.
 
-A family (`model.type`) is one module, registered in `jaxtune.models.presets.FAMILIES` beside
-its presets. `train/`, `hf/` and `config` reach a model only through what it defines:
-
-  MODEL_CLASS                 the NNX model, built as `MODEL_CLASS(cfg, ..., rngs=)`, with
-      forward(batch) -> ForwardOutput    hidden states for the LM loss, auxiliary losses and
-                                         per-step statistics;
-      lm_head_kernel() -> [D, V]         the output projection the chunked loss applies;
-      aux_loss_coefficients() -> dict    name -> coefficient of each auxiliary loss in the
-                                         objective;
-      step_metrics(stats) -> dict        the statistics, summed over the step's micro-batches,
-                                         reduced to the scalars that go in metrics.jsonl.
-  data_options(cfg)                the keyword arguments SFTData needs for this model's batches
-                                   (an image model: its tile size and image token id);
-  batch_layout(cfg, rows, length, max_tiles=0)
-                                   name -> (shape, dtype) of every array of a global batch
-                                   (max_tiles: the data's tiles-per-pack bound, 0 = no pixels);
-  train_flops(cfg, batch)          model FLOPs of a training step on this (host) batch;
-  trainable(cfg)                   an nnx filter of the params that train (the rest is frozen:
-                                   no gradient, no optimizer state, no weight decay);
-  hf_weight_map(cfg)               the HF tensor-name table (`HFWeight` rows), walked by both
-                                   `jaxtune.hf.load` and `jaxtune.hf.export`;
-  hf_config(cfg, dtype, source=None)
-                                   the HF `config.json` dict written with an export (source:
-                                   the loaded checkpoint's config.json, when there is one);
-  config_from_hf(hf, hf_dir=None)  the recipe's `model` ConfigDict from a `config.json` dict
-                                   and its directory (behind `presets.from_hf`).
+A family (`model.type`) is one package, `jaxtune/models/<family>/` (model, presets, HF name
+table and config), registered by one line in `jaxtune.models.presets.FAMILIES`. `train/`,
+`data/`, `hf/` and `config` reach a model only through what its package exports: the
+`ModelFamily` Protocol (jaxtune/models/family.py), checked for every registered family by
+tests/test_model_families.py. Shared layer code (stacking, scan, remat, norm modules) is in
+`jaxtune.models.layers`.
 
 Sub-models: a family may wrap another's model (Intern-S1 wraps Qwen3 / Qwen3-MoE as
 `language_model`): decoders expose `forward_embeddings(x_btd, batch)` next to `forward`, and
 name tables compose with `HFWeight.with_prefix`.
 
-JAX is imported inside the functions so `import jaxtune.models.presets` (and so
-`import jaxtune.config`) stays light.
+HF in and out: `jaxtune.hf` knows no family; `load_hf_weights` and `export_hf` here pass it
+the registered family of the model config.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-import string
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from jaxtune.hf.weights import HFWeight, Transform
+from jaxtune.models.family import ModelFamily
 
 if TYPE_CHECKING:
   import jax
@@ -61,63 +43,8 @@ class ForwardOutput(NamedTuple):
   stats: dict = {}
 
 
-class HFWeight(NamedTuple):
-  """One row of a family's HF name table.
-
-  hf_name:   the HF tensor name. Named indices ("{layer}", "{expert}") stand for the leading
-             stacked axes of our param, in order: `model.layers.{layer}.mlp.experts.{expert}.
-             up_proj.weight` is the [L, E, ...] param's element [l, e]. Stack sizes come from
-             the param's shape, never from the config.
-  path:      our nnx state path, dot-joined ("model.layers.self_attn.q_proj.kernel"); None
-             for a tensor HF files may hold that we neither need nor write (a tied head).
-  transpose: HF stores Linear weights [out, in], we store kernels [in, out].
-  ids:       (index name, HF ids) pairs for a stacked axis whose positions are not HF's
-             0..n-1: a stack holding only the MoE layers of a mixed model has ids (1, 3, ...).
-  """
-  hf_name: str
-  path: str | None
-  transpose: bool = False
-  ids: tuple[tuple[str, tuple[int, ...]], ...] = ()
-
-  @property
-  def indices(self) -> tuple[str, ...]:
-    """The named indices of `hf_name`, in order: one per leading stacked axis."""
-    return tuple(field for _, field, _, _ in string.Formatter().parse(self.hf_name) if field)
-
-  @property
-  def stacked(self) -> bool:
-    return bool(self.indices)
-
-  def names(self, stack_shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
-    """(HF name, position in our stack) for every tensor of a param with `stack_shape`
-    leading axes, in HF's index order."""
-    ids = dict(self.ids)
-    axes = [ids.get(name, tuple(range(size))) for name, size in zip(self.indices, stack_shape)]
-    for name, hf_ids, size in zip(self.indices, axes, stack_shape):
-      if len(hf_ids) != size:
-        raise ValueError(f"{self.hf_name}: {len(hf_ids)} HF ids for '{name}' but the param "
-                         f"stacks {size}")
-    out = []
-    for position in _grid(stack_shape):
-      values = {n: axes[k][i] for k, (n, i) in enumerate(zip(self.indices, position))}
-      out.append((self.hf_name.format(**values), position))
-    return out
-
-  def with_prefix(self, hf_prefix: str, path_prefix: str) -> HFWeight:
-    """This row inside a sub-model: `model.language_model.` + name, `language_model.` + path."""
-    return self._replace(hf_name=hf_prefix + self.hf_name,
-                         path=None if self.path is None else path_prefix + self.path)
-
-
-def _grid(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-  out = [()]
-  for size in shape:
-    out = [p + (i,) for p in out for i in range(size)]
-  return out
-
-
-def family(model_type: str) -> ModuleType:
-  """The module implementing `model_type`; a clear error for an unknown type."""
+def family(model_type: str) -> ModelFamily:
+  """The package implementing `model_type`; a clear error for an unknown type."""
   from jaxtune.models.presets import FAMILIES  # pylint: disable=import-outside-toplevel
   if model_type not in FAMILIES:
     raise ValueError(f"unknown model type {model_type!r}; jaxtune implements "
@@ -220,5 +147,19 @@ def param_count(model_cfg: ConfigDict) -> int:
   return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
 
 
-__all__ = ["ForwardOutput", "HFWeight", "abstract_model", "create_model", "family", "param_count",
+def load_hf_weights(model: nnx.Module, hf_dir: str) -> nnx.Module:
+  """`jaxtune.hf.load_hf_weights` with the model's registered family."""
+  from jaxtune.hf import load  # pylint: disable=import-outside-toplevel
+  return load.load_hf_weights(model, hf_dir, family(model.config.type))
+
+
+def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, **kwargs) -> str:
+  """`jaxtune.hf.export_hf` (same keywords: dtype, tokenizer_path, source_dir,
+  max_shard_bytes) with the config's registered family."""
+  from jaxtune.hf import export  # pylint: disable=import-outside-toplevel
+  return export.export_hf(model, model_cfg, out_dir, family(model_cfg.type), **kwargs)
+
+
+__all__ = ["ForwardOutput", "HFWeight", "ModelFamily", "Transform", "abstract_model",
+           "create_model", "export_hf", "family", "load_hf_weights", "param_count",
            "text_batch_layout", "trainable_filter"]

@@ -14,7 +14,7 @@ import shutil
 
 import jax
 
-from jaxtune.hf.export import export_hf
+from jaxtune.models import export_hf
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from jaxtune.data.pipeline import SFTData
 from jaxtune.data.sources import DataError
 from jaxtune.data.encoders import open_encoder
 from jaxtune.hf.export import read_hf_dtype
-from jaxtune.hf.load import load_hf_weights
+from jaxtune.models import load_hf_weights
 from jaxtune.train import build, logs, multihost, rundir, startup_checks
 from jaxtune.train import metrics as metrics_lib
 from jaxtune.train.checkpoint import CheckpointError, Checkpointer

@@ -1,5 +1,6 @@
 """The Intern-S1 / InternVL vision side in Flax NNX: the InternViT tower, pixel shuffle and the
-multimodal projector, read like transformers' `modeling_internvl.py`, plus their HF name tables.
+multimodal projector, read like transformers' `modeling_internvl.py`, plus their HF name tables
+(relative to the tower and the projector; the family's `hf.py` adds the prefixes).
 
 Attribute names are HF's, so `encoder.layer.{i}.attention.q_proj.weight` is
 `encoder.layer.attention.q_proj.kernel[i]` here (see `vision_weight_map`). Differences from HF:
@@ -9,12 +10,13 @@ Attribute names are HF's, so `encoder.layer.{i}.attention.q_proj.weight` is
   - The encoder layers are one stacked module with a leading L axis run by `jax.lax.scan`;
     `feature_layer` runs only the layers it needs.
   - Position embeddings are resized with a hand-written copy of torch's bicubic kernel
-    (a = -0.75, align_corners=False): `jax.image.resize`'s cubic is a different filter.
+    (jaxtune.ops.resize): `jax.image.resize`'s cubic is a different filter.
   - A non-square input grid works end to end (HF's `get_image_features` assumes a square one).
 Params are stored in `param_dtype` and cast to `compute_dtype` at use; norms and softmax run
 in float32. HF quirks kept on purpose: q_norm/k_norm always use eps 1e-6 (not
 `layer_norm_eps`), the final `layernorm` is a LayerNorm even when `norm_type` is "rms_norm",
-and the projector's LayerNorm uses PyTorch's default eps 1e-5.
+and the projector's LayerNorm uses PyTorch's default eps 1e-5. Profiles and HLO read by scope:
+`vision_tower/layer/attention`, `.../mlp`, `projector`.
 
 Shape letters: B tiles, T tokens per tile (1 CLS + P patches), D hidden, N heads, H head dim,
 F MLP hidden, C channels, E text hidden, L layers.
@@ -26,26 +28,21 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from ml_collections import ConfigDict
 
-from jaxtune.models import HFWeight
-from jaxtune.models.qwen3 import (ATTENTION_OUT, Qwen3RMSNorm, check_remat, scan_layers,
-                                  stack_layers)
+from jaxtune.hf.weights import HFWeight
+from jaxtune.models.layers import (ATTENTION_OUT, BTD, INIT_STD, LayerNorm, RMSNorm, check_remat,
+                                   scan_layers, stack_layers)
+from jaxtune.ops.resize import bicubic_resize
 from jaxtune.parallel.sharding import shard_activation
 
-# XTuner's / HF's `initializer_range`: matrices (and the patch conv) draw from N(0, 0.02).
-_INIT_STD = 0.02
 # HF builds q_norm / k_norm as `InternVLVisionRMSNorm(embed_dim)`: its default eps, whatever
 # `layer_norm_eps` says.
 _QK_NORM_EPS = 1e-6
 # The projector's `nn.LayerNorm(...)` takes PyTorch's default eps, not the tower's 1e-6.
 _PROJECTOR_LN_EPS = 1e-5
-# torch's bicubic kernel constant (`upsample_bicubic2d`, as in OpenCV).
-_BICUBIC_A = -0.75
-_BTD = ("activation_batch", "activation_length", "activation_embed")
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF's "gelu" is the exact erf form
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -67,7 +64,7 @@ def _grid(vcfg: ConfigDict) -> tuple[int, int]:
 
 
 def _normal(shape, dtype, rngs: nnx.Rngs) -> jax.Array:
-  return nnx.initializers.normal(_INIT_STD)(rngs.params(), shape, dtype)
+  return nnx.initializers.normal(INIT_STD)(rngs.params(), shape, dtype)
 
 
 def _linear(in_features: int, out_features: int, kernel_axes: tuple[str, str],
@@ -77,36 +74,13 @@ def _linear(in_features: int, out_features: int, kernel_axes: tuple[str, str],
   return nnx.Linear(
       in_features, out_features, use_bias=bias_axes is not None, param_dtype=param_dtype,
       dtype=compute_dtype,
-      kernel_init=nnx.with_partitioning(nnx.initializers.normal(_INIT_STD), kernel_axes),
+      kernel_init=nnx.with_partitioning(nnx.initializers.normal(INIT_STD), kernel_axes),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), bias_axes or ("norm",)),
       rngs=rngs)
 
 
-class LayerNorm(nnx.Module):
-  """torch's `nn.LayerNorm` (biased variance, weight and bias) with HF's param names;
-  statistics in float32."""
-
-  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32,
-               compute_dtype=jnp.bfloat16):
-    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("norm",))
-    self.eps = eps
-    self.compute_dtype = compute_dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x_f32 = x.astype(jnp.float32)
-    mean = jnp.mean(x_f32, axis=-1, keepdims=True)
-    centred = x_f32 - mean
-    variance = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-    normed = centred * jax.lax.rsqrt(variance + self.eps)
-    out = normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-    return out.astype(self.compute_dtype)
-
-
-# HF's `InternVLVisionRMSNorm` is Qwen3's: `weight * x / rms(x)`, no bias, float32 statistics.
-RMSNorm = Qwen3RMSNorm
-
-
+# HF's `InternVLVisionRMSNorm` is Qwen3's and its LayerNorm is torch's: both in
+# jaxtune.models.layers, with HF's param names.
 _NORMS = {"layer_norm": LayerNorm, "rms_norm": RMSNorm}
 
 
@@ -118,32 +92,6 @@ def _norm(vcfg: ConfigDict, **dims) -> nnx.Module:
 
 # ---- position embeddings at another resolution ----------------------------------------------
 
-def _cubic_coefficients(t: float) -> tuple[float, float, float, float]:
-  """torch's `get_cubic_upsample_coefficients`: weights of taps idx-1 .. idx+2 at offset t."""
-  a = _BICUBIC_A
-
-  def near(x):  # |x| <= 1
-    return ((a + 2) * x - (a + 3)) * x * x + 1
-
-  def far(x):  # 1 < |x| < 2
-    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-  return far(t + 1), near(t), near(1 - t), far(2 - t)
-
-
-def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out, in] float32 matrix of torch's 1-D bicubic resize (align_corners=False, no
-  antialias): taps outside the input clamp to its edge, so their weight adds to the border."""
-  scale = in_size / out_size
-  matrix = np.zeros((out_size, in_size), np.float64)
-  for i in range(out_size):
-    real = scale * (i + 0.5) - 0.5  # not clamped at 0 for cubic, as in torch
-    index = min(math.floor(real), in_size - 1)
-    t = min(max(real - index, 0.0), 1.0)
-    for tap, weight in enumerate(_cubic_coefficients(t)):
-      matrix[i, min(max(index - 1 + tap, 0), in_size - 1)] += weight
-  return matrix.astype(np.float32)
-
-
 def resize_position_embeddings(pos_1td: jax.Array, grid: tuple[int, int]) -> jax.Array:
   """HF's `interpolate_pos_encoding`: the CLS row as is, the patch rows (a square grid) resized
   bicubically to `grid` = (rows, cols). [1, 1 + P, D] -> [1, 1 + rows * cols, D]."""
@@ -153,10 +101,7 @@ def resize_position_embeddings(pos_1td: jax.Array, grid: tuple[int, int]) -> jax
     raise ValueError(f"resizing position embeddings needs a square patch grid, got {tokens - 1} "
                      "positions")
   rows, cols = grid
-  patch_hwd = pos_1td[0, 1:].reshape(side, side, dim).astype(jnp.float32)
-  resized_rcd = jnp.einsum("rh,cw,hwd->rcd", bicubic_matrix(side, rows),
-                           bicubic_matrix(side, cols), patch_hwd,
-                           precision=jax.lax.Precision.HIGHEST)
+  resized_rcd = bicubic_resize(pos_1td[0, 1:].reshape(side, side, dim), rows, cols)
   resized = resized_rcd.reshape(1, rows * cols, dim).astype(pos_1td.dtype)
   return jnp.concatenate([pos_1td[:, :1], resized], axis=1)
 
@@ -255,6 +200,10 @@ class InternVisionAttention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
+    with jax.named_scope("attention"):
+      return self._attend(x_btd)
+
+  def _attend(self, x_btd: jax.Array) -> jax.Array:
     batch, tokens, _ = x_btd.shape
     heads = ("activation_batch", "activation_length", "activation_heads", None)
     q_btd, k_btd, v_btd = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
@@ -286,9 +235,10 @@ class InternVisionMLP(nnx.Module):
                        **dims)
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
-    h_btf = _ACTIVATIONS[self.hidden_act](self.fc1(x_btd))
-    h_btf = shard_activation(h_btf, ("activation_batch", "activation_length", "activation_mlp"))
-    return self.fc2(h_btf)
+    with jax.named_scope("mlp"):
+      h_btf = _ACTIVATIONS[self.hidden_act](self.fc1(x_btd))
+      h_btf = shard_activation(h_btf, ("activation_batch", "activation_length", "activation_mlp"))
+      return self.fc2(h_btf)
 
 
 class InternVisionLayer(nnx.Module):
@@ -312,7 +262,7 @@ class InternVisionLayer(nnx.Module):
     lambda_2 = self.lambda_2[...].astype(self.compute_dtype)
     x_btd = x_btd + lambda_1 * self.attention(self.layernorm_before(x_btd))
     x_btd = x_btd + lambda_2 * self.mlp(self.layernorm_after(x_btd))
-    return shard_activation(x_btd, _BTD)
+    return shard_activation(x_btd, BTD)
 
 
 class InternVisionEncoder(nnx.Module):
@@ -338,7 +288,7 @@ class InternVisionModel(nnx.Module):
       raise ValueError("only absolute position embeddings are supported")
     dims = dict(param_dtype=jnp.dtype(param_dtype), compute_dtype=jnp.dtype(compute_dtype))
     self.num_layers, self.remat = vcfg.num_hidden_layers, remat
-    # Params carry logical axis names; placing them is the caller's job (as in qwen3.py).
+    # Params carry logical axis names; placing them is the caller's job (create_model).
     with nnx.use_eager_sharding(False):
       self.embeddings = InternVisionEmbeddings(vcfg, **dims, rngs=rngs)
       self.encoder = InternVisionEncoder(vcfg, **dims, rngs=rngs)
@@ -354,7 +304,11 @@ class InternVisionModel(nnx.Module):
     L = the last layer before the final layernorm, negatives count from L + 1). Only the
     layers needed run.
     """
-    x_btd = shard_activation(self.embeddings(pixel_values_nhwc), _BTD)
+    with jax.named_scope("vision_tower"):
+      return self._encode(pixel_values_nhwc, feature_layer)
+
+  def _encode(self, pixel_values_nhwc: jax.Array, feature_layer: int) -> jax.Array:
+    x_btd = shard_activation(self.embeddings(pixel_values_nhwc), BTD)
     if feature_layer == -1:
       stop, final_norm = self.num_layers, True
     else:
@@ -408,8 +362,9 @@ class InternVLProjector(nnx.Module):
 
   def __call__(self, x_btk: jax.Array) -> jax.Array:
     """[..., in_features] -> [..., text_hidden]."""
-    h = self.linear_1(self.layer_norm(x_btk))
-    return self.linear_2(jax.nn.gelu(h, approximate=False))
+    with jax.named_scope("projector"):
+      h = self.linear_1(self.layer_norm(x_btk))
+      return self.linear_2(jax.nn.gelu(h, approximate=False))
 
 
 # InternVL's image preprocessing: ImageNet mean and std (the data pipeline sends uint8 tiles).
