@@ -104,7 +104,7 @@ def base_config() -> ConfigDict:
 
   c.param_dtype = "float32"            # master weights
   c.compute_dtype = "bfloat16"         # 'float32' gives exact parity with the reference on CPU
-  # What each layer keeps for the backward pass (jaxtune.models.qwen3.remat_policy): full
+  # What each layer keeps for the backward pass (jaxtune.models.layers.remat_policy): full
   # (its input only, recompute the rest) | dots (weight-matmul outputs) | save_attention
   # (the attention output) | offload (the dots, in pinned host memory) | none (everything).
   c.remat = "full"

@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 # its own from the model family (jaxtune.data.media.MediaSpec) and passes them in.
 TILE = 448
 TOKENS_PER_TILE = 256   # (448 / 14)^2 * 0.5^2 after pixel shuffle
-# The model normalises the uint8 tiles batches carry (jaxtune.models.intern_vit.normalize_pixels
-# holds the same constants); `normalize` here is the host-side twin, for tools and tests.
+# The model normalises the uint8 tiles batches carry (normalize_pixels in
+# jaxtune.models.intern_s1.vision holds the same constants); `normalize` here is the host-side
+# twin, for tools and tests.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _ORIENTATION = 0x0112   # EXIF tag; values 5-8 turn the image a quarter (width <-> height)
@@ -257,7 +258,8 @@ def load_tiles(path: str, image_wh, n_images: int, min_patch: int, max_patch: in
   the sample's shared budget and normalised; n is what image_tokens counted for image_wh.
 
   normalized=False: the uint8 tiles instead (what batches carry: 4x fewer bytes to cache and
-  to send, normalised on the device by the model, jaxtune.models.intern_vit.normalize_pixels)."""
+  to send, normalised on the device by the model: jaxtune.models.intern_s1.vision's
+  normalize_pixels)."""
   image = load_image(path, image_wh)
   lo, hi = tile_budget(n_images, min_patch, max_patch)
   cols, rows, resized, thumb = _grid_and_thumb(image, lo, hi, size, True)
