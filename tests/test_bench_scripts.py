@@ -110,6 +110,7 @@ def test_torch_document_mask_isolates_samples(attention, one_torch_thread):
   assert abs(leaky - alone) > 1e-3  # the check can fail
 
 
+@pytest.mark.slow
 def test_scripts_agree_on_the_same_weights(tmp_path):
   hf_dir = str(tmp_path / "hf")
   common = TINY + ["--batch=2", "--steps=1", "--seed=5"]
@@ -126,6 +127,7 @@ def test_scripts_agree_on_the_same_weights(tmp_path):
   assert [json.loads(line)["stack"] for line in lines] == ["jaxtune", "torch"]
 
 
+@pytest.mark.slow
 def test_bf16_paths_run(one_torch_thread):
   # In-process: conftest's 4 simulated devices, so the jaxtune step runs sharded (fsdp=4).
   jax_result = bench_train.main(TINY + ["--batch=4", "--steps=1", "--remat=full"])

@@ -72,6 +72,7 @@ def test_data_prints_stats():
   assert re.search(r"packs, efficiency \d", r.stdout)
 
 
+@pytest.mark.slow
 def test_data_json_matches_the_module():
   args = ["--config=configs/sft_qwen3_mini.py", "--json"]
   via_cli = _jaxtune("data", *args)
@@ -85,6 +86,7 @@ def test_data_json_matches_the_module():
   assert stats == expected
 
 
+@pytest.mark.slow
 def test_subcommand_flag_errors_keep_their_exit_code():
   r = _jaxtune("data", "--config=configs/sft_qwen3_mini.py", "--no_such_flag=1")
   assert r.returncode != 0

@@ -350,6 +350,7 @@ def test_image_samples_are_counted_refused_or_dropped(image_tok, tmp_path):
   assert data.stats["datasets"]["mm"]["packed_samples"] == 1
 
 
+@pytest.mark.slow
 def test_inspection_cli(corpus, tok, tmp_path):
   import subprocess
   import sys

@@ -85,6 +85,7 @@ def test_steps_per_epoch_round_up_and_top_up_from_the_epochs_start(tmp_path, enc
   assert floor.stats["packs_dropped_per_epoch"] == samples - steps_down * batch
 
 
+@pytest.mark.slow
 def test_inspection_cli_counts_rounded_up_steps(tmp_path, tok):
   path = write(str(tmp_path / "a.jsonl"), [chat(i) for i in range(10)])
   recipe = tmp_path / "recipe.py"

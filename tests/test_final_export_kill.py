@@ -43,6 +43,7 @@ Trainer(cfg).fit()
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_the_final_export_then_auto_resume_keeps_the_last_step(
     tmp_path, tmp_path_factory):
   use_compile_cache(tmp_path_factory)

@@ -186,6 +186,7 @@ def _new_layout(name: str) -> str:
   return "model." + name
 
 
+@pytest.mark.slow
 def test_export_round_trips_in_the_source_layout(any_reference, tmp_path):
   """Both layouts load; the export uses the source's names and reloads in transformers with
   identical logits."""
@@ -208,6 +209,7 @@ def test_export_round_trips_in_the_source_layout(any_reference, tmp_path):
                                rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_official_interns1_checkpoint_layout(tmp_path):
   """An Intern-S1-style directory (model_type interns1, custom code, model.* names) is read
   without running its code; the export keeps its names, its custom code and its auto_map."""
@@ -310,6 +312,7 @@ def _trainable_split(model, cfg):
   return model_def._replace(trainable=models.trainable_filter(cfg)), params
 
 
+@pytest.mark.slow
 def test_freezing_trains_only_the_rest_and_saves_optimizer_memory():
   mesh = _single_mesh()
   model = models.create_model(_tiny(), mesh, param_dtype="float32", compute_dtype="float32",
@@ -351,6 +354,7 @@ def test_freezing_trains_only_the_rest_and_saves_optimizer_memory():
                                                  jax.tree.leaves(after["vision_tower"]))) > 0
 
 
+@pytest.mark.slow
 def test_frozen_tower_keeps_no_activations_for_the_backward_pass():
   """With the tower frozen, no residual saved for the backward pass has the tower's
   [tiles, patches + 1, hidden] shape; unfrozen, the tower's activations are saved."""

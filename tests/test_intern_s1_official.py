@@ -111,6 +111,7 @@ def test_checkpoint_reads_as_the_published_layout(checkpoint, loaded):
       & set(sys.modules)
 
 
+@pytest.mark.slow
 def test_export_keeps_the_published_layout_and_the_logits(checkpoint, loaded, tmp_path):
   cfg, model = loaded
   out = export_hf(model, cfg, str(tmp_path / "export"), dtype="float32",
@@ -229,6 +230,7 @@ def recipe_run(checkpoint, tmp_path_factory):
   return trainer.cfg, trainer.fit()
 
 
+@pytest.mark.slow
 def test_recipe_trains_with_the_scientific_tokenizer(checkpoint, recipe_run):
   cfg, summary = recipe_run
   assert cfg.tokenizer_path == checkpoint and cfg.model.image_token_id == IMAGE_TOKEN
@@ -271,6 +273,7 @@ def test_recipe_trains_with_the_scientific_tokenizer(checkpoint, recipe_run):
   assert ((ids > OFFSETS["FASTA"]) & (ids < 152953)).any()            # FASTA: 152443..152952
 
 
+@pytest.mark.slow
 def test_recipe_export_keeps_the_published_layout(checkpoint, recipe_run):
   _, summary = recipe_run
   export = summary["hf_export"]
@@ -283,6 +286,7 @@ def test_recipe_export_keeps_the_published_layout(checkpoint, recipe_run):
   assert set(_weights(export)) == set(_weights(checkpoint))
 
 
+@pytest.mark.slow
 def test_a_directory_without_a_tokenizer_is_a_configuration_error(checkpoint, tmp_path):
   """config.json and the weights, no tokenizer: exit code 2 and a message naming the
   directory, what it holds and the layouts jaxtune reads; no traceback."""

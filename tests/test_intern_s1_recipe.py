@@ -19,6 +19,8 @@ from jaxtune.models import intern_s1
 from jaxtune.parallel.mesh import make_mesh
 from jaxtune.recipes import sft_mini
 
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -336,6 +336,7 @@ def _loss_and_grads(pair: _Pair, pixels):
   return nnx.value_and_grad(loss, has_aux=True)(pair)
 
 
+@pytest.mark.slow
 def test_gradients_flow_and_remat_matches():
   pixels, _ = _pixels(2, 56, 56, seed=8)
   (loss, feats), grads = _loss_and_grads(_pair("none"), pixels)

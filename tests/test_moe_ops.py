@@ -391,6 +391,7 @@ EP_MESHES_4 = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(EP_MESHES_4))
 def test_expert_parallel_matches_single_device_4(case):
   if jax.device_count() < 4:

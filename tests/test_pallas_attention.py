@@ -158,6 +158,7 @@ def test_needs_a_gpu_unless_interpreted_and_blocks_are_powers_of_two():
     Blocks(q=48)
 
 
+@pytest.mark.slow
 def test_gpu_script_cpu_smoke(tmp_path):
   """scripts/gpu_kernels.py in --cpu-smoke mode (tiny shapes, interpret mode): every case
   runs and records its errors and times in the JSON."""

@@ -64,6 +64,7 @@ def one_device(cli_8_devices):  # pylint: disable=unused-argument,redefined-oute
   return plan(_tiny(), num_devices=1)
 
 
+@pytest.mark.slow
 def test_parts_add_up_and_match_the_model(one_device):
   report = one_device
   count = models.param_count(presets.qwen3_tiny())
@@ -93,6 +94,7 @@ def test_bfloat16_optimizer_state_halves_the_moments():
   assert report["fits"] is False  # 1 MiB of device memory
 
 
+@pytest.mark.slow
 def test_image_model_plans_with_its_tile_slots_and_frozen_tower():
   cfg = _tiny()
   cfg.model = presets.intern_s1_tiny(freeze_vision=True, freeze_projector=True)
@@ -115,6 +117,7 @@ def test_more_devices_than_there_are_is_a_clear_error():
 
 
 # pylint: disable-next=redefined-outer-name
+@pytest.mark.slow
 def test_cli_json_line_on_8_simulated_devices(cli_8_devices, one_device):
   out, err = cli_8_devices.communicate(timeout=300)
   assert cli_8_devices.returncode == 0, err[-3000:]
@@ -133,6 +136,7 @@ def test_cli_json_line_on_8_simulated_devices(cli_8_devices, one_device):
   assert report["fits"] is True and report["device_memory_gib"] == 100.0
 
 
+@pytest.mark.slow
 def test_recipe_rules_reach_the_planned_step():
   """mesh.logical_axis_rules is the table the planned (= the trainer's) step is built with:
   turning FSDP off on 2 devices doubles the per-device params; moving the batch onto `data`

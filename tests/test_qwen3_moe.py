@@ -116,6 +116,7 @@ def test_from_hf_reads_every_field(reference):
   assert cfg.rope_theta == hf.rope_parameters["rope_theta"]
 
 
+@pytest.mark.slow
 def test_packed_logits_and_balancing_loss_match_transformers(reference):
   """Each packed sample's logits equal transformers' forward of that sample alone, and the
   balancing loss equals XTuner's formula over the router logits transformers computes."""
@@ -135,6 +136,7 @@ def test_packed_logits_and_balancing_loss_match_transformers(reference):
   np.testing.assert_allclose(aux["aux_loss"], expected_aux, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_expert_parallel_mesh_equals_one_device(reference):
   """Experts split over `expert` (2) and params over `fsdp` (2): the same logits and losses."""
   _, path, cfg = reference
@@ -219,6 +221,7 @@ def _train_step(cfg, mesh, params_seed=0):
   return model_def, state, step
 
 
+@pytest.mark.slow
 def test_train_step_adds_the_aux_loss_to_the_objective_not_to_the_logged_loss():
   mesh = make_mesh({"expert": 2, "fsdp": 2})
   ids, positions, segments = _rows()
@@ -248,6 +251,7 @@ def test_train_step_adds_the_aux_loss_to_the_objective_not_to_the_logged_loss():
   assert "z_loss" in model
 
 
+@pytest.mark.slow
 def test_a_tiny_moe_recipe_trains_from_hf_weights_to_an_hf_export(tmp_path):
   """The whole path: an HF directory transformers wrote -> `presets.from_hf` -> Trainer on the
   shipped chats -> metrics with the router losses -> an export transformers loads, whose

@@ -114,6 +114,7 @@ def test_export_reloads_in_transformers_with_identical_logits(reference, tmp_pat
   np.testing.assert_array_equal(_torch_logits(reloaded, ids), _torch_logits(torch_model, ids))
 
 
+@pytest.mark.slow
 def test_packed_row_equals_per_sample_forwards(reference):
   """Three samples + padding in one row give each sample's own logits: fails if tokens leak
   across segments. (RoPE only sees position differences, so a missing position restart would
@@ -159,6 +160,7 @@ def test_rope_uses_the_given_positions(reference):
   assert np.abs(plain - ours).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_multi_device_mesh_matches_single_device(reference):
   """Loading straight into shards (fsdp=2 x tensor=2) and running sharded changes nothing."""
   cfg, _, hf_dir, single_device_model = reference
@@ -187,6 +189,7 @@ def test_bfloat16_compute_stays_close(reference):
   assert np.abs(ours - reference_logits).max() < 0.05 * scale
 
 
+@pytest.mark.slow
 def test_remat_changes_neither_loss_nor_gradients(tied_reference):
   """Tied: the gradient also reaches the shared embedding through the LM head."""
   cfg, _, hf_dir, _ = tied_reference

@@ -57,6 +57,7 @@ def _only_run_dir(work_dir):
   return os.path.dirname(runs[0])
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_auto_resume_is_exact(reference, tmp_path):
   ref_cfg, ref_summary = reference
   cfg = resumed_config(ref_cfg, str(tmp_path / "work"))
@@ -75,6 +76,7 @@ def test_sigkill_after_a_checkpoint_then_auto_resume_is_exact(reference, tmp_pat
     assert f"resumed from {run_dir}/checkpoints/4" in f.read()
 
 
+@pytest.mark.slow
 def test_sigint_stops_at_a_boundary_with_a_checkpoint_and_resumes_exactly(reference, tmp_path,
                                                                           monkeypatch):
   ref_cfg, ref_summary = reference
@@ -110,6 +112,7 @@ def test_sigint_stops_at_a_boundary_with_a_checkpoint_and_resumes_exactly(refere
   assert again["hf_export"] == os.path.join(run_dir, "hf-6") and len(read_metrics(run_dir)) == 6
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_skipped_and_the_run_still_exact(reference, tmp_path):
   ref_cfg, ref_summary = reference
   work = tmp_path / "work"
@@ -132,6 +135,7 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_run_still_exact(reference,
   gc.collect()
 
 
+@pytest.mark.slow
 def test_resume_from_another_runs_checkpoint_continues_in_a_new_run_dir(reference, tmp_path):
   ref_cfg, ref_summary = reference
   source = os.path.join(ref_summary["run_dir"], "checkpoints", "4")
@@ -143,6 +147,7 @@ def test_resume_from_another_runs_checkpoint_continues_in_a_new_run_dir(referenc
     assert json.load(f)["start_from"]["step"] == 4
 
 
+@pytest.mark.slow
 def test_weights_only_restarts_optimizer_schedule_and_data(reference, tmp_path):
   ref_cfg, ref_summary = reference
   source = os.path.join(ref_summary["run_dir"], "checkpoints", "6")

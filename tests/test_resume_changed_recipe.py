@@ -44,6 +44,7 @@ def _checkpoint_listing(run_dir):
                 for r, _, names in os.walk(os.path.join(run_dir, "checkpoints")) for n in names)
 
 
+@pytest.mark.slow
 def test_another_model_exits_2_naming_every_changed_key_and_keeps_config_json(
     reference, tmp_path):
   ref_cfg, ref_summary = reference
@@ -67,6 +68,7 @@ def test_another_model_exits_2_naming_every_changed_key_and_keeps_config_json(
   assert not os.path.exists(os.path.join(run_dir, runlock.LOCK_NAME))
 
 
+@pytest.mark.slow
 def test_changed_hidden_size_from_another_runs_checkpoint_is_refused_before_the_restore(
     reference, tmp_path):
   ref_cfg, ref_summary = reference
@@ -80,6 +82,7 @@ def test_changed_hidden_size_from_another_runs_checkpoint_is_refused_before_the_
   assert launch.exit_code_for(refused.value) == 2
 
 
+@pytest.mark.slow
 def test_changed_lr_warns_resumes_and_keeps_the_previous_config(reference, tmp_path):
   ref_cfg, ref_summary = reference
   work, run_dir = _copy_of_reference(ref_summary, tmp_path)

@@ -136,6 +136,7 @@ def test_a_lock_from_another_host_or_half_written_is_refused(tmp_path):
     assert "no longer running" in lock.notice
 
 
+@pytest.mark.slow
 def test_auto_resume_of_a_live_run_exits_2_and_touches_nothing_then_takes_over_when_it_died(
     reference, tmp_path):
   ref_cfg, ref_summary = reference
@@ -168,6 +169,7 @@ def test_auto_resume_of_a_live_run_exits_2_and_touches_nothing_then_takes_over_w
   assert not os.path.exists(os.path.join(run_dir, runlock.LOCK_NAME))
 
 
+@pytest.mark.slow
 def test_a_run_holds_its_lock_while_training_and_releases_it_on_error_and_on_sigterm(
     reference, tmp_path, monkeypatch):
   ref_cfg, _ = reference

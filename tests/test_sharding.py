@@ -70,6 +70,7 @@ def test_batch_sharding_splits_rows_over_data_fsdp_and_expert():
 _AWKWARD = dict(vocab_size=250, num_attention_heads=2, num_key_value_heads=1, head_dim=6)
 
 
+@pytest.mark.slow
 def test_create_model_places_every_param_in_its_rule_sharding():
   cfg = presets.qwen3_tiny(**_AWKWARD)
   mesh = make_mesh(dict(tensor=4))
@@ -90,6 +91,7 @@ def test_create_model_places_every_param_in_its_rule_sharding():
                                 np.asarray(single.model.layers.mlp.up_proj.kernel.get_value()))
 
 
+@pytest.mark.slow
 def test_sharded_forward_runs_with_indivisible_dims():
   cfg = presets.qwen3_tiny(**_AWKWARD)
   mesh = make_mesh(dict(fsdp=2, tensor=2))

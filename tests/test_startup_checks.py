@@ -39,6 +39,7 @@ def test_tokenizer_max_id_counts_bpe_and_added_tokens_with_either_backend(tmp_pa
   assert fast.max_id == hf.max_id == 258   # 256 bytes + 3 specials
 
 
+@pytest.mark.slow
 def test_official_intern_s1_tokenizer_fits_its_vocabulary(tmp_path):
   from interns1_layout import IMAGE_TOKEN, VOCAB_SIZE, write_tokenizer
   encoder = open_encoder(write_tokenizer(str(tmp_path / "interns1")))
@@ -95,6 +96,7 @@ def test_data_ids_past_the_vocabulary_are_a_configuration_error(tmp_path):
 
 # ---- the command line: a cut vocabulary ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_cut_vocabulary_exits_2_before_training_naming_both_numbers_and_paths(tmp_path):
   """Qwen3's tokenizer with a 1000-id model: every step would be NaN. Exit code 2 at start-up,
   naming 151668 and 1000, the tokenizer and the checkpoint; nothing trained or saved."""
@@ -165,6 +167,7 @@ def test_nonfinite_stop_after_updates_names_the_learning_rate():
   assert "steps 2, 3 " in msg and "token ids" not in msg, msg   # no id check was recorded
 
 
+@pytest.mark.slow
 def test_all_skipped_run_exits_nonzero_naming_it(tmp_path, tmp_path_factory):
   """Every batch meets a NaN embedding row: all 3 steps are skipped (fewer than
   max_consecutive_nonfinite). The run exits 1 naming that, with no checkpoint and no export."""

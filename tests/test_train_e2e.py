@@ -19,6 +19,8 @@ from jaxtune import Trainer, models
 from jaxtune.parallel.mesh import make_mesh
 from jaxtune.recipes.qwen3_mini import get_config
 
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTRACT_FIELDS = ("step", "epoch", "loss", "loss_tokens", "tokens", "lr", "grad_norm",
                    "step_time", "tokens_per_sec", "tokens_per_sec_per_device", "mfu")

@@ -86,6 +86,7 @@ def _naive_loss(graphdef, params, host, reduction):
   return num / den
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["token", "sample", "square"])
 def test_loss_matches_naive_reference(reduction):
   mesh, graphdef, state, step, _ = _setup({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}, 1,
@@ -98,6 +99,7 @@ def test_loss_matches_naive_reference(reduction):
   assert int(out["tokens"]) == int((host["segment_ids"] > 0).sum())
 
 
+@pytest.mark.slow
 def test_accumulation_and_data_parallel_give_the_single_batch_update():
   """Plain SGD, so the update is the (clipped) gradient itself: Adam's first step would turn
   float noise in a near-zero gradient into a move of up to the learning rate."""
@@ -119,6 +121,7 @@ def test_accumulation_and_data_parallel_give_the_single_batch_update():
                  results[0][2])
 
 
+@pytest.mark.slow
 def test_grad_norm_is_reported_before_clipping_and_update_is_clipped():
   mesh, _, state, step, _ = _setup({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}, 1,
                                    max_grad_norm=1e-3, lr=1.0)
@@ -150,6 +153,7 @@ def test_non_finite_step_is_skipped():
     np.testing.assert_array_equal(np.asarray(a), b)
 
 
+@pytest.mark.slow
 def test_a_gradient_norm_over_the_threshold_skips_the_update_but_not_the_schedule():
   """XTuner's optim.skip_grad_norm_threshold: the update is skipped, the next step runs at the
   next learning rate, and Adam's first real update is the one an unskipped run makes first."""
@@ -176,6 +180,7 @@ def test_a_gradient_norm_over_the_threshold_skips_the_update_but_not_the_schedul
                got.params, want.params)
 
 
+@pytest.mark.slow
 def test_zero_learning_rate_leaves_params_unchanged():
   """optim.lr = 0 is valid (evaluation-only runs, parity checks): AdamW with weight decay moves
   nothing."""
@@ -187,6 +192,7 @@ def test_zero_learning_rate_leaves_params_unchanged():
                before)
 
 
+@pytest.mark.slow
 def test_gradient_accumulators_are_sharded_like_the_params():
   """The micro-batch loop carries each float32 gradient sum as the param's own shard (with
   fsdp=4, a quarter of its hidden dim), not a whole copy per device."""

@@ -15,6 +15,8 @@ from jaxtune.train.prefetch import to_global_array
 from jaxtune.train.state import new_train_state, split_model
 from jaxtune.train.step import compile_train_step
 
+pytestmark = pytest.mark.slow
+
 CFG = presets.qwen3_tiny(vocab_size=256, hidden_size=32, intermediate_size=96, head_dim=8)
 ROWS, LENGTH = 4, 32
 

@@ -15,6 +15,8 @@ from jaxtune.config import dataset
 from jaxtune.train.trainer import Trainer
 from test_trainer_utils import read_metrics, tiny_config, use_compile_cache, write_chats
 
+pytestmark = pytest.mark.slow
+
 IM_START, IM_END = 257, 258
 
 

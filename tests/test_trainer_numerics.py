@@ -22,6 +22,8 @@ from jaxtune.train.step import compile_train_step
 from jaxtune.train.trainer import Trainer
 from test_trainer_utils import read_metrics, tiny_config
 
+pytestmark = pytest.mark.slow
+
 POLICIES = ("none", "dots", "save_attention", "offload", "full")
 
 

@@ -10,7 +10,10 @@ import signal
 import subprocess
 import time
 
+import pytest
 from test_trainer_utils import REPO, python, read_metrics, subprocess_env, use_compile_cache
+
+pytestmark = pytest.mark.slow
 
 _RECIPE = """
 import sys

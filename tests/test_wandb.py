@@ -89,6 +89,7 @@ def _recipe(root, **overrides):
   return cfg
 
 
+@pytest.mark.slow
 def test_wandb_logs_the_metrics_records_and_resumes_the_same_run(tmp_path, tmp_path_factory,
                                                                  capfd):
   use_compile_cache(tmp_path_factory)
