@@ -12,9 +12,8 @@ from __future__ import annotations
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jaxtune.data.media import MediaSpec
-from jaxtune.models import text_batch_layout
 from jaxtune.models.flops import decoder_train_flops
+from jaxtune.models.qwen3 import batch_layout, media  # text batches, as Qwen3's
 from jaxtune.models.qwen3_moe import presets
 from jaxtune.models.qwen3_moe.hf import config_from_hf, hf_config, hf_weight_map
 from jaxtune.models.qwen3_moe.model import (MODEL_CLASS, Qwen3MoeDecoderLayer, Qwen3MoeExperts,
@@ -27,17 +26,6 @@ MODEL_TYPE = "qwen3_moe"
 HF_MODEL_TYPES = ("qwen3_moe",)
 # The router loss coefficients are training choices (XTuner's), whatever config.json says.
 RECIPE_ONLY = ("router_aux_loss_coef", "router_z_loss_coef")
-
-
-def media(cfg: ConfigDict) -> MediaSpec | None:
-  """Text batches: no images."""
-  del cfg
-  return None
-
-
-def batch_layout(cfg: ConfigDict, rows: int, length: int, max_tiles: int = 0) -> dict:
-  del cfg, max_tiles  # a text model reads no pixels
-  return text_batch_layout(rows, length)
 
 
 def matmul_params_per_token(cfg: ConfigDict) -> int:
