@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -30,7 +31,6 @@ from typing import Any, NamedTuple
 import jax
 from ml_collections import ConfigDict
 
-import jaxtune
 from jaxtune import config as config_lib
 from jaxtune.config import ConfigError
 from jaxtune.train import multihost, runlock
@@ -121,10 +121,22 @@ def _new_run_dir(work_dir: str) -> str:
       run_dir, suffix = os.path.join(work_dir, f"{stamp}-{suffix}"), suffix + 1
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # jaxtune/
+
+
+def _version() -> str | None:
+  """The installed jaxtune's version (from its metadata: the package's __init__ is a layer
+  above train)."""
+  try:
+    return importlib.metadata.version("jaxtune")
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
 def _git(*args: str) -> str | None:
   try:
     out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                         cwd=os.path.dirname(jaxtune.__file__))
+                         cwd=_PACKAGE_DIR)
   except (OSError, subprocess.SubprocessError):
     return None
   return out.stdout.strip() if out.returncode == 0 else None
@@ -150,7 +162,7 @@ def write_snapshot(run_dir: str, cfg: ConfigDict, start: Start) -> None:
   revision = _git("rev-parse", "HEAD")
   dirty = _git("status", "--porcelain", "--untracked-files=no") if revision else None
   info = dict(
-      jaxtune_version=jaxtune.__version__, git_revision=revision,
+      jaxtune_version=_version(), git_revision=revision,
       git_dirty=bool(dirty) if dirty is not None else None, jax_version=jax.__version__,
       python=sys.version.split()[0], devices=[str(d) for d in jax.devices()],
       process_count=jax.process_count(), command=sys.argv,
