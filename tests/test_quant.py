@@ -164,6 +164,12 @@ def test_rejects_bad_shapes_and_kinds():
     quant.quantize(jnp.zeros((64,)), "nf4")
 
 
+def test_block_size_for():
+  assert quant.block_size_for(4096) == 64
+  assert quant.block_size_for(32) == 32
+  assert quant.block_size_for(96) == 32
+
+
 def test_shard_units():
   assert quant.shard_units((128, 1), "nf4", 64) == ((64, 1), (2, 1))
   assert quant.shard_units((128, 1), "int8", 64) == ((128, 1), (2, 1))

@@ -26,6 +26,7 @@ NumPy reference (`tests/test_quant.py`); the NF4 table is the one qwix and bitsa
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,12 @@ def check(shape: tuple[int, ...], kind: str, block_size: int = DEFAULT_BLOCK_SIZ
   if block_size <= 0 or block_size % 2 or shape[-2] % block_size:
     raise ValueError(f"the input axis ({shape[-2]}) must be a multiple of an even block_size, "
                      f"got block_size {block_size} for shape {tuple(shape)}")
+
+
+def block_size_for(rows: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+  """The block size used for a kernel with `rows` input rows: `block_size` where it divides
+  them, else their greatest common divisor (a miniature's 32-wide layers get blocks of 32)."""
+  return math.gcd(rows, block_size)
 
 
 def quantize(w: jax.Array, kind: str, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedTensor:
