@@ -24,7 +24,8 @@ from ml_collections import ConfigDict, FieldReference, config_dict
 
 from jaxtune.data import templates, tokenizer_files
 from jaxtune.data.media import MediaSpec, tiles_bound
-from jaxtune.models import presets
+from jaxtune.models import lora, presets
+from jaxtune.models.lora import DEFAULT_LORA_TARGETS
 from jaxtune.models.layers import REMAT
 from jaxtune.ops import attention
 from jaxtune.parallel import sharding
@@ -131,6 +132,12 @@ def base_config() -> ConfigDict:
   c.max_consecutive_nonfinite = 10     # NaN/Inf steps in a row (each skipped) before stopping
   c.tensorboard = True                 # TensorBoard event files in <run>/tensorboard
   c.profile_steps = ()                 # (first, last): JAX profiler trace of those steps
+  # LoRA (jaxtune.models.lora): rank 0 = off. targets: regular expressions (re.search) over HF
+  # module paths ("model.layers.3.self_attn.q_proj"); the default is every attention and MLP
+  # projection of the language model. init_from: a PEFT adapter directory; quantize_base:
+  # none | int8 | nf4 (QLoRA).
+  c.lora = ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=DEFAULT_LORA_TARGETS,
+                           init_from=config_dict.placeholder(str), quantize_base="none"))
   # Weights & Biases (pip install jaxtune[wandb]): process 0 logs every metrics.jsonl record
   # to the run `wandb_project` names (None = off); the run's id is kept in
   # <run>/wandb_id.txt, so auto_resume continues the same W&B run.
@@ -295,6 +302,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None, *, files: bool = T
     raise ConfigError(f"optim.skip_grad_norm_threshold must be positive or None, got "
                       f"{cfg.optim.skip_grad_norm_threshold}")
   _check_attention_heads(cfg.model, "model")
+  _check_lora(cfg)
   axis_rules(cfg)  # a bad override fails here, naming its entry
 
   if files and not cfg.data.datasets:
@@ -335,6 +343,19 @@ def validate(cfg: ConfigDict, num_devices: int | None = None, *, files: bool = T
   if files:
     _check_work_dir(cfg)
   return cfg
+
+
+def _check_lora(cfg: ConfigDict) -> None:
+  """The `lora` section's values; with rank > 0 its targets must choose a linear layer."""
+  try:
+    lora.check_config(cfg.lora)
+    if lora.enabled(cfg.lora):
+      from jaxtune import models  # pylint: disable=import-outside-toplevel  (loads the family)
+      family = models.family(cfg.model.type)
+      lora.check_dropout(lora.check_targets(family, cfg.model, tuple(cfg.lora.targets)),
+                         cfg.lora)
+  except ValueError as e:
+    raise ConfigError(f"config key {e}") from None
 
 
 def _check_tokenizer_path(cfg: ConfigDict) -> None:
@@ -384,7 +405,8 @@ class Resolved:
     cfg = self.cfg
     return dict(param_dtype=jnp.dtype(cfg.param_dtype),
                 compute_dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
-                attention=cfg.attention, seed=cfg.seed)
+                attention=cfg.attention, seed=cfg.seed,
+                lora=cfg.lora if lora.enabled(cfg.lora) else None)
 
 
 def resolve(cfg: ConfigDict, num_devices: int, *, backend: str | None = None,

@@ -58,23 +58,39 @@ def text_batch_layout(rows: int, length: int) -> dict[str, tuple[tuple[int, ...]
           for key in ("input_ids", "labels", "segment_ids", "positions")}
 
 
-def trainable_filter(model_cfg: ConfigDict):
-  """The nnx filter of the params that train: the family's, restricted to `nnx.Param`."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  return nnx.All(nnx.Param, family(model_cfg.type).trainable(model_cfg))
+def trainable_filter(model_cfg: ConfigDict, lora: ConfigDict | None = None):
+  """The nnx filter of the params that train: with a `lora` section of rank > 0 the adapters
+  (`lora.LoRAParam`) only, else the family's, restricted to `nnx.Param`. A model built with
+  adapters carries its section as `model.lora_config`."""
+  from jaxtune.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
+  return lora_lib.trainable_filter(family(model_cfg.type), model_cfg, lora)
 
 
 def _builder(model_cfg: ConfigDict, param_dtype: Any, compute_dtype: Any, remat: str,
-             attention: str, seed: int):
+             attention: str, seed: int, lora: ConfigDict | None = None):
+  """A function building the model; with `lora` (rank > 0) the base is stored in the compute
+  dtype (frozen: no master weights) and adapters are attached to the targeted linears."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  model_class = family(model_cfg.type).MODEL_CLASS
+  from jaxtune.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
+
+  fam = family(model_cfg.type)
+  model_class = fam.MODEL_CLASS
+  base_dtype = lora_lib.base_param_dtype(param_dtype, compute_dtype, lora)
+  targets = ()
+  if lora_lib.enabled(lora):
+    targets = lora_lib.check_targets(fam, model_cfg, tuple(lora.targets))
+    lora_lib.check_dropout(targets, lora)
 
   def build() -> nnx.Module:
-    return model_class(model_cfg, param_dtype=jnp.dtype(param_dtype),
-                       compute_dtype=jnp.dtype(compute_dtype), remat=remat,
-                       attention=attention, rngs=nnx.Rngs(seed))
+    model = model_class(model_cfg, param_dtype=base_dtype,
+                        compute_dtype=jnp.dtype(compute_dtype), remat=remat,
+                        attention=attention, rngs=nnx.Rngs(seed))
+    if targets:
+      with nnx.use_eager_sharding(False):
+        lora_lib.attach(model, targets, lora, seed)
+    return model
   return build
 
 
@@ -99,18 +115,19 @@ def _abstract_split(build) -> tuple[nnx.GraphDef, nnx.State]:
 
 def create_model(model_cfg: ConfigDict, mesh: jax.sharding.Mesh, *, param_dtype: Any = "float32",
                  compute_dtype: Any = "bfloat16", remat: str = "full", attention: str = "xla",
-                 seed: int = 0) -> nnx.Module:
+                 seed: int = 0, lora: ConfigDict | None = None) -> nnx.Module:
   """A randomly initialised model whose params are born in their target sharding.
 
   The init runs under `jax.jit(out_shardings=...)`, so each device only ever materialises
-  its own shard; nothing is built whole on one device first.
+  its own shard; nothing is built whole on one device first. lora: the recipe's `lora`
+  section; with rank > 0 the targeted linears get adapters (jaxtune.models.lora).
   """
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from jaxtune.parallel.sharding import param_shardings  # pylint: disable=import-outside-toplevel
 
-  build = _builder(model_cfg, param_dtype, compute_dtype, remat, attention, seed)
+  build = _builder(model_cfg, param_dtype, compute_dtype, remat, attention, seed, lora)
   graphdef, abstract_state = _abstract_split(build)
   shardings = param_shardings(abstract_state, mesh)
   state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
@@ -119,17 +136,19 @@ def create_model(model_cfg: ConfigDict, mesh: jax.sharding.Mesh, *, param_dtype:
 
 def abstract_model(model_cfg: ConfigDict, mesh: jax.sharding.Mesh, *,
                    param_dtype: Any = "float32", compute_dtype: Any = "bfloat16",
-                   remat: str = "full", attention: str = "xla", seed: int = 0) -> nnx.Module:
+                   remat: str = "full", attention: str = "xla", seed: int = 0,
+                   lora: ConfigDict | None = None) -> nnx.Module:
   """The model with every param a `jax.ShapeDtypeStruct` carrying its target sharding.
 
-  Nothing is allocated: fill it with `jaxtune.hf.load_hf_weights` or an orbax restore.
+  Nothing is allocated: fill it with `load_hf_weights` (which also initialises the LoRA
+  adapters, if any) or an orbax restore. lora: as `create_model`'s.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from jaxtune.parallel.sharding import param_shardings  # pylint: disable=import-outside-toplevel
 
-  build = _builder(model_cfg, param_dtype, compute_dtype, remat, attention, seed)
+  build = _builder(model_cfg, param_dtype, compute_dtype, remat, attention, seed, lora)
   graphdef, abstract_state = _abstract_split(build)
   shardings = param_shardings(abstract_state, mesh)
   abstract_state = jax.tree.map(
@@ -147,10 +166,15 @@ def param_count(model_cfg: ConfigDict) -> int:
   return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
 
 
-def load_hf_weights(model: nnx.Module, hf_dir: str) -> nnx.Module:
-  """`jaxtune.hf.load_hf_weights` with the model's registered family."""
+def load_hf_weights(model: nnx.Module, hf_dir: str, seed: int = 0) -> nnx.Module:
+  """`jaxtune.hf.load_hf_weights` with the model's registered family. A model with LoRA
+  adapters: the base is filled from the checkpoint, and adapters still abstract get their
+  init (from `seed`: the run's, as `create_model` would give them)."""
   from jaxtune.hf import load  # pylint: disable=import-outside-toplevel
-  return load.load_hf_weights(model, hf_dir, family(model.config.type))
+  from jaxtune.models import lora  # pylint: disable=import-outside-toplevel
+  with lora.adapters_detached(model):
+    load.load_hf_weights(model, hf_dir, family(model.config.type))
+  return lora.init_abstract_adapters(model, seed)
 
 
 def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, **kwargs) -> str:

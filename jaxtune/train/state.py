@@ -20,7 +20,8 @@ from jaxtune.train.step import ModelDef, TrainState
 def split_model(model: nnx.Module) -> tuple[ModelDef, nnx.State]:
   """(the model's static half, its nnx.Param state): what the train step takes."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return ModelDef(graphdef, rest, models.trainable_filter(model.config)), params
+  lora = getattr(model, "lora_config", None)  # a model with adapters (models.lora.attach)
+  return ModelDef(graphdef, rest, models.trainable_filter(model.config, lora)), params
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_opt_state,

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jaxtune.models import ForwardOutput
+from jaxtune.models import ForwardOutput, lora
 from jaxtune.models.layers import BTD, INIT_STD, check_remat, scan_layers, stack_layers
 from jaxtune.models.qwen3 import model as qwen3
 from jaxtune.ops import moe
@@ -92,7 +92,9 @@ class Qwen3MoeSparseMoeBlock(nnx.Module):
     batch, seq_len, hidden = x_btd.shape
     x_nd = x_btd.reshape(-1, hidden).astype(self.compute_dtype)
     valid_n = valid_bt.reshape(-1)
-    gate_edf = self.experts.gate_proj[...]
+    # Each expert's LoRA adapters, if any, merged into its weights (jaxtune.models.lora).
+    gate_edf, up_edf, down_efd = (lora.expert_kernel(self.experts, name, self.compute_dtype)
+                                  for name in ("gate_proj", "up_proj", "down_proj"))
     # The mesh axes that split tokens, experts and the expert MLP, resolved here by the
     # logical-axis rules (the op takes mesh axes, not logical names); none without a mesh.
     mesh = jax.sharding.get_abstract_mesh()
@@ -106,8 +108,7 @@ class Qwen3MoeSparseMoeBlock(nnx.Module):
                           norm_topk_prob=self.norm_topk_prob,
                           token_axes=axes.get("token_axes"))
     with jax.named_scope("experts"):
-      y_nd = moe.moe_experts(x_nd, routing, gate_edf, self.experts.up_proj[...],
-                             self.experts.down_proj[...], **axes)
+      y_nd = moe.moe_experts(x_nd, routing, gate_edf, up_edf, down_efd, **axes)
     router = dict(
         aux_loss=moe.load_balancing_loss(routing, valid_n, num_experts=self.num_experts,
                                          top_k=self.top_k),
