@@ -57,6 +57,18 @@ def _hf_tensor(value: jax.Array, position: jax.Array, *, transpose: bool,
   return value.T if transpose else value
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "dtype"))
+def _merged_tensor(value: jax.Array, lora_a: jax.Array, lora_b: jax.Array, position: jax.Array,
+                   *, scale: float, dtype: np.dtype) -> jax.Array:
+  """One HF tensor of a LoRA-adapted Linear, W + scale * A @ B merged in float32 on device,
+  cast, in HF's [out, in] layout."""
+  index = tuple(position)
+  f32 = jnp.float32
+  delta = lora_a[index].astype(f32) @ lora_b[index].astype(f32)
+  merged = value[index].astype(f32) + scale * delta
+  return merged.astype(dtype).T
+
+
 def _to_host(value: jax.Array) -> np.ndarray:
   """Gathers one (sharded) tensor to this host."""
   if value.is_fully_addressable:
@@ -164,10 +176,18 @@ def _replace_dir(tmp_dir: str, out_dir: str) -> None:
 
 
 def _row_tensor(entry: HFWeight, params: dict, position: tuple[int, ...],
-                dtype: np.dtype) -> np.ndarray:
+                dtype: np.dtype, lora: tuple[dict, float] | None = None) -> np.ndarray:
   """One HF tensor of a row, on this host: its param's element transposed and cast on device,
-  or its params' elements (in their own dtype) through the row's transform, then cast."""
+  or its params' elements (in their own dtype) through the row's transform, then cast.
+  lora: (base path -> (A path, B path), scale): an adapted row's tensor is the merged one."""
   index = np.asarray(position, np.int32)
+  if lora is not None and entry.path in lora[0]:
+    if not entry.transpose or entry.transform is not None:
+      raise ValueError(f"{entry.hf_name}: LoRA merges into plain Linear rows only")
+    a_path, b_path = lora[0][entry.path]
+    return _to_host(_merged_tensor(params[entry.path].get_value(), params[a_path].get_value(),
+                                   params[b_path].get_value(), index, scale=float(lora[1]),
+                                   dtype=dtype))
   if entry.transform is None:
     return _to_host(_hf_tensor(params[entry.path].get_value(), index,
                                transpose=entry.transpose, dtype=dtype))
@@ -187,7 +207,8 @@ def _row_dtype(entry: HFWeight, dtype: np.dtype) -> np.dtype:
 def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, family: HFFamily, *,
               dtype: str = "bfloat16", tokenizer_path: str | None = None,
               source_dir: str | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+              adapters: dict[str, tuple[str, str]] | None = None, scale: float = 1.0) -> str:
   """Writes `model` as an HF checkpoint in `dtype` to `out_dir`; returns `out_dir`.
 
   family: the model's family: `hf_weight_map(model_cfg)` names the tensors,
@@ -197,14 +218,23 @@ def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, family: HF
   source_dir: the HF directory the weights were loaded from; its config.json is handed to the
   family's `hf_config` (which may keep keys it does not model, e.g. custom-code `auto_map`);
   when the written config.json has an `auto_map`, source_dir's `*.py` files are copied too
-  (those of tokenizer_path win on a shared name)."""
+  (those of tokenizer_path win on a shared name).
+  adapters: a LoRA model's base param path -> (A path, B path); each adapted weight is written
+  merged, W + scale * A @ B (the layout of a full fine-tune), every other tensor as without
+  adapters (bit for bit), and the adapters themselves are not written."""
   np_dtype = np.dtype(jnp.dtype(dtype))
   dtype = np_dtype.name  # "bfloat16", also when given jnp.bfloat16
   if np_dtype not in _SAFETENSORS_NAMES:
     raise ValueError(f"cannot export dtype {dtype!r}; use float32, bfloat16 or float16")
   table = family.hf_weight_map(model_cfg)
   params = flat_params(model)
+  lora = (dict(adapters), scale) if adapters else None
+  adapter_paths = {p for pair in (adapters or {}).values() for p in pair}
+  params = {path: var for path, var in params.items() if path not in adapter_paths}
   check_table(params, table)
+  if lora is not None:  # the adapters are read from the unfiltered params
+    params.update({path: var for path, var in flat_params(model).items()
+                   if path in adapter_paths})
   tokenizer_files = _tokenizer_files(tokenizer_path) if tokenizer_path is not None else []
 
   order = _hf_order(table, params)
@@ -229,7 +259,7 @@ def export_hf(model: nnx.Module, model_cfg: ConfigDict, out_dir: str, family: HF
         _write_header(f, shard)
       for name, shape, tensor_dtype in shard:
         entry, position = by_name[name]
-        host = _row_tensor(entry, params, position, np_dtype)
+        host = _row_tensor(entry, params, position, np_dtype, lora)
         if host.shape != shape or host.dtype != tensor_dtype:  # the header promised these
           raise RuntimeError(f"{name}: gathered {host.shape} {host.dtype}, planned {shape} "
                              f"{tensor_dtype}")

@@ -1,0 +1,246 @@
+"""LoRA adapters in and out in PEFT's format, against peft + transformers on the CPU: a PEFT
+adapter with non-zero A and B (made by peft itself) loaded with `lora.init_from` gives peft's
+logits, loss and A/B gradients (tiny Qwen3 and Qwen3-MoE); our exported adapter loaded by
+`peft.PeftModel.from_pretrained` gives the merged export's logits in transformers, and the
+tensors LoRA does not target are the base's bit for bit; the adapter config check's errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from ml_collections import ConfigDict
+from safetensors.numpy import load_file
+
+from jaxtune import models
+from jaxtune.hf import peft as peft_io
+from jaxtune.models import lora, presets
+from jaxtune.parallel import batch_sharding, make_mesh
+from jaxtune.train.prefetch import to_global_array
+from jaxtune.train.state import split_model
+
+peft = pytest.importorskip("peft")
+
+QWEN3 = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=10_000.0,
+             tie_word_embeddings=False)
+MOE = dict(vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+           num_experts=4, num_experts_per_tok=2, rope_theta=10_000.0, tie_word_embeddings=False,
+           norm_topk_prob=True)
+RANK, ALPHA = 4, 8.0
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ATTENTION_TARGETS = (r"(^|\.)layers\.\d+\.self_attn\.[qkvo]_proj$",)
+
+
+def _lora_cfg(targets=lora.DEFAULT_LORA_TARGETS, init_from=None, rank=RANK, alpha=ALPHA):
+  return ConfigDict(dict(rank=rank, alpha=alpha, dropout=0.0, targets=tuple(targets),
+                         init_from=init_from, quantize_base="none"))
+
+
+def _reference(tmp_path_factory, name, model, target_modules):
+  """(torch base, peft model with random non-zero A and B, base dir, adapter dir)."""
+  with torch.no_grad():
+    for param in model.parameters():
+      param.normal_(0.0, 0.3)
+  base_dir = tmp_path_factory.mktemp(name) / "base"
+  model.save_pretrained(base_dir)
+  peft_model = peft.get_peft_model(
+      model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=target_modules,
+                             lora_dropout=0.0, init_lora_weights=False))
+  with torch.no_grad():
+    for name_, param in peft_model.named_parameters():
+      if "lora_" in name_:
+        param.normal_(0.0, 0.2)
+  adapter_dir = base_dir.parent / "adapter"
+  peft_model.save_pretrained(adapter_dir)
+  return peft_model.eval(), str(base_dir), str(adapter_dir)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+  torch.manual_seed(0)
+  model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3))
+  return _reference(tmp_path_factory, "qwen3", model, ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                       "gate_proj", "up_proj", "down_proj"])
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+  torch.manual_seed(1)
+  model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**MOE))
+  return _reference(tmp_path_factory, "moe", model, ATTENTION)
+
+
+def _mesh():
+  return make_mesh({}, jax.devices()[:1])
+
+
+def _our_model(base_dir, adapter_dir, lora_cfg):
+  cfg = presets.from_hf(base_dir)
+  model = models.abstract_model(cfg, _mesh(), param_dtype="float32", compute_dtype="float32",
+                                lora=lora_cfg)
+  models.load_hf_weights(model, base_dir)
+  adapters = _adapter_map(cfg, lora_cfg)
+  peft_io.read_adapter(model, adapter_dir, models.family(cfg.type).hf_weight_map(cfg), adapters)
+  return cfg, model, adapters
+
+
+def _adapter_map(cfg, lora_cfg):
+  return {p: lora.adapter_paths(p)
+          for p in lora.lora_targets(models.family(cfg.type), cfg, tuple(lora_cfg.targets))}
+
+
+def _ids(vocab, n=20, seed=0):
+  return np.random.default_rng(seed).integers(0, vocab, (n,)).astype(np.int32)
+
+
+def _ours(model, ids):
+  """(logits [T, V], mean next-token loss, flat grads of the adapters) of one sample."""
+  mesh = _mesh()
+  with jax.set_mesh(mesh):
+    sharding = batch_sharding(mesh)
+    batch = {k: to_global_array(v[None], sharding) for k, v in
+             dict(input_ids=ids, positions=np.arange(len(ids), dtype=np.int32),
+                  segment_ids=np.ones_like(ids)).items()}
+    model_def, params = split_model(model)
+    trainable, frozen = model_def.split_trainable(params)
+
+    def loss(tr):
+      m = model_def.merge(nnx.merge_state(tr, frozen))
+      logits = m.logits(m.forward(batch).hidden)[0].astype(jnp.float32)
+      logp = jax.nn.log_softmax(logits[:-1])
+      return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(ids[1:, None]), -1)), logits
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
+  flat = {".".join(map(str, k)): np.asarray(v.get_value())
+          for k, v in nnx.to_flat_state(grads)}
+  return np.asarray(logits), float(value), flat
+
+
+def _torch(model, ids):
+  model.zero_grad()
+  logits = model(torch.from_numpy(ids[None]).long()).logits[0]
+  loss = torch.nn.functional.cross_entropy(logits[:-1], torch.from_numpy(ids[1:]).long())
+  loss.backward()
+  return logits.detach().numpy(), float(loss.detach())
+
+
+def _check_parity(reference, lora_cfg, vocab):
+  peft_model, base_dir, adapter_dir = reference
+  _, model, adapters = _our_model(base_dir, adapter_dir, lora_cfg)
+  ids = _ids(vocab)
+  logits, loss, grads = _ours(model, ids)
+  expected_logits, expected_loss = _torch(peft_model, ids)
+  np.testing.assert_allclose(logits, expected_logits, atol=2e-4, rtol=2e-4)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  torch_params = dict(peft_model.named_parameters())
+  checked = 0
+  for base_path, (a_path, b_path) in adapters.items():
+    module = base_path.removesuffix(".kernel").replace("model.layers.", "")
+    for layer in range(grads[a_path].shape[0]):
+      prefix = f"base_model.model.model.layers.{layer}.{module}"
+      grad_a = torch_params[f"{prefix}.lora_A.default.weight"].grad.numpy()
+      grad_b = torch_params[f"{prefix}.lora_B.default.weight"].grad.numpy()
+      np.testing.assert_allclose(grads[a_path][layer].T, grad_a, atol=2e-5, rtol=1e-4)
+      np.testing.assert_allclose(grads[b_path][layer].T, grad_b, atol=2e-5, rtol=1e-4)
+      checked += 1
+  assert checked == len(adapters) * grads[a_path].shape[0]
+  assert not any(np.abs(g).max() == 0 for g in grads.values())
+
+
+def test_qwen3_init_from_peft_gives_peft_logits_loss_and_gradients(qwen3):
+  _check_parity(qwen3, _lora_cfg(), QWEN3["vocab_size"])
+
+
+def test_qwen3_moe_init_from_peft_gives_peft_logits_loss_and_gradients(qwen3_moe):
+  """Attention adapters (peft on transformers 5 wraps the fused expert tensors, not the
+  per-expert Linears our expert adapters name: see docs/training.md)."""
+  _check_parity(qwen3_moe, _lora_cfg(ATTENTION_TARGETS), MOE["vocab_size"])
+
+
+def test_exported_adapter_in_peft_equals_merged_export_in_transformers(qwen3, tmp_path):
+  peft_model, base_dir, adapter_dir = qwen3
+  lora_cfg = _lora_cfg()
+  cfg, model, adapters = _our_model(base_dir, adapter_dir, lora_cfg)
+  table = models.family(cfg.type).hf_weight_map(cfg)
+  ours = peft_io.write_adapter(model, table, adapters, str(tmp_path / "adapter"), rank=RANK,
+                               alpha=ALPHA, base_model_name_or_path=base_dir)
+  merged = models.export_hf(model, cfg, str(tmp_path / "merged"), dtype="float32",
+                            adapters=adapters, scale=ALPHA / RANK)
+  # The same names, shapes and values as peft's own file.
+  theirs = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+  written = load_file(os.path.join(ours, "adapter_model.safetensors"))
+  assert sorted(written) == sorted(theirs)
+  for name, value in theirs.items():
+    np.testing.assert_array_equal(written[name], value)
+  with open(os.path.join(ours, "adapter_config.json")) as f:
+    config = json.load(f)
+  assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", RANK, 8)
+  assert config["base_model_name_or_path"] == base_dir
+  assert sorted(config["target_modules"]) == sorted(peft_io.PROJECTIONS)
+
+  ids = torch.from_numpy(_ids(QWEN3["vocab_size"], seed=3)[None]).long()
+  base = transformers.Qwen3ForCausalLM.from_pretrained(base_dir).eval()
+  with torch.no_grad():
+    base_logits = base(ids).logits.numpy()
+  loaded = peft.PeftModel.from_pretrained(base, ours).eval()  # wraps `base` in place
+  merged_model = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+  with torch.no_grad():
+    via_peft = loaded(ids).logits.numpy()
+    via_merged = merged_model(ids).logits.numpy()
+  np.testing.assert_allclose(via_merged, via_peft, atol=1e-4, rtol=1e-4)
+  assert np.abs(via_merged - base_logits).max() > 1e-2  # LoRA counts
+
+  source = load_file(os.path.join(base_dir, "model.safetensors"))
+  exported = {}
+  for name in os.listdir(merged):
+    if name.endswith(".safetensors"):
+      exported.update(load_file(os.path.join(merged, name)))
+  assert sorted(exported) == sorted(source)
+  adapted = [n for n in source if any(f".{p}." in n for p in peft_io.PROJECTIONS)]
+  assert len(adapted) == 7 * QWEN3["num_hidden_layers"]
+  for name, value in source.items():
+    if name not in adapted:
+      assert exported[name].tobytes() == value.tobytes(), name
+    else:
+      assert not np.array_equal(exported[name], value), name
+
+
+def test_adapter_config_check_names_the_difference(qwen3, tmp_path):
+  _, base_dir, adapter_dir = qwen3
+  cfg = presets.from_hf(base_dir)
+  table = models.family(cfg.type).hf_weight_map(cfg)
+
+  def check(directory, lora_cfg):
+    adapted = lora.lora_targets(models.family(cfg.type), cfg, tuple(lora_cfg.targets))
+    peft_io.check_adapter_config(directory, table, adapted, rank=lora_cfg.rank,
+                                 alpha=lora_cfg.alpha)
+
+  check(adapter_dir, _lora_cfg())  # the seven projections = the default targets
+  with pytest.raises(peft_io.AdapterError, match=r"r=4, the recipe lora.rank=8.*rank=4"):
+    check(adapter_dir, _lora_cfg(rank=8))
+  with pytest.raises(peft_io.AdapterError, match=r"lora_alpha=8.*lora.alpha=16"):
+    check(adapter_dir, _lora_cfg(alpha=16.0))
+  with pytest.raises(peft_io.AdapterError, match=r"only the adapter adapts .*mlp\.down_proj"):
+    check(adapter_dir, _lora_cfg(ATTENTION_TARGETS))
+  with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+    config = json.load(f)
+  narrow = tmp_path / "narrow"
+  os.makedirs(narrow)
+  with open(narrow / "adapter_config.json", "w") as f:
+    json.dump({**config, "target_modules": ["q_proj", "v_proj"]}, f)
+  with pytest.raises(peft_io.AdapterError, match=r"only the recipe adapts .*k_proj"):
+    check(str(narrow), _lora_cfg())
+  with pytest.raises(peft_io.AdapterError, match="no adapter_config.json"):
+    check(str(tmp_path), _lora_cfg())
+
+
+def test_init_from_with_missing_tensors_is_named(qwen3, tmp_path):
+  _, base_dir, adapter_dir = qwen3
+  with pytest.raises(peft_io.AdapterError, match=r"holds 12 tensors the model's adapters do not"):
+    _our_model(base_dir, adapter_dir, _lora_cfg(ATTENTION_TARGETS))
