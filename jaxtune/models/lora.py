@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune.ops import quant
+
 # Every attention and MLP projection of a decoder's layers (Qwen3-MoE's experts included): HF
 # names them `...layers.{i}.self_attn.{q,k,v,o}_proj` and `...layers.{i}.mlp[.experts.{e}].
 # {gate,up,down}_proj`. Intern-S1's vision tower (`encoder.layer.{i}.attention...`, `mlp.fc1`)
@@ -249,8 +251,9 @@ class LoRALinear(nnx.Module):
     self.salt = _salt(path)
 
   def _base_kernel(self) -> jax.Array:
-    """The frozen base weight [in, out] (the QLoRA seam: dequantise here)."""
-    return self.kernel[...]
+    """The frozen base weight [in, out] (the QLoRA seam: a quantised base is dequantised here,
+    in the compute dtype, and XLA fuses that into the matmul's operand)."""
+    return base_kernel(self, "kernel", self.dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self._base_kernel()
@@ -268,16 +271,139 @@ class LoRALinear(nnx.Module):
     return y + (d * self.scale).astype(y.dtype)
 
 
-def base_kernel(module: nnx.Module, name: str) -> jax.Array:
-  """The frozen base weight `name` of `module` (the QLoRA seam for raw kernel params)."""
-  return getattr(module, name)[...]
+def base_kernel(module: nnx.Module, name: str, dtype: Any = None) -> jax.Array:
+  """The frozen base weight `name` of `module` (the QLoRA seam): the param itself, or its
+  quantised codes and scales (`quantize_slot`) dequantised to `dtype` (default: the dtype the
+  base had before quantisation)."""
+  spec = getattr(module, name + _QUANT, None)
+  if spec is None:
+    return getattr(module, name)[...]
+  kind, block_size, base_dtype, _ = spec
+  q = quant.QuantizedTensor(getattr(module, name + _CODES)[...],
+                            getattr(module, name + _SCALES)[...], kind, block_size)
+  return quant.dequantize(q, dtype or base_dtype)
+
+
+# --- QLoRA: the frozen base stored quantised (jaxtune.ops.quant) -----------------------------
+
+# A quantised base param `name` of a module becomes `name_codes` and `name_scales`
+# (`QuantizedBase` variables: in the param state, so they checkpoint and shard like the
+# kernel, with its logical axes) and the static `name_quant` = (kind, block size, the base's
+# dtype name, the kernel's `shard_units`); `name` itself is gone.
+_CODES, _SCALES, _QUANT = "_codes", "_scales", "_quant"
+
+
+class QuantizedBase(nnx.Param):
+  """A frozen base kernel's quantised codes or scales (QLoRA). An `nnx.Param`, so it is in
+  the state the train step takes and checkpoints; not a `LoRAParam`, so it never trains."""
+
+
+def _quantized_variables(base: nnx.Variable, q: quant.QuantizedTensor
+                         ) -> tuple[QuantizedBase, QuantizedBase]:
+  """Codes and scales as variables with the kernel's axis names (`shard_units` rescaled)."""
+  meta = base.get_metadata()
+  names, units = meta.get("out_sharding"), meta.get("shard_units")
+  code_units, scale_units = quant.shard_units(tuple(units) if units else None, q.kind,
+                                              q.block_size)
+  out = []
+  for value, unit in ((q.codes, code_units), (q.scales, scale_units)):
+    extra = {}
+    if names:
+      extra["out_sharding"] = tuple(names)
+    if unit:
+      extra["shard_units"] = tuple(unit)
+    out.append(QuantizedBase(value, **extra))
+  return out[0], out[1]
+
+
+def quantize_slot(module: nnx.Module, name: str, kind: str) -> None:
+  """Replaces the base param `name` of `module` ([*stack, in, out]) by its `kind`
+  quantisation (blocks of 64 input rows, fewer for narrower layers: `quant.block_size_for`).
+  Runs on real or traced values (inside the jitted or abstract build)."""
+  base = getattr(module, name)
+  value = base.get_value()
+  block_size = quant.block_size_for(value.shape[-2])
+  codes, scales = _quantized_variables(base, quant.quantize(value, kind, block_size))
+  units = base.get_metadata().get("shard_units")
+  delattr(module, name)
+  setattr(module, name + _CODES, codes)
+  setattr(module, name + _SCALES, scales)
+  setattr(module, name + _QUANT, (kind, block_size, jnp.dtype(value.dtype).name,
+                                  tuple(units) if units else None))
+
+
+def _quantized_slots(model: nnx.Module) -> list[tuple[nnx.Module, str]]:
+  """(module, base param name) of every quantised base in the model."""
+  return [(node, attr[:-len(_QUANT)]) for _, node in nnx.iter_graph(model)
+          if isinstance(node, nnx.Module) for attr in list(vars(node))
+          if attr.endswith(_QUANT) and isinstance(getattr(node, attr), tuple)]
+
+
+def _sharding_on(like: Any, variable: nnx.Variable) -> Any:
+  """The sharding `variable` (abstract, with axis names) gets on the mesh of `like`'s
+  sharding; `like`'s own sharding (one device, or None) where it has no mesh."""
+  from jaxtune.parallel.sharding import param_shardings  # pylint: disable=import-outside-toplevel
+  sharding = getattr(like, "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding
+  return param_shardings(nnx.State({"w": variable}), sharding.mesh)["w"].get_value()
+
+
+@contextlib.contextmanager
+def float_base(model: nnx.Module):
+  """Every quantised base as its float kernel for the duration, so HF loading and exports see
+  the params the HF name table lists: dequantised where the codes are real, abstract (a
+  ShapeDtypeStruct in the kernel's sharding) where they are not. On exit a kernel that was
+  replaced (loaded) is quantised again; one left as it was gets its codes back untouched."""
+  saved = []
+  for module, name in _quantized_slots(model):
+    spec = getattr(module, name + _QUANT)
+    kind, block_size, dtype, units = spec
+    codes_var, scales_var = getattr(module, name + _CODES), getattr(module, name + _SCALES)
+    codes, scales = codes_var.get_value(), scales_var.get_value()
+    shape = quant.QuantizedTensor(codes, scales, kind, block_size).shape
+    meta = {} if units is None else dict(shard_units=units)
+    names = codes_var.get_metadata().get("out_sharding")
+    if names:
+      meta["out_sharding"] = tuple(names)
+    with nnx.use_eager_sharding(False):  # axis names only: placed below, on the codes' mesh
+      variable = nnx.Param(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)), **meta)
+    sharding = _sharding_on(codes, variable)
+    if isinstance(codes, jax.Array):
+      value = jax.jit(quant.dequantize, static_argnums=1, out_shardings=sharding)(
+          quant.QuantizedTensor(codes, scales, kind, block_size), jnp.dtype(dtype))
+    else:
+      value = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+    variable.set_value(value)
+    for suffix in (_CODES, _SCALES, _QUANT):
+      delattr(module, name + suffix)
+    setattr(module, name, variable)
+    saved.append((module, name, value, codes_var, scales_var, spec))
+  try:
+    yield model
+  finally:
+    for module, name, value, codes_var, scales_var, spec in saved:
+      loaded = getattr(module, name).get_value()
+      delattr(module, name)
+      if loaded is not value and isinstance(loaded, jax.Array):
+        kind, block_size = spec[:2]
+        out = (getattr(codes_var.get_value(), "sharding", None),
+               getattr(scales_var.get_value(), "sharding", None))
+        out = None if None in out else quant.QuantizedTensor(*out, kind, block_size)
+        q = jax.jit(quant.quantize, static_argnums=(1, 2), out_shardings=out)(
+            loaded, kind, block_size)
+        codes_var.set_value(q.codes)
+        scales_var.set_value(q.scales)
+      setattr(module, name + _CODES, codes_var)
+      setattr(module, name + _SCALES, scales_var)
+      setattr(module, name + _QUANT, spec)
 
 
 def expert_kernel(module: nnx.Module, name: str, dtype: Any) -> jax.Array:
   """Expert weights `name` [E, in, out] of `module` in `dtype`, with each expert's adapters
   merged (W_e + A_e @ B_e * alpha / r) when it has them; the grouped matmul's VJP then reaches
   A and B through the merge."""
-  w = base_kernel(module, name).astype(dtype)
+  w = base_kernel(module, name, dtype)
   a = getattr(module, name + "_lora_a", None)
   if a is None:
     return w
@@ -311,14 +437,21 @@ def attach(model: nnx.Module, paths: Sequence[str], lora_cfg: Any, seed: int) ->
       if not isinstance(linear, nnx.Linear):
         raise ValueError(f"{path}: LoRA adapts nnx.Linear kernels, this is a "
                          f"{type(linear).__name__}")
-      setattr(parent, parts[-2], LoRALinear(linear, path, rank=rank, alpha=alpha,
-                                            dropout=float(lora_cfg.dropout), seed=seed))
+      slot = LoRALinear(linear, path, rank=rank, alpha=alpha,
+                        dropout=float(lora_cfg.dropout), seed=seed)
+      setattr(parent, parts[-2], slot)
+      slot_name = "kernel"
     else:
       parent = _resolve(model, parts[:-1])
       a, b = _make_adapters(path, getattr(parent, parts[-1]), rank, seed)
       setattr(parent, parts[-1] + "_lora_a", a)
       setattr(parent, parts[-1] + "_lora_b", b)
       parent.lora_scale = alpha / rank
+      slot, slot_name = parent, parts[-1]
+    # QLoRA: the frozen base of each adapted linear stored quantised (after the adapters took
+    # its shape and axes). A loaded checkpoint is quantised again by `float_base`.
+    if lora_cfg.get("quantize_base", "none") != "none":
+      quantize_slot(slot, slot_name, lora_cfg.quantize_base)
   model.lora_config = FrozenConfigDict(lora_cfg.to_dict() if hasattr(lora_cfg, "to_dict")
                                        else dict(lora_cfg))
   return model
@@ -336,12 +469,14 @@ def _adapter_slots(model: nnx.Module) -> Iterator[tuple[nnx.Module, str]]:
 @contextlib.contextmanager
 def adapters_detached(model: nnx.Module):
   """The model without its LoRAParams for the duration (the base params alone, as the HF
-  name table lists them: loading HF weights, a base export); they come back after."""
+  name table lists them: loading HF weights, a base export); they come back after. A
+  quantised base is its float kernel meanwhile (`float_base`)."""
   slots = [(module, name, getattr(module, name)) for module, name in _adapter_slots(model)]
   for module, name, _ in slots:
     delattr(module, name)
   try:
-    yield model
+    with float_base(model):
+      yield model
   finally:
     for module, name, value in slots:
       setattr(module, name, value)
