@@ -31,7 +31,7 @@ from jaxtune.data.sources import DataError
 from jaxtune.data.encoders import open_encoder
 from jaxtune.hf.export import read_hf_dtype
 from jaxtune.models import load_hf_weights
-from jaxtune.train import build, logs, multihost, rundir, startup_checks
+from jaxtune.train import build, logs, lora_run, multihost, rundir, startup_checks
 from jaxtune.train import metrics as metrics_lib
 from jaxtune.train.checkpoint import CheckpointError, Checkpointer
 from jaxtune.train.eval import Evaluator
@@ -157,8 +157,11 @@ class Trainer:
     """Restored from a checkpoint (all of it or the weights), from HF weights, or random."""
     cfg = self.cfg
     optimizer, mesh, model_def = run.optimizer, run.mesh, run.model_def
+    lora_on = lora_run.enabled(cfg)
     if start.checkpoint_dir is not None:
       abstract = run.abstract_state
+      if lora_on:  # a LoRA checkpoint holds the adapters; the base is rebuilt below
+        abstract = lora_run.restore_target(model_def, abstract)
       if start.own:  # auto_resume: damaged newer checkpoints of this run are moved aside
         restored = checkpointer.restore_latest(abstract, quarantine=True)
       else:
@@ -171,6 +174,11 @@ class Trainer:
       if restored is None:
         raise CheckpointError(f"{start.checkpoint_dir} holds no complete checkpoint")
       where = f"{start.checkpoint_dir}/{restored.step}"
+      if lora_on:
+        base = lora_run.start_model(cfg, run, self.resolved.model_kwargs, init_adapters=False)
+        restored = restored._replace(params=lora_run.with_base(model_def, restored.params, base))
+        log.info("LoRA: the base rebuilt from %s, the adapters restored",
+                 cfg.load_from or "the seed")
       if start.weights_only:
         log.info("loaded the weights of %s (new optimizer state, schedule and data order)",
                  where)
@@ -185,7 +193,11 @@ class Trainer:
       log.info("resumed from %s (step %d, epoch %d, step %d in that epoch)", where,
                restored.step, restored.progress["epoch"] + 1, restored.progress["step_in_epoch"])
       return state, Position(restored.step, int(restored.progress["consumed_tokens"]))
-    if cfg.load_from:
+    if lora_on:
+      model = lora_run.start_model(cfg, run, self.resolved.model_kwargs)
+      if cfg.load_from:
+        log.info("loaded the LoRA base from %s", cfg.load_from)
+    elif cfg.load_from:
       model = load_hf_weights(run.abstract_model(), cfg.load_from)
       log.info("loaded weights from %s", cfg.load_from)
     else:
@@ -212,7 +224,7 @@ class _Loop:
     self.exporter = HFExporter(
         self.run_dir, cfg.model, tokenizer_path=cfg.tokenizer_path, max_keep=cfg.hf_max_keep,
         dtype=read_hf_dtype(cfg.load_from) if cfg.load_from else cfg.param_dtype,
-        source_dir=cfg.load_from)
+        source_dir=cfg.load_from, lora=lora_run.export_spec(cfg))
     self.compile_time = 0.0
 
   def _due(self, interval: int, step: int) -> bool:
@@ -345,6 +357,9 @@ class _Loop:
                     consumed_tokens=consumed_tokens, total_steps=self.total_steps,
                     skipped_steps=skipped, seed=self.cfg.seed, data_seed=self.cfg.data.seed,
                     data=data_state, data_hash_per_process=hashes)
+    if lora_run.enabled(self.cfg):  # the adapters and their optimizer state; the base: named
+      state = lora_run.saved_state(self.model_def, state)
+      progress["base"] = lora_run.base_reference(self.cfg)
     self.checkpointer.save(step, state, progress, self.cfg.to_dict())
 
 
