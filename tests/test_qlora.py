@@ -52,11 +52,10 @@ def _inputs():
 
 def _randomise_b(model, seed=2):
   """Non-zero B (PEFT's init has B = 0), so the adapters take part in the forward."""
-  for i, (_, var) in enumerate(sorted(nnx.to_flat_state(nnx.state(model, lora.LoRAParam)))):
-    if var.get_value().ndim and _ is not None:
-      value = var.get_value()
-      noise = jax.random.normal(jax.random.key(seed + i), value.shape, value.dtype) * 0.05
-      var.set_value(value + noise)
+  for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, lora.LoRAParam))):
+    value = var.get_value()
+    noise = jax.random.normal(jax.random.key(seed + i), value.shape, value.dtype) * 0.05
+    var.set_value(value + noise)
 
 
 def _dequantized_float_twin(q_model, kind, mesh, model_cfg=CFG, targets=None):
@@ -161,6 +160,25 @@ def test_float_base_loads_and_quantises_again():
     assert isinstance(value, jax.ShapeDtypeStruct) and value.shape == (2, 64, 64)
     assert value.sharding is not None
   assert "model.layers.self_attn.q_proj.kernel_codes" in _flat(abstract, lora.QuantizedBase)
+
+
+def test_hf_load_into_an_abstract_qlora_model(tmp_path):
+  """HF weights fill the float kernels (`adapters_detached`), then each is quantised in the
+  codes' sharding: the codes are those of the loaded kernel in the base dtype."""
+  mesh = make_mesh({"fsdp": 2, "tensor": 2})
+  with jax.set_mesh(mesh):
+    f_model = models.create_model(CFG, mesh, param_dtype="float32", seed=3)
+  models.export_hf(f_model, CFG, str(tmp_path))
+  with jax.set_mesh(mesh):
+    q_model = models.abstract_model(CFG, mesh, param_dtype="float32", lora=_lora("nf4"))
+    models.load_hf_weights(q_model, str(tmp_path), seed=0)
+  got = _flat(q_model, lora.QuantizedBase)
+  for name in ("self_attn.q_proj", "mlp.down_proj"):
+    kernel = _flat(f_model)[f"model.layers.{name}.kernel"].astype(jnp.bfloat16)
+    codes = got[f"model.layers.{name}.kernel_codes"]
+    assert isinstance(codes, jax.Array) and codes.sharding.spec != jax.sharding.PartitionSpec()
+    np.testing.assert_array_equal(np.asarray(codes), np.asarray(quant.quantize(kernel, "nf4").codes))
+  assert all(isinstance(v, jax.Array) for v in _flat(q_model).values())
 
 
 @pytest.mark.slow
