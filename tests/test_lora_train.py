@@ -9,6 +9,7 @@ import signal
 import subprocess
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
@@ -16,6 +17,7 @@ from safetensors.numpy import load_file
 
 from jaxtune import models
 from jaxtune.config import to_json
+from jaxtune.ops import quant
 from jaxtune.parallel import make_mesh
 from jaxtune.train.trainer import Trainer
 from test_resume import _KILL_DRIVER
@@ -144,3 +146,34 @@ def test_sigkill_then_auto_resume_of_a_lora_run_is_exact(lora_run, tmp_path):
                                                                     ref_summary["run_dir"]))
   for name, value in reference.items():
     np.testing.assert_array_equal(final[name], value, err_msg=name)
+
+
+@pytest.mark.slow
+def test_qlora_nf4_run_lowers_the_loss_and_exports_the_dequantised_merge(lora_run, tmp_path):
+  """lora.quantize_base='nf4': the run trains, its checkpoint holds no base (the codes are
+  rebuilt from load_from), and hf-6 is the dequantised base + the adapters (untargeted tensors
+  the base's bits; targeted ones within nf4's error of the base)."""
+  ref_cfg, _, base_dir = lora_run
+  cfg = resumed_config(ref_cfg, str(tmp_path / "work"), hf_interval=6)
+  cfg.lora.quantize_base = "nf4"
+  summary = Trainer(cfg).fit()
+  losses = [r["loss"] for r in read_metrics(summary["run_dir"])]
+  assert losses[-1] < losses[0]
+  with open(os.path.join(summary["checkpoint"], "state", "_METADATA")) as f:
+    metadata = f.read()
+  assert "lora_a" in metadata and "_codes" not in metadata
+  base, merged = _tensors(base_dir), _tensors(os.path.join(summary["run_dir"], "hf-6"))
+  adapter = load_file(os.path.join(summary["run_dir"], "adapter-6", "adapter_model.safetensors"))
+  assert sorted(merged) == sorted(base)
+  for name, value in base.items():
+    if "_proj" not in name:
+      assert merged[name].tobytes() == value.tobytes(), name
+      continue
+    kernel = jnp.asarray(value.T)  # ours [in, out]
+    q = quant.quantize(kernel, "nf4", quant.block_size_for(kernel.shape[0]))
+    dequantised = np.asarray(quant.dequantize(q, jnp.float32)).T
+    module = "base_model.model." + name.removesuffix(".weight")
+    delta = adapter[module + ".lora_B.weight"] @ adapter[module + ".lora_A.weight"]
+    np.testing.assert_allclose(merged[name], dequantised + ALPHA / RANK * delta, atol=1e-5,
+                               err_msg=name)
+    assert np.abs(dequantised - value).max() > 0  # the export is of the quantised base

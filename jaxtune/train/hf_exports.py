@@ -1,9 +1,9 @@
 """The run's HF exports: `hf-<step>/`, `hf-latest` pointing at the newest, `hf_max_keep`.
 
 A LoRA run (`lora.rank > 0`) writes two exports per step: `hf-<step>/`, the merged model
-(W + A @ B * alpha / rank, the layout of a full fine-tune), and `adapter-<step>/`, the PEFT
-adapter directory (`jaxtune.hf.peft`), with `adapter-latest` pointing at the newest; both kept
-by the same `hf_max_keep` rule.
+(W + A @ B * alpha / rank, the layout of a full fine-tune; a QLoRA base dequantised first),
+and `adapter-<step>/`, the PEFT adapter directory (`jaxtune.hf.peft`), with `adapter-latest`
+pointing at the newest; both kept by the same `hf_max_keep` rule.
 
 `export_hf` streams one tensor at a time from the sharded parameters (no host ever holds the
 whole model) into `hf-<step>.partial/` and renames it when complete; only then is `hf-latest`
@@ -13,6 +13,7 @@ export behind it. Pruning removes the oldest exports beyond `hf_max_keep`, never
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ import jax
 
 from jaxtune.hf import peft
 from jaxtune.models import export_hf, family
+from jaxtune.models import lora as lora_lib
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,10 @@ class HFExporter:
     lora = self.lora
     merge = dict(adapters=lora.adapters, scale=lora.alpha / lora.rank) if lora else {}
     try:
-      export_hf(model, self.model_cfg, out_dir, dtype=self.dtype,
-                tokenizer_path=self.tokenizer_path, source_dir=self.source_dir, **merge)
+      # A QLoRA base is dequantised for the export (its float kernels, then merged).
+      with lora_lib.float_base(model) if lora else contextlib.nullcontext():
+        export_hf(model, self.model_cfg, out_dir, dtype=self.dtype,
+                  tokenizer_path=self.tokenizer_path, source_dir=self.source_dir, **merge)
     except Exception as e:  # pylint: disable=broad-except  (named, then raised)
       # The cause names the file or tensor (OSError's filename, export_hf's tensor names).
       raise HFExportError(
