@@ -302,7 +302,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None, *, files: bool = T
     raise ConfigError(f"optim.skip_grad_norm_threshold must be positive or None, got "
                       f"{cfg.optim.skip_grad_norm_threshold}")
   _check_attention_heads(cfg.model, "model")
-  _check_lora(cfg)
+  _check_lora(cfg, files)
   axis_rules(cfg)  # a bad override fails here, naming its entry
 
   if files and not cfg.data.datasets:
@@ -345,15 +345,20 @@ def validate(cfg: ConfigDict, num_devices: int | None = None, *, files: bool = T
   return cfg
 
 
-def _check_lora(cfg: ConfigDict) -> None:
-  """The `lora` section's values; with rank > 0 its targets must choose a linear layer."""
+def _check_lora(cfg: ConfigDict, files: bool = True) -> None:
+  """The `lora` section's values; with rank > 0 its targets must choose a linear layer, and
+  the PEFT adapter of `lora.init_from` (files=True) must describe the same adapters."""
   try:
     lora.check_config(cfg.lora)
     if lora.enabled(cfg.lora):
       from jaxtune import models  # pylint: disable=import-outside-toplevel  (loads the family)
+      from jaxtune.hf import peft  # pylint: disable=import-outside-toplevel
       family = models.family(cfg.model.type)
-      lora.check_dropout(lora.check_targets(family, cfg.model, tuple(cfg.lora.targets)),
-                         cfg.lora)
+      targets = lora.check_targets(family, cfg.model, tuple(cfg.lora.targets))
+      lora.check_dropout(targets, cfg.lora)
+      if files and cfg.lora.init_from:  # r, lora_alpha and target_modules against the recipe
+        peft.check_adapter_config(cfg.lora.init_from, family.hf_weight_map(cfg.model), targets,
+                                  rank=cfg.lora.rank, alpha=cfg.lora.alpha)
   except ValueError as e:
     raise ConfigError(f"config key {e}") from None
 

@@ -244,3 +244,16 @@ def test_init_from_with_missing_tensors_is_named(qwen3, tmp_path):
   _, base_dir, adapter_dir = qwen3
   with pytest.raises(peft_io.AdapterError, match=r"holds 12 tensors the model's adapters do not"):
     _our_model(base_dir, adapter_dir, _lora_cfg(ATTENTION_TARGETS))
+
+
+def test_recipe_validation_checks_lora_init_from(qwen3):
+  """config.validate's LoRA check reads lora.init_from's adapter_config.json."""
+  from jaxtune import config as config_lib  # pylint: disable=import-outside-toplevel
+  _, base_dir, adapter_dir = qwen3
+  cfg = config_lib.base_config()
+  cfg.model = presets.from_hf(base_dir)
+  cfg.lora.rank, cfg.lora.alpha, cfg.lora.init_from = RANK, ALPHA, adapter_dir
+  config_lib._check_lora(cfg)  # pylint: disable=protected-access
+  cfg.lora.rank = 16
+  with pytest.raises(config_lib.ConfigError, match=r"lora.init_from=.*r=4.*--config.lora.rank=4"):
+    config_lib._check_lora(cfg)  # pylint: disable=protected-access
