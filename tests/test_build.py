@@ -10,7 +10,7 @@ import pytest
 
 from jaxtune import config as config_lib
 from jaxtune.config import dataset
-from jaxtune.data.__main__ import render_row
+from jaxtune.data.inspect import render_row
 from jaxtune.plan import plan
 from jaxtune.train import build
 from jaxtune.train.trainer import Trainer
