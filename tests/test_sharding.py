@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtune import config as config_lib
 from jaxtune.models import abstract_model, create_model, presets
 from jaxtune.parallel import (AXES, axis_rules, batch_axes, batch_sharding, logical_shard_map,
-                              logical_to_mesh, logical_to_spec, make_mesh, merge_rules,
+                              logical_to_spec, make_mesh, merge_rules,
                               param_shardings, shard_activation)
 from jaxtune.train.optim import make_optimizer
 from jaxtune.train.state import abstract_train_state, split_model
@@ -36,8 +36,6 @@ def test_rules_map_logical_names_to_mesh_axes():
   # `expert` splits the batch too: outside MoE blocks an expert group is data parallel.
   assert logical_to_spec(("activation_batch", "activation_length")) == P(
       ("data", "fsdp", "expert"), None)
-  assert logical_to_mesh({"a": ("embed", None), "b": P("mlp", "embed")}) == {
-      "a": P("fsdp", None), "b": P("tensor", "fsdp")}
   with pytest.raises(ValueError, match="no rule"):
     logical_to_spec(("embedding",))
 

@@ -261,12 +261,6 @@ def _is_names(x: Any) -> bool:
       e is None or isinstance(e, str) for e in x)
 
 
-def logical_to_mesh(spec_tree: Any, rules: Rules | None = None) -> Any:
-  """Maps a tree of logical-name tuples (or PartitionSpecs of names) to mesh PartitionSpecs."""
-  return jax.tree.map(lambda names: logical_to_spec(tuple(names), rules=rules), spec_tree,
-                      is_leaf=_is_names)
-
-
 def _path_str(path) -> str:
   return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
