@@ -41,7 +41,8 @@ def _model(kind, mesh, model_cfg=CFG, targets=None):
 
 
 def _flat(model, kind=nnx.Param):
-  return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, kind))}
+  return {".".join(map(str, p)): v.get_value()
+          for p, v in nnx.to_flat_state(nnx.state(model, kind))}
 
 
 def _inputs():
@@ -100,8 +101,7 @@ def test_moe_experts_dequantize_in_the_grouped_matmul():
   mesh = make_mesh({}, jax.devices()[:1])
   q_model = _model("nf4", mesh, MOE_CFG)
   q_vars = _flat(q_model, lora.QuantizedBase)
-  assert "model.layers.mlp.experts.gate_proj_codes" in q_vars or any(
-      "experts.gate_proj_codes" in k for k in q_vars)
+  assert any(k.endswith("experts.gate_proj_codes") for k in q_vars), sorted(q_vars)
   _randomise_b(q_model)
   f_model = _dequantized_float_twin(q_model, "nf4", mesh, MOE_CFG)
   batch = {k: jnp.asarray(v) for k, v in _inputs().items()}
@@ -177,7 +177,8 @@ def test_hf_load_into_an_abstract_qlora_model(tmp_path):
     kernel = _flat(f_model)[f"model.layers.{name}.kernel"].astype(jnp.bfloat16)
     codes = got[f"model.layers.{name}.kernel_codes"]
     assert isinstance(codes, jax.Array) and codes.sharding.spec != jax.sharding.PartitionSpec()
-    np.testing.assert_array_equal(np.asarray(codes), np.asarray(quant.quantize(kernel, "nf4").codes))
+    expected = quant.quantize(kernel, "nf4").codes
+    np.testing.assert_array_equal(np.asarray(codes), np.asarray(expected))
   assert all(isinstance(v, jax.Array) for v in _flat(q_model).values())
 
 
