@@ -70,6 +70,7 @@ def plan(cfg: ConfigDict, num_devices: int | None = None, *,
 
   from jaxtune import config as config_lib
   from jaxtune import models
+  from jaxtune.models import lora
   from jaxtune.train import build
   from jaxtune.train.logs import quiet_libraries
 
@@ -122,10 +123,23 @@ def plan(cfg: ConfigDict, num_devices: int | None = None, *,
   model_flops = float(family.train_flops(cfg.model, dummy))
   limit = (int(device_memory_gib * GIB) if device_memory_gib is not None
            else _device_memory_bytes(devices[0]))
+  trainable_count = int(sum(math.prod(p.shape) for p in jax.tree.leaves(trainable)))
+  lora_cfg = cfg.get("lora")
+  if lora.enabled(lora_cfg):
+    # The base counted as the model it is (a QLoRA base's codes pack two params a byte).
+    param_count = models.param_count(cfg.model) + trainable_count
+    adapted = lora.lora_targets(family, cfg.model, tuple(lora_cfg.targets))
+    lora_report = dict(rank=int(lora_cfg.rank), alpha=float(lora_cfg.alpha),
+                       quantize_base=lora_cfg.quantize_base, adapted=len(adapted))
+  else:
+    param_count = int(sum(math.prod(p.shape) for p in jax.tree.leaves(run.abstract_params)))
+    lora_report = None
   return dict(
       model=cfg.model.type,
-      param_count=int(sum(math.prod(p.shape) for p in jax.tree.leaves(run.abstract_params))),
-      trainable_param_count=int(sum(math.prod(p.shape) for p in jax.tree.leaves(trainable))),
+      param_count=param_count,
+      trainable_param_count=trainable_count,
+      frozen_param_count=param_count - trainable_count,
+      lora=lora_report,
       backend=resolved.backend,
       device_kind=devices[0].device_kind,
       devices=n,
@@ -156,6 +170,14 @@ def plan(cfg: ConfigDict, num_devices: int | None = None, *,
   )
 
 
+def _count(n: int) -> str:
+  """A parameter count at a readable scale: 8.191 B, 43.6 M, 12.3 K."""
+  for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+    if n >= scale:
+      return f"{n / scale:.3f} {unit}" if unit == "B" else f"{n / scale:.1f} {unit}"
+  return str(n)
+
+
 def format_report(report: dict) -> str:
   """The human-readable table."""
   gib = lambda b: f"{b / GIB:10.3f} GiB"
@@ -164,11 +186,21 @@ def format_report(report: dict) -> str:
   mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items())
   lines = [
       f"jaxtune plan: {report['model']}, {report['param_count'] / 1e9:.3f} B params "
-      f"({report['trainable_param_count'] / 1e9:.3f} B trainable) on {report['devices']} x "
+      f"({_count(report['trainable_param_count'])} trainable, "
+      f"{_count(report['frozen_param_count'])} frozen) on {report['devices']} x "
       f"{report['device_kind']} ({report['backend']}), mesh {mesh}",
       f"  step: {report['global_batch_size']} rows x {report['pack_max_length']} tokens = "
       f"{report['tokens_per_step']:,} tokens, {report['micro_batches']} micro-batch(es)"
       + (f", {report['max_tiles']} tile slots per row" if report["max_tiles"] else ""),
+  ]
+  lora_report = report.get("lora")
+  if lora_report:
+    base = lora_report["quantize_base"]
+    base = report["compute_dtype"] if base == "none" else base
+    lines.append(f"  LoRA: rank {lora_report['rank']}, alpha {lora_report['alpha']:g} on "
+                 f"{lora_report['adapted']} adapted weights; the base frozen in {base}, "
+                 "the adapters and their optimizer state float32")
+  lines += [
       f"  dtypes: params {report['param_dtype']}, compute {report['compute_dtype']}, "
       f"optimizer state {report['optimizer_state_dtype']}; remat {report['remat']}, attention "
       f"{report['attention']}",

@@ -16,6 +16,7 @@ from ml_collections import ConfigDict
 from safetensors.numpy import load_file
 
 from jaxtune import models
+from jaxtune.models import lora
 from jaxtune.config import to_json
 from jaxtune.ops import quant
 from jaxtune.parallel import make_mesh
@@ -177,3 +178,68 @@ def test_qlora_nf4_run_lowers_the_loss_and_exports_the_dequantised_merge(lora_ru
     np.testing.assert_allclose(merged[name], dequantised + ALPHA / RANK * delta, atol=1e-5,
                                err_msg=name)
     assert np.abs(dequantised - value).max() > 0  # the export is of the quantised base
+
+
+def _mini_lora(tmp_path, steps: int):
+  from jaxtune.recipes import sft_mini_lora  # pylint: disable=import-outside-toplevel
+  cfg = sft_mini_lora.get_config()
+  cfg.work_dir = str(tmp_path / "work")
+  cfg.progress_bar, cfg.epoch_num, cfg.total_steps = False, None, steps
+  cfg.eval_datasets, cfg.eval_interval = [], -1
+  cfg.global_batch_size, cfg.data.pack_max_length = 4, 1024
+  return cfg
+
+
+def test_sft_mini_lora_recipe_is_the_seed_recipe_with_lora():
+  from jaxtune.recipes import sft_mini, sft_mini_lora  # pylint: disable=import-outside-toplevel
+  real, seed = (m.get_config("load_from=/nonexistent/Intern-S1-mini")
+                for m in (sft_mini_lora, sft_mini))
+  assert (real.lora.rank, real.lora.alpha, real.optim.lr) == (16, 32.0, 1e-4)
+  assert real.lora.targets == seed.lora.targets  # every projection of the language model
+  assert real.model.freeze_vision and real.model.freeze_projector
+  assert real.data.to_dict() == seed.data.to_dict()
+  assert sft_mini_lora.get_config().model.type == "intern_s1"
+
+
+@pytest.mark.slow
+def test_sft_mini_lora_plans_the_adapters_only_and_trains(tmp_path):
+  """The planner's figures are the LoRA model's: the adapters train (optimizer state for them
+  alone), the rest is frozen; the miniature trains two steps, the vision tower and projector
+  and every untargeted tensor exported as the base's."""
+  from jaxtune.plan import format_report, plan  # pylint: disable=import-outside-toplevel
+  cfg = _mini_lora(tmp_path, steps=2)
+  report = plan(cfg, num_devices=1)
+  family = models.family(cfg.model.type)
+  base = models.param_count(cfg.model)
+  shapes = {p: s for p, s in lora._param_shapes(family, cfg.model).items()}  # pylint: disable=protected-access
+  adapted = lora.lora_targets(family, cfg.model, tuple(cfg.lora.targets))
+  expected = sum(int(np.prod(shapes[p][:-1])) * 16 + int(np.prod(shapes[p][:-2])) * 16
+                 * shapes[p][-1] for p in adapted)
+  assert report["trainable_param_count"] == expected
+  assert report["param_count"] == base + expected
+  assert report["frozen_param_count"] == base
+  assert report["opt_state_bytes"] == 2 * 4 * expected + 4
+  assert report["lora"]["adapted"] == len(adapted) == 7
+  assert "trainable" in format_report(report) and "LoRA: rank 16" in format_report(report)
+
+  summary = Trainer(cfg).fit()
+  run_dir = summary["run_dir"]
+  assert os.path.isdir(os.path.join(run_dir, "adapter-2"))
+  with open(os.path.join(run_dir, "adapter-2", "adapter_config.json")) as f:
+    targets = json.load(f)["target_modules"]
+  # The vision tower has q_proj etc. too: PEFT gets a regex of the language model's modules.
+  import re  # pylint: disable=import-outside-toplevel
+  assert isinstance(targets, str)
+  assert re.fullmatch(targets, "model.language_model.layers.1.mlp.down_proj")
+  assert re.fullmatch(targets, "model.language_model.layers.0.self_attn.q_proj")
+  assert not any(re.fullmatch(targets, n.removesuffix(".weight"))
+                 for n in _tensors(os.path.join(run_dir, "hf-2")) if "language_model" not in n)
+  # The random base the run started from, exported without adapters.
+  model = models.create_model(cfg.model, make_mesh({}, jax.devices()[:1]),
+                              param_dtype="float32", compute_dtype="float32", seed=cfg.seed)
+  start = models.export_hf(model, cfg.model, str(tmp_path / "start"), dtype="float32")
+  before, after = _tensors(start), _tensors(os.path.join(run_dir, "hf-2"))
+  assert sorted(before) == sorted(after)
+  for name, value in before.items():
+    targeted = ".language_model.layers." in name and "_proj." in name
+    assert (after[name].tobytes() == value.tobytes()) != targeted, name

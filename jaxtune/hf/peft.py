@@ -95,15 +95,30 @@ def adapter_tensors(params: Mapping, table: tuple[HFWeight, ...], adapters: Adap
   return out
 
 
-def target_modules(table: tuple[HFWeight, ...], adapters: Adapters) -> list[str]:
+def target_modules(table: tuple[HFWeight, ...], adapters: Adapters) -> list[str] | str:
   """PEFT's `target_modules`: the last component of each adapted module name (q_proj, ...),
-  sorted. Checked to select exactly the adapted modules (else the full names' regex)."""
+  sorted, when those select exactly the adapted modules; else (e.g. Intern-S1, whose vision
+  tower has q_proj too) a regex PEFT matches in full against module names, each adapted row's
+  name with its indices as digit patterns (or its HF ids)."""
   rows = adapted_rows(table, adapters)
   suffixes = sorted({module_name(entry).rsplit(".", 1)[-1] for entry in rows})
   linear = _linear_modules(table)
   if {m for m in linear if _peft_matches(suffixes, m)} == {_example(e) for e in rows}:
     return suffixes
-  return sorted(_example(entry) for entry in rows)
+  return "(?:" + "|".join(_module_regex(entry) for entry in rows) + ")"
+
+
+def _module_regex(entry: HFWeight) -> str:
+  r"""A regex of every module name of a row: `model\.layers\.\d+\.self_attn\.q_proj`."""
+  ids = dict(entry.ids)
+  values = {name: ("(?:" + "|".join(map(str, ids[name])) + ")" if name in ids else r"\d+")
+            for name in entry.indices}
+  parts = module_name(entry).split("{")
+  out = re.escape(parts[0])
+  for part in parts[1:]:
+    name, _, rest = part.partition("}")
+    out += values[name] + re.escape(rest)
+  return out
 
 
 def write_adapter(model, table: tuple[HFWeight, ...], adapters: Adapters, out_dir: str, *,
