@@ -7,6 +7,8 @@ One checkpoint is `checkpoints/<step>/` with four items:
   progress   JSON: step, epoch, consumed tokens, seeds, the data iterator state;
   config     JSON: the resolved recipe the run was started with.
 Keeping params apart from the optimizer lets a weights-only load read just the parameters.
+A LoRA run saves the adapters alone as its `state` (the trainer passes them; the frozen base is
+rebuilt from `load_from` on restore: jaxtune.train.lora_run).
 
 Saving is asynchronous: `save` returns once the arrays are copied to host memory and Orbax
 writes them in the background into `<step>.orbax-checkpoint-tmp`, renamed to `<step>` only when
