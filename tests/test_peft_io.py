@@ -257,3 +257,62 @@ def test_recipe_validation_checks_lora_init_from(qwen3):
   cfg.lora.rank = 16
   with pytest.raises(config_lib.ConfigError, match=r"lora.init_from=.*r=4.*--config.lora.rank=4"):
     config_lib._check_lora(cfg)  # pylint: disable=protected-access
+
+
+def test_qwen3_moe_expert_adapters_round_trip_and_merge_per_expert(qwen3_moe, tmp_path):
+  """Expert adapters (the default targets) in PEFT's per-expert names: written, read back
+  equal, and the merged export's expert weights are W_e + alpha/r B_e A_e from the file."""
+  from jaxtune.hf.weights import flat_params  # pylint: disable=import-outside-toplevel
+  _, base_dir, _ = qwen3_moe
+  cfg = presets.from_hf(base_dir)
+  lora_cfg = _lora_cfg()
+  adapters = _adapter_map(cfg, lora_cfg)
+  assert any(not p.endswith(".kernel") for p in adapters)  # the experts are adapted
+  table = models.family(cfg.type).hf_weight_map(cfg)
+
+  def build():
+    model = models.abstract_model(cfg, _mesh(), param_dtype="float32", compute_dtype="float32",
+                                  lora=lora_cfg)
+    return models.load_hf_weights(model, base_dir)
+  model, rng = build(), np.random.default_rng(5)
+  params = flat_params(model)
+  for pair in adapters.values():
+    for path in pair:
+      value = params[path].get_value()
+      params[path].set_value(jax.device_put(
+          rng.normal(0, 0.2, value.shape).astype(np.float32), value.sharding))
+  out = peft_io.write_adapter(model, table, adapters, str(tmp_path / "adapter"), rank=RANK,
+                              alpha=ALPHA)
+  written = load_file(os.path.join(out, "adapter_model.safetensors"))
+  name = "base_model.model.model.layers.1.mlp.experts.3.up_proj"
+  assert written[name + ".lora_A.weight"].shape == (RANK, MOE["hidden_size"])
+  assert written[name + ".lora_B.weight"].shape == (MOE["moe_intermediate_size"], RANK)
+
+  again = build()
+  peft_io.read_adapter(again, out, table, adapters)
+  params_again = flat_params(again)
+  for pair in adapters.values():
+    for path in pair:
+      np.testing.assert_array_equal(np.asarray(params_again[path].get_value()),
+                                    np.asarray(params[path].get_value()))
+
+  merged = _tensors_of(models.export_hf(model, cfg, str(tmp_path / "merged"), dtype="float32",
+                                        adapters=adapters, scale=ALPHA / RANK))
+  base = _tensors_of(base_dir)
+  assert sorted(merged) == sorted(base)
+  for hf_name, value in base.items():
+    module = "base_model.model." + hf_name.removesuffix(".weight")
+    if module + ".lora_A.weight" in written:
+      delta = written[module + ".lora_B.weight"] @ written[module + ".lora_A.weight"]
+      np.testing.assert_allclose(merged[hf_name], value + ALPHA / RANK * delta, atol=1e-5,
+                                 err_msg=hf_name)
+    else:
+      assert merged[hf_name].tobytes() == value.tobytes(), hf_name
+
+
+def _tensors_of(directory) -> dict:
+  out = {}
+  for name in os.listdir(directory):
+    if name.endswith(".safetensors"):
+      out.update(load_file(os.path.join(directory, name)))
+  return out
