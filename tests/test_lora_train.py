@@ -243,3 +243,21 @@ def test_sft_mini_lora_plans_the_adapters_only_and_trains(tmp_path):
   for name, value in before.items():
     targeted = ".language_model.layers." in name and "_proj." in name
     assert (after[name].tobytes() == value.tobytes()) != targeted, name
+
+
+@pytest.mark.slow
+def test_init_from_an_exported_adapter_starts_at_the_merged_models_loss(lora_run, tmp_path):
+  """lora.init_from=adapter-6 on the base: step 1's loss (taken before the update) equals that
+  of a full fine-tune starting from the merged hf-6 on the same batch."""
+  ref_cfg, ref_summary, _ = lora_run
+  run_dir = ref_summary["run_dir"]
+  cfg = resumed_config(ref_cfg, str(tmp_path / "lora"), total_steps=1, checkpoint_interval=-1)
+  cfg.lora.init_from = os.path.join(run_dir, "adapter-6")
+  lora_loss = read_metrics(Trainer(cfg).fit()["run_dir"])[0]["loss"]
+  full = resumed_config(ref_cfg, str(tmp_path / "full"), total_steps=1, checkpoint_interval=-1,
+                        load_from=os.path.join(run_dir, "hf-6"))
+  full.lora.rank = 0
+  full_loss = read_metrics(Trainer(full).fit()["run_dir"])[0]["loss"]
+  first_loss = read_metrics(run_dir)[0]["loss"]
+  np.testing.assert_allclose(lora_loss, full_loss, rtol=1e-5)
+  assert lora_loss < first_loss  # the adapters' training is there
