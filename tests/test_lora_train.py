@@ -211,7 +211,7 @@ def test_sft_mini_lora_plans_the_adapters_only_and_trains(tmp_path):
   report = plan(cfg, num_devices=1)
   family = models.family(cfg.model.type)
   base = models.param_count(cfg.model)
-  shapes = {p: s for p, s in lora._param_shapes(family, cfg.model).items()}  # pylint: disable=protected-access
+  shapes = lora._param_shapes(family, cfg.model)  # pylint: disable=protected-access
   adapted = lora.lora_targets(family, cfg.model, tuple(cfg.lora.targets))
   expected = sum(int(np.prod(shapes[p][:-1])) * 16 + int(np.prod(shapes[p][:-2])) * 16
                  * shapes[p][-1] for p in adapted)
