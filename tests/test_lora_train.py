@@ -150,10 +150,10 @@ def test_sigkill_then_auto_resume_of_a_lora_run_is_exact(lora_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_qlora_nf4_run_lowers_the_loss_and_exports_the_dequantised_merge(lora_run, tmp_path):
+def test_qlora_nf4_run_trains_exports_the_dequantised_merge_and_resumes(lora_run, tmp_path):
   """lora.quantize_base='nf4': the run trains, its checkpoint holds no base (the codes are
-  rebuilt from load_from), and hf-6 is the dequantised base + the adapters (untargeted tensors
-  the base's bits; targeted ones within nf4's error of the base)."""
+  rebuilt from load_from), hf-6 is the dequantised base + the adapters (untargeted tensors the
+  base's bits), and SIGKILL + auto_resume continues exactly."""
   ref_cfg, _, base_dir = lora_run
   cfg = resumed_config(ref_cfg, str(tmp_path / "work"), hf_interval=6)
   cfg.lora.quantize_base = "nf4"
@@ -178,6 +178,17 @@ def test_qlora_nf4_run_lowers_the_loss_and_exports_the_dequantised_merge(lora_ru
     np.testing.assert_allclose(merged[name], dequantised + ALPHA / RANK * delta, atol=1e-5,
                                err_msg=name)
     assert np.abs(dequantised - value).max() > 0  # the export is of the quantised base
+
+  # SIGKILL after step 4's checkpoint + auto_resume: the base quantised again, the same steps.
+  killed = resumed_config(cfg, str(tmp_path / "killed"))
+  proc = subprocess.run([python(), "-c", _KILL_DRIVER, to_json(killed), "4"], cwd=tmp_path,
+                        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  killed = ConfigDict(killed.to_dict())
+  killed.auto_resume = True
+  resumed = Trainer(killed).fit()
+  assert resumed["steps_this_session"] == 2
+  assert exact(read_metrics(resumed["run_dir"])) == exact(read_metrics(summary["run_dir"]))
 
 
 def _mini_lora(tmp_path, steps: int):
