@@ -116,16 +116,14 @@ def _transformed(entry: HFWeight, source: np.ndarray, element_shapes, name: str
   return parts
 
 
-def load_hf_weights(model: nnx.Module, hf_dir: str, family: HFFamily, *,
-                    skip: frozenset[str] | set[str] = frozenset()) -> nnx.Module:
+def load_hf_weights(model: nnx.Module, hf_dir: str, family: HFFamily) -> nnx.Module:
   """Fills `model`'s params (concrete or abstract) from the HF checkpoint in `hf_dir`, cast to
   each param's dtype and placed in its sharding; returns the model (also updated in place).
 
   family: the model's family (its `hf_weight_map(model.config)` names the tensors);
-  `jaxtune.models.load_hf_weights(model, hf_dir)` passes the registered one.
-  skip: param paths the checkpoint does not hold (a LoRA model's adapters), left as they are."""
+  `jaxtune.models.load_hf_weights(model, hf_dir)` passes the registered one."""
   table = family.hf_weight_map(model.config)
-  params = {path: var for path, var in flat_params(model).items() if path not in skip}
+  params = flat_params(model)
   tensors = open_checkpoint(hf_dir)
   check_checkpoint(params, table, tensors, hf_dir)
 
