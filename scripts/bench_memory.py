@@ -16,6 +16,12 @@ rows, global batch 8, chunked loss):
                   ways (the least state per device; one layer's experts are gathered at a
                   time). qwen3_30b_a3b_ep: the recipe's expert=8 instead (experts split over
                   devices, the rest replicated: more state per device, no expert gathers).
+LoRA (issue 24; the base frozen in bf16, adapters and their AdamW state in float32):
+  qwen3_8b_lora   Qwen3-8B, LoRA rank 16 on the seven projections, one device: <= 30 GiB.
+  qwen3_8b_qlora  the same with lora.quantize_base='nf4': <= 16 GiB.
+  intern_s1_mini_lora  Intern-S1-mini (InternViT-300M + Qwen3-8B), LoRA rank 16 on the language
+                  model, vision tower and projector frozen, one device, image tiles up to the
+                  data's bound (pack_max_length // 256): fits a 24 GiB device.
 """
 
 from __future__ import annotations
@@ -28,13 +34,19 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUDGET_GIB = {"qwen3_8b": 40.0}
-# case -> (preset function, devices, mesh)
+BUDGET_GIB = {"qwen3_8b": 40.0, "qwen3_8b_lora": 30.0, "qwen3_8b_qlora": 16.0,
+              "intern_s1_mini_lora": 24.0}
+ONE = dict(data=1, fsdp=1, tensor=1, expert=1)
+LORA = dict(rank=16, alpha=32.0)
+# case -> (preset function, devices, mesh, lora section overrides)
 CASES = {
-    "qwen3_8b": ("qwen3_8b", 8, dict(data=1, fsdp=8, tensor=1, expert=1)),
-    "qwen3_1_7b": ("qwen3_1_7b", 1, dict(data=1, fsdp=1, tensor=1, expert=1)),
-    "qwen3_30b_a3b": ("qwen3_30b_a3b", 8, dict(data=1, fsdp=8, tensor=1, expert=1)),
-    "qwen3_30b_a3b_ep": ("qwen3_30b_a3b", 8, dict(data=1, fsdp=1, tensor=1, expert=8)),
+    "qwen3_8b": ("qwen3_8b", 8, dict(ONE, fsdp=8), None),
+    "qwen3_1_7b": ("qwen3_1_7b", 1, ONE, None),
+    "qwen3_30b_a3b": ("qwen3_30b_a3b", 8, dict(ONE, fsdp=8), None),
+    "qwen3_30b_a3b_ep": ("qwen3_30b_a3b", 8, dict(ONE, expert=8), None),
+    "qwen3_8b_lora": ("qwen3_8b", 1, ONE, LORA),
+    "qwen3_8b_qlora": ("qwen3_8b", 1, ONE, dict(LORA, quantize_base="nf4")),
+    "intern_s1_mini_lora": ("intern_s1_mini", 1, ONE, LORA),
 }
 
 
@@ -42,9 +54,12 @@ def get_config(case: str | None = None):
   """The recipe of one case (the planner loads this file with `:<case>`)."""
   from jaxtune.config import base_config, dataset  # pylint: disable=import-outside-toplevel
   from jaxtune.models import presets  # pylint: disable=import-outside-toplevel
-  preset, _, mesh = CASES[case or "qwen3_8b"]
+  preset, _, mesh, lora = CASES[case or "qwen3_8b"]
   c = base_config()
   c.model = getattr(presets, preset)()
+  if "vision" in c.model:  # as Intern-S1's LoRA guide: the tower and projector frozen
+    c.model.freeze_vision = c.model.freeze_projector = True
+  c.lora.update(lora or {})
   c.data.datasets = [dataset("sft", "data/sft.jsonl")]  # never read: the planner stands in
   c.data.sample_max_length = 8192
   c.data.pack_max_length = 16384
