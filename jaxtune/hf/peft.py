@@ -36,14 +36,32 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 Adapters = Mapping[str, tuple[str, str]]  # base param path -> (A path, B path)
 
+# PEFT names modules by the transformers model's attribute paths, not by the checkpoint's tensor
+# names: llava-style checkpoints (InternVL-hf's `language_model.model.*`, Intern-S1's
+# "internvl_legacy" layout) are renamed by transformers on load to these module paths.
+_MODULE_PATHS = (("language_model.model.", "model.language_model."),
+                 ("language_model.lm_head.", "lm_head."),
+                 ("vision_tower.", "model.vision_tower."),
+                 ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def module_path(hf_name: str) -> str:
+  """The transformers module path (what PEFT's names and target_modules use) of a tensor or
+  module name of the checkpoint: llava-style prefixes as transformers renames them."""
+  for old, new in _MODULE_PATHS:
+    if hf_name.startswith(old):
+      return new + hf_name.removeprefix(old)
+  return hf_name
+
 
 class AdapterError(ValueError):
   """An adapter directory that does not fit the model or the recipe; names what and the fix."""
 
 
 def module_name(entry: HFWeight) -> str:
-  """The HF module of a Linear row: its tensor name without `.weight` (indices unformatted)."""
-  return entry.hf_name.removesuffix(".weight")
+  """The HF module of a Linear row: its tensor name without `.weight` (indices unformatted), as
+  the transformers model names it (`module_path`)."""
+  return module_path(entry.hf_name.removesuffix(".weight"))
 
 
 def adapted_rows(table: tuple[HFWeight, ...], adapters: Adapters) -> list[HFWeight]:
@@ -65,7 +83,7 @@ def _names(entry: HFWeight, stack_shape: tuple[int, ...]) -> list[tuple[str, str
   """(PEFT name of A, of B, stack position) of every element of an adapted row."""
   out = []
   for name, position in entry.names(stack_shape):
-    module = PEFT_PREFIX + name.removesuffix(".weight")
+    module = PEFT_PREFIX + module_path(name.removesuffix(".weight"))
     out.append((module + ".lora_A.weight", module + ".lora_B.weight", position))
   return out
 
