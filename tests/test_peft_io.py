@@ -257,6 +257,23 @@ def test_qwen3_moe_exported_expert_adapter_in_peft_equals_merged_export(qwen3_mo
   _check_read_back(cfg, base_dir, out, table, adapters, params)
 
 
+def test_qwen3_moe_fused_gate_up_that_is_not_two_adapters_is_named(qwen3_moe, tmp_path):
+  """A gate_up_proj adapter of rank 2r whose B is not block-diagonal is not a pair of rank-r
+  gate / up adapters: lora.init_from names it."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  _, base_dir, _ = qwen3_moe
+  cfg, model, adapters, table, _ = _random_expert_adapters(base_dir, seed=9)
+  out = peft_io.write_adapter(model, table, adapters, str(tmp_path / "adapter"), rank=RANK,
+                              alpha=ALPHA)
+  path = os.path.join(out, "adapter_model.safetensors")
+  tensors = load_file(path)
+  tensors["base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"][0, -1] = 1.0
+  save_file(tensors, path)
+  with pytest.raises(peft_io.AdapterError, match=r"layers\.0\.mlp\.experts\.base_layer\.lora_B"
+                     r".*not block-diagonal"):
+    peft_io.read_adapter(models.load_hf_weights(_build(cfg), base_dir), out, table, adapters)
+
+
 def _random_expert_adapters(base_dir, seed):
   """(cfg, our model with random non-zero A and B on every default target, adapters, table,
   flat params)."""
@@ -399,7 +416,8 @@ def test_qwen3_moe_per_expert_adapter_reads_and_merge_is_per_expert(qwen3_moe, t
   for entry in peft_io.adapted_rows(table, adapters):
     a_path, b_path = adapters[entry.paths[0]]
     a, b = (np.asarray(params[p].get_value()) for p in (a_path, b_path))
-    for a_name, b_name, position in peft_io._names(entry, a.shape[:len(entry.indices)]):  # pylint: disable=protected-access
+    names = peft_io._names(entry, a.shape[:len(entry.indices)])  # pylint: disable=protected-access
+    for a_name, b_name, position in names:
       legacy[a_name], legacy[b_name] = a[position].T.copy(), b[position].T.copy()
   out = tmp_path / "legacy"
   os.makedirs(out)

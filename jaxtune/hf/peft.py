@@ -11,8 +11,9 @@ Names come from the family's HF table (`jaxtune.hf.weights.HFWeight` rows): a ro
 one pair per stack element (layer, expert), the indices formatted as the base row's. PEFT's
 scale is lora_alpha / r, as ours. MoE experts (`<experts>.{expert}.gate_proj|up_proj|down_proj`
 rows) are written as PEFT adapts transformers 5's fused expert parameters
-(`target_parameters`; see `FusedExperts`); both layouts are read. This module knows no family and no LoRA layer: the caller
-passes the table and `adapters`, base path -> (A path, B path) (`jaxtune.models` binds them).
+(`target_parameters`; see `FusedExperts`); both layouts are read. This module knows no family
+and no LoRA layer: the caller passes the table and `adapters`, base path -> (A path, B path)
+(`jaxtune.models` binds them).
 
 Adapters are small (rank x (in + out) per layer), so a whole adapter tensor is gathered to the
 host; only process 0 writes.
