@@ -1,6 +1,7 @@
 """LoRA adapters in and out in PEFT's format, against peft + transformers on the CPU: a PEFT
 adapter with non-zero A and B (made by peft itself) loaded with `lora.init_from` gives peft's
-logits, loss and A/B gradients (tiny Qwen3 and Qwen3-MoE); our exported adapter loaded by
+logits, loss and A/B gradients (tiny Qwen3 and Qwen3-MoE, experts as peft's fused
+`target_parameters` included); our exported adapter (Qwen3-MoE experts too) loaded by
 `peft.PeftModel.from_pretrained` gives the merged export's logits in transformers, and the
 tensors LoRA does not target are the base's bit for bit; the adapter config check's errors."""
 
@@ -36,6 +37,7 @@ MOE = dict(vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediat
 RANK, ALPHA = 4, 8.0
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ATTENTION_TARGETS = (r"(^|\.)layers\.\d+\.self_attn\.[qkvo]_proj$",)
+FUSED_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def _lora_cfg(targets=lora.DEFAULT_LORA_TARGETS, init_from=None, rank=RANK, alpha=ALPHA):
@@ -43,8 +45,8 @@ def _lora_cfg(targets=lora.DEFAULT_LORA_TARGETS, init_from=None, rank=RANK, alph
                          init_from=init_from, quantize_base="none"))
 
 
-def _reference(tmp_path_factory, name, model, target_modules):
-  """(torch base, peft model with random non-zero A and B, base dir, adapter dir)."""
+def _reference(tmp_path_factory, name, model, target_modules, target_parameters=None):
+  """(peft model with random non-zero A and B, base dir, adapter dir)."""
   with torch.no_grad():
     for param in model.parameters():
       param.normal_(0.0, 0.3)
@@ -52,7 +54,8 @@ def _reference(tmp_path_factory, name, model, target_modules):
   model.save_pretrained(base_dir)
   peft_model = peft.get_peft_model(
       model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=target_modules,
-                             lora_dropout=0.0, init_lora_weights=False))
+                             target_parameters=target_parameters, lora_dropout=0.0,
+                             init_lora_weights=False))
   with torch.no_grad():
     for name_, param in peft_model.named_parameters():
       if "lora_" in name_:
@@ -75,6 +78,14 @@ def qwen3_moe(tmp_path_factory):
   torch.manual_seed(1)
   model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**MOE))
   return _reference(tmp_path_factory, "moe", model, ATTENTION)
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe_experts(tmp_path_factory):
+  """Attention and expert adapters as peft makes them on transformers 5's fused experts."""
+  torch.manual_seed(2)
+  model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**MOE))
+  return _reference(tmp_path_factory, "moe_experts", model, ATTENTION, FUSED_PARAMETERS)
 
 
 def _mesh():
@@ -141,6 +152,9 @@ def _check_parity(reference, lora_cfg, vocab):
   torch_params = dict(peft_model.named_parameters())
   checked = 0
   for base_path, (a_path, b_path) in adapters.items():
+    if not base_path.endswith(".kernel"):  # experts: fused in peft
+      checked += _check_expert_grads(torch_params, grads, base_path, a_path, b_path)
+      continue
     module = base_path.removesuffix(".kernel").replace("model.layers.", "")
     for layer in range(grads[a_path].shape[0]):
       prefix = f"base_model.model.model.layers.{layer}.{module}"
@@ -153,14 +167,146 @@ def _check_parity(reference, lora_cfg, vocab):
   assert not any(np.abs(g).max() == 0 for g in grads.values())
 
 
+def _check_expert_grads(torch_params, grads, base_path, a_path, b_path):
+  """Our expert adapters' gradients against peft's fused ones (rank r: gate and up share A,
+  so peft's A gradient is the sum of ours)."""
+  proj = base_path.rsplit(".", 1)[-1]
+  layers, experts = grads[a_path].shape[:2]
+  for layer in range(layers):
+    prefix = f"base_model.model.model.layers.{layer}.mlp.experts"
+    prefix += ".base_layer" if proj != "down_proj" else ""
+    grad_a = torch_params[f"{prefix}.lora_A.default.weight"].grad.numpy()
+    grad_b = torch_params[f"{prefix}.lora_B.default.weight"].grad.numpy()
+    grad_a = grad_a.reshape(experts, RANK, -1)
+    grad_b = grad_b.reshape(grad_b.shape[0], RANK, experts).transpose(2, 0, 1)
+    f = MOE["moe_intermediate_size"]
+    if proj == "down_proj":
+      ours_a, theirs_b = grads[a_path][layer], grad_b
+    else:
+      other = a_path.replace(proj, "up_proj" if proj == "gate_proj" else "gate_proj")
+      ours_a = grads[a_path][layer] + grads[other][layer]
+      theirs_b = grad_b[:, :f] if proj == "gate_proj" else grad_b[:, f:]
+    np.testing.assert_allclose(ours_a.transpose(0, 2, 1), grad_a, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(grads[b_path][layer].transpose(0, 2, 1), theirs_b, atol=2e-5,
+                               rtol=1e-4)
+  return layers
+
+
 def test_qwen3_init_from_peft_gives_peft_logits_loss_and_gradients(qwen3):
   _check_parity(qwen3, _lora_cfg(), QWEN3["vocab_size"])
 
 
 def test_qwen3_moe_init_from_peft_gives_peft_logits_loss_and_gradients(qwen3_moe):
-  """Attention adapters (peft on transformers 5 wraps the fused expert tensors, not the
-  per-expert Linears our expert adapters name: see docs/training.md)."""
+  """Attention adapters only (the expert adapters: the tests below)."""
   _check_parity(qwen3_moe, _lora_cfg(ATTENTION_TARGETS), MOE["vocab_size"])
+
+
+def test_qwen3_moe_init_from_peft_expert_adapter_gives_peft_logits_loss_and_gradients(
+    qwen3_moe_experts):
+  """peft's LoRA on the fused expert parameters (target_parameters, gate_up of rank r: gate
+  and up share A) read into our per-expert adapters; the config check accepts it."""
+  _, base_dir, adapter_dir = qwen3_moe_experts
+  with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+    assert sorted(json.load(f)["target_parameters"]) == sorted(FUSED_PARAMETERS)
+  cfg = presets.from_hf(base_dir)
+  adapted = lora.lora_targets(models.family(cfg.type), cfg, lora.DEFAULT_LORA_TARGETS)
+  peft_io.check_adapter_config(adapter_dir, models.family(cfg.type).hf_weight_map(cfg), adapted,
+                               rank=RANK, alpha=ALPHA)
+  _check_parity(qwen3_moe_experts, _lora_cfg(), MOE["vocab_size"])
+
+
+def test_qwen3_moe_exported_expert_adapter_in_peft_equals_merged_export(qwen3_moe, tmp_path):
+  """Our expert adapters written as peft's fused-parameter LoRA (gate_up of rank 2r =
+  blockdiag, alpha 2 alpha) load in peft onto transformers' model with the merged export's
+  logits, and read back through lora.init_from (and its config check) unchanged."""
+  _, base_dir, _ = qwen3_moe
+  cfg, model, adapters, table, params = _random_expert_adapters(base_dir, seed=7)
+  out = peft_io.write_adapter(model, table, adapters, str(tmp_path / "adapter"), rank=RANK,
+                              alpha=ALPHA, base_model_name_or_path=base_dir)
+  with open(os.path.join(out, "adapter_config.json")) as f:
+    config = json.load(f)
+  assert config["target_parameters"] == sorted(FUSED_PARAMETERS)
+  assert config["target_modules"] == sorted(ATTENTION)
+  assert (config["rank_pattern"], config["alpha_pattern"]) == ({"gate_up_proj": 2 * RANK},
+                                                                {"gate_up_proj": 2 * ALPHA})
+  written = load_file(os.path.join(out, "adapter_model.safetensors"))
+  e, d, f = MOE["num_experts"], MOE["hidden_size"], MOE["moe_intermediate_size"]
+  prefix = "base_model.model.model.layers.1.mlp.experts"
+  assert written[prefix + ".base_layer.lora_A.weight"].shape == (e * 2 * RANK, d)
+  assert written[prefix + ".base_layer.lora_B.weight"].shape == (2 * f, 2 * RANK * e)
+  assert written[prefix + ".lora_A.weight"].shape == (e * RANK, f)
+  assert written[prefix + ".lora_B.weight"].shape == (d, RANK * e)
+  assert not any(".experts.0." in name for name in written)
+
+  merged = models.export_hf(model, cfg, str(tmp_path / "merged"), dtype="float32",
+                            adapters=adapters, scale=ALPHA / RANK)
+  ids = torch.from_numpy(_ids(MOE["vocab_size"], seed=3)[None]).long()
+  base = transformers.Qwen3MoeForCausalLM.from_pretrained(base_dir).eval()
+  with torch.no_grad():
+    base_logits = base(ids).logits.numpy()
+  loaded = peft.PeftModel.from_pretrained(base, out).eval()
+  merged_model = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+  with torch.no_grad():
+    via_peft = loaded(ids).logits.numpy()
+    via_merged = merged_model(ids).logits.numpy()
+  np.testing.assert_allclose(via_merged, via_peft, atol=1e-4, rtol=1e-4)
+  assert np.abs(via_merged - base_logits).max() > 1e-2  # LoRA counts
+
+  adapted = tuple(adapters)
+  peft_io.check_adapter_config(out, table, adapted, rank=RANK, alpha=ALPHA)
+  _check_read_back(cfg, base_dir, out, table, adapters, params)
+
+
+def test_qwen3_moe_fused_gate_up_that_is_not_two_adapters_is_named(qwen3_moe, tmp_path):
+  """A gate_up_proj adapter of rank 2r whose B is not block-diagonal is not a pair of rank-r
+  gate / up adapters: lora.init_from names it."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  _, base_dir, _ = qwen3_moe
+  cfg, model, adapters, table, _ = _random_expert_adapters(base_dir, seed=9)
+  out = peft_io.write_adapter(model, table, adapters, str(tmp_path / "adapter"), rank=RANK,
+                              alpha=ALPHA)
+  path = os.path.join(out, "adapter_model.safetensors")
+  tensors = load_file(path)
+  tensors["base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"][0, -1] = 1.0
+  save_file(tensors, path)
+  with pytest.raises(peft_io.AdapterError, match=r"layers\.0\.mlp\.experts\.base_layer\.lora_B"
+                     r".*not block-diagonal"):
+    peft_io.read_adapter(models.load_hf_weights(_build(cfg), base_dir), out, table, adapters)
+
+
+def _random_expert_adapters(base_dir, seed):
+  """(cfg, our model with random non-zero A and B on every default target, adapters, table,
+  flat params)."""
+  from jaxtune.hf.weights import flat_params  # pylint: disable=import-outside-toplevel
+  cfg = presets.from_hf(base_dir)
+  lora_cfg = _lora_cfg()
+  adapters = _adapter_map(cfg, lora_cfg)
+  assert any(not p.endswith(".kernel") for p in adapters)  # the experts are adapted
+  table = models.family(cfg.type).hf_weight_map(cfg)
+  model = models.load_hf_weights(_build(cfg), base_dir)
+  params, rng = flat_params(model), np.random.default_rng(seed)
+  for pair in adapters.values():
+    for path in pair:
+      value = params[path].get_value()
+      params[path].set_value(jax.device_put(
+          rng.normal(0, 0.2, value.shape).astype(np.float32), value.sharding))
+  return cfg, model, adapters, table, params
+
+
+def _build(cfg):
+  return models.abstract_model(cfg, _mesh(), param_dtype="float32", compute_dtype="float32",
+                               lora=_lora_cfg())
+
+
+def _check_read_back(cfg, base_dir, adapter_dir, table, adapters, params):
+  from jaxtune.hf.weights import flat_params  # pylint: disable=import-outside-toplevel
+  again = models.load_hf_weights(_build(cfg), base_dir)
+  peft_io.read_adapter(again, adapter_dir, table, adapters)
+  params_again = flat_params(again)
+  for pair in adapters.values():
+    for path in pair:
+      np.testing.assert_allclose(np.asarray(params_again[path].get_value()),
+                                 np.asarray(params[path].get_value()), rtol=1e-6, atol=1e-7)
 
 
 def test_exported_adapter_in_peft_equals_merged_export_in_transformers(qwen3, tmp_path):
@@ -259,42 +405,30 @@ def test_recipe_validation_checks_lora_init_from(qwen3):
     config_lib._check_lora(cfg)  # pylint: disable=protected-access
 
 
-def test_qwen3_moe_expert_adapters_round_trip_and_merge_per_expert(qwen3_moe, tmp_path):
-  """Expert adapters (the default targets) in PEFT's per-expert names: written, read back
-  equal, and the merged export's expert weights are W_e + alpha/r B_e A_e from the file."""
-  from jaxtune.hf.weights import flat_params  # pylint: disable=import-outside-toplevel
+def test_qwen3_moe_per_expert_adapter_reads_and_merge_is_per_expert(qwen3_moe, tmp_path):
+  """An adapter in transformers 4's per-expert module names (jaxtune's earlier export; peft
+  converts it on load too) still reads through lora.init_from; the merged export's expert
+  weights are W_e + alpha/r B_e A_e."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   _, base_dir, _ = qwen3_moe
-  cfg = presets.from_hf(base_dir)
-  lora_cfg = _lora_cfg()
-  adapters = _adapter_map(cfg, lora_cfg)
-  assert any(not p.endswith(".kernel") for p in adapters)  # the experts are adapted
-  table = models.family(cfg.type).hf_weight_map(cfg)
-
-  def build():
-    model = models.abstract_model(cfg, _mesh(), param_dtype="float32", compute_dtype="float32",
-                                  lora=lora_cfg)
-    return models.load_hf_weights(model, base_dir)
-  model, rng = build(), np.random.default_rng(5)
-  params = flat_params(model)
-  for pair in adapters.values():
-    for path in pair:
-      value = params[path].get_value()
-      params[path].set_value(jax.device_put(
-          rng.normal(0, 0.2, value.shape).astype(np.float32), value.sharding))
-  out = peft_io.write_adapter(model, table, adapters, str(tmp_path / "adapter"), rank=RANK,
-                              alpha=ALPHA)
-  written = load_file(os.path.join(out, "adapter_model.safetensors"))
-  name = "base_model.model.model.layers.1.mlp.experts.3.up_proj"
-  assert written[name + ".lora_A.weight"].shape == (RANK, MOE["hidden_size"])
-  assert written[name + ".lora_B.weight"].shape == (MOE["moe_intermediate_size"], RANK)
-
-  again = build()
-  peft_io.read_adapter(again, out, table, adapters)
-  params_again = flat_params(again)
-  for pair in adapters.values():
-    for path in pair:
-      np.testing.assert_array_equal(np.asarray(params_again[path].get_value()),
-                                    np.asarray(params[path].get_value()))
+  cfg, model, adapters, table, params = _random_expert_adapters(base_dir, seed=5)
+  legacy = {}
+  for entry in peft_io.adapted_rows(table, adapters):
+    a_path, b_path = adapters[entry.paths[0]]
+    a, b = (np.asarray(params[p].get_value()) for p in (a_path, b_path))
+    names = peft_io._names(entry, a.shape[:len(entry.indices)])  # pylint: disable=protected-access
+    for a_name, b_name, position in names:
+      legacy[a_name], legacy[b_name] = a[position].T.copy(), b[position].T.copy()
+  out = tmp_path / "legacy"
+  os.makedirs(out)
+  save_file(legacy, str(out / "adapter_model.safetensors"))
+  config = peft_io.adapter_config(table, {p: v for p, v in adapters.items()
+                                          if p.endswith(".kernel")}, rank=RANK, alpha=ALPHA)
+  config["target_modules"] = list(peft_io.PROJECTIONS)
+  with open(out / "adapter_config.json", "w") as f:
+    json.dump(config, f)
+  peft_io.check_adapter_config(str(out), table, tuple(adapters), rank=RANK, alpha=ALPHA)
+  _check_read_back(cfg, base_dir, str(out), table, adapters, params)
 
   merged = _tensors_of(models.export_hf(model, cfg, str(tmp_path / "merged"), dtype="float32",
                                         adapters=adapters, scale=ALPHA / RANK))
@@ -302,8 +436,8 @@ def test_qwen3_moe_expert_adapters_round_trip_and_merge_per_expert(qwen3_moe, tm
   assert sorted(merged) == sorted(base)
   for hf_name, value in base.items():
     module = "base_model.model." + hf_name.removesuffix(".weight")
-    if module + ".lora_A.weight" in written:
-      delta = written[module + ".lora_B.weight"] @ written[module + ".lora_A.weight"]
+    if module + ".lora_A.weight" in legacy:
+      delta = legacy[module + ".lora_B.weight"] @ legacy[module + ".lora_A.weight"]
       np.testing.assert_allclose(merged[hf_name], value + ALPHA / RANK * delta, atol=1e-5,
                                  err_msg=hf_name)
     else:
