@@ -31,6 +31,11 @@ def read_hf_config(path: str) -> dict:
   if not os.path.isfile(file):
     raise FileNotFoundError(f"{path} has no config.json: point it at an HF model directory "
                             "(config.json + *.safetensors).")
+  return read_json(file)
+
+
+def read_json(file: str) -> dict:
+  """A JSON file as a dict; a ValueError naming the file when it does not parse."""
   with open(file, encoding="utf-8") as f:
     try:
       return json.load(f)

@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxtune.hf.files import read_json
 from jaxtune.hf.weights import HFWeight
 
 PEFT_PREFIX = "base_model.model."
@@ -371,11 +372,10 @@ def read_adapter_config(adapter_dir: str) -> dict:
   if not os.path.isfile(path):
     raise AdapterError(f"lora.init_from: {adapter_dir} has no {ADAPTER_CONFIG}; point it at a "
                        "PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
-  with open(path, encoding="utf-8") as f:
-    try:
-      return json.load(f)
-    except ValueError as e:
-      raise AdapterError(f"{path} is not valid JSON: {e}") from None
+  try:
+    return read_json(path)
+  except ValueError as e:
+    raise AdapterError(str(e)) from None
 
 
 def read_adapter(model, adapter_dir: str, table: tuple[HFWeight, ...],
