@@ -194,14 +194,16 @@ def format_report(report: dict) -> str:
       + (f", {report['max_tiles']} tile slots per row" if report["max_tiles"] else ""),
   ]
   lora_report = report.get("lora")
+  params = report["param_dtype"]
   if lora_report:
     base = lora_report["quantize_base"]
     base = report["compute_dtype"] if base == "none" else base
     lines.append(f"  LoRA: rank {lora_report['rank']}, alpha {lora_report['alpha']:g} on "
                  f"{lora_report['adapted']} adapted weights; the base frozen in {base}, "
                  "the adapters and their optimizer state float32")
+    params = f"{base} (base) + float32 (adapters)"
   lines += [
-      f"  dtypes: params {report['param_dtype']}, compute {report['compute_dtype']}, "
+      f"  dtypes: params {params}, compute {report['compute_dtype']}, "
       f"optimizer state {report['optimizer_state_dtype']}; remat {report['remat']}, attention "
       f"{report['attention']}",
       "  per device:",
