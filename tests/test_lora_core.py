@@ -66,7 +66,9 @@ def _vocab(cfg):
   return cfg.text.vocab_size if "text" in cfg else cfg.vocab_size
 
 
-CASES = [QWEN3, MOE, presets.intern_s1_tiny()]
+# Qwen3-MoE and Intern-S1 take ~10 s each here: the fast subset (-m "not slow") runs Qwen3's.
+CASES = [QWEN3, pytest.param(MOE, marks=pytest.mark.slow),
+         pytest.param(presets.intern_s1_tiny(), marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("cfg", CASES, ids=lambda c: c.type)
@@ -197,6 +199,7 @@ def test_the_frozen_base_is_stored_in_the_compute_dtype():
 
 # --- dropout ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dropout_is_deterministic_per_batch_and_changes_the_output():
   batch = _batch(QWEN3.vocab_size)
   outs = {}
@@ -307,6 +310,7 @@ def test_adapters_shard_with_their_base(cfg):
   assert split_any
 
 
+@pytest.mark.slow
 def test_load_hf_weights_fills_the_base_and_inits_the_adapters(tmp_path):
   from jaxtune.hf import export  # pylint: disable=import-outside-toplevel
   mesh = _mesh()

@@ -196,11 +196,13 @@ def test_qwen3_init_from_peft_gives_peft_logits_loss_and_gradients(qwen3):
   _check_parity(qwen3, _lora_cfg(), QWEN3["vocab_size"])
 
 
+@pytest.mark.slow
 def test_qwen3_moe_init_from_peft_gives_peft_logits_loss_and_gradients(qwen3_moe):
   """Attention adapters only (the expert adapters: the tests below)."""
   _check_parity(qwen3_moe, _lora_cfg(ATTENTION_TARGETS), MOE["vocab_size"])
 
 
+@pytest.mark.slow
 def test_qwen3_moe_init_from_peft_expert_adapter_gives_peft_logits_loss_and_gradients(
     qwen3_moe_experts):
   """peft's LoRA on the fused expert parameters (target_parameters, gate_up of rank r: gate
@@ -257,6 +259,7 @@ def test_qwen3_moe_exported_expert_adapter_in_peft_equals_merged_export(qwen3_mo
   _check_read_back(cfg, base_dir, out, table, adapters, params)
 
 
+@pytest.mark.slow
 def test_qwen3_moe_fused_gate_up_that_is_not_two_adapters_is_named(qwen3_moe, tmp_path):
   """A gate_up_proj adapter of rank 2r whose B is not block-diagonal is not a pair of rank-r
   gate / up adapters: lora.init_from names it."""
@@ -405,6 +408,7 @@ def test_recipe_validation_checks_lora_init_from(qwen3):
     config_lib._check_lora(cfg)  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_qwen3_moe_per_expert_adapter_reads_and_merge_is_per_expert(qwen3_moe, tmp_path):
   """An adapter in transformers 4's per-expert module names (jaxtune's earlier export; peft
   converts it on load too) still reads through lora.init_from; the merged export's expert

@@ -97,6 +97,7 @@ def test_forward_equals_float_model_with_dequantized_kernels(kind):
       jnp.dtype(jnp.uint8 if kind == "nf4" else jnp.int8)}
 
 
+@pytest.mark.slow
 def test_moe_experts_dequantize_in_the_grouped_matmul():
   mesh = make_mesh({}, jax.devices()[:1])
   q_model = _model("nf4", mesh, MOE_CFG)
@@ -162,6 +163,7 @@ def test_float_base_loads_and_quantises_again():
   assert "model.layers.self_attn.q_proj.kernel_codes" in _flat(abstract, lora.QuantizedBase)
 
 
+@pytest.mark.slow
 def test_hf_load_into_an_abstract_qlora_model(tmp_path):
   """HF weights fill the float kernels (`adapters_detached`), then each is quantised in the
   codes' sharding: the codes are those of the loaded kernel in the base dtype."""
