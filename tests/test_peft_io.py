@@ -244,15 +244,7 @@ def test_qwen3_moe_exported_expert_adapter_in_peft_equals_merged_export(qwen3_mo
                             adapters=adapters, scale=ALPHA / RANK)
   ids = torch.from_numpy(_ids(MOE["vocab_size"], seed=3)[None]).long()
   base = transformers.Qwen3MoeForCausalLM.from_pretrained(base_dir).eval()
-  with torch.no_grad():
-    base_logits = base(ids).logits.numpy()
-  loaded = peft.PeftModel.from_pretrained(base, out).eval()
-  merged_model = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
-  with torch.no_grad():
-    via_peft = loaded(ids).logits.numpy()
-    via_merged = merged_model(ids).logits.numpy()
-  np.testing.assert_allclose(via_merged, via_peft, atol=1e-4, rtol=1e-4)
-  assert np.abs(via_merged - base_logits).max() > 1e-2  # LoRA counts
+  _assert_peft_gives_the_merged_logits(base, out, merged, ids)
 
   adapted = tuple(adapters)
   peft_io.check_adapter_config(out, table, adapted, rank=RANK, alpha=ALPHA)
@@ -335,15 +327,7 @@ def test_exported_adapter_in_peft_equals_merged_export_in_transformers(qwen3, tm
 
   ids = torch.from_numpy(_ids(QWEN3["vocab_size"], seed=3)[None]).long()
   base = transformers.Qwen3ForCausalLM.from_pretrained(base_dir).eval()
-  with torch.no_grad():
-    base_logits = base(ids).logits.numpy()
-  loaded = peft.PeftModel.from_pretrained(base, ours).eval()  # wraps `base` in place
-  merged_model = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
-  with torch.no_grad():
-    via_peft = loaded(ids).logits.numpy()
-    via_merged = merged_model(ids).logits.numpy()
-  np.testing.assert_allclose(via_merged, via_peft, atol=1e-4, rtol=1e-4)
-  assert np.abs(via_merged - base_logits).max() > 1e-2  # LoRA counts
+  _assert_peft_gives_the_merged_logits(base, ours, merged, ids)
 
   source = load_file(os.path.join(base_dir, "model.safetensors"))
   exported = {}
@@ -454,3 +438,16 @@ def _tensors_of(directory) -> dict:
     if name.endswith(".safetensors"):
       out.update(load_file(os.path.join(directory, name)))
   return out
+
+
+def _assert_peft_gives_the_merged_logits(base, adapter_dir, merged_dir, ids):
+  """peft's base + adapter and transformers' merged export: the same logits, not the base's."""
+  with torch.no_grad():
+    base_logits = base(ids).logits.numpy()
+  loaded = peft.PeftModel.from_pretrained(base, adapter_dir).eval()  # wraps `base` in place
+  merged_model = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+  with torch.no_grad():
+    via_peft = loaded(ids).logits.numpy()
+    via_merged = merged_model(ids).logits.numpy()
+  np.testing.assert_allclose(via_merged, via_peft, atol=1e-4, rtol=1e-4)
+  assert np.abs(via_merged - base_logits).max() > 1e-2  # LoRA counts
