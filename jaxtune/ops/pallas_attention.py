@@ -1,17 +1,15 @@
 """Packed causal GQA attention as Pallas Triton kernels (NVIDIA GPUs): no [T, T] mask, ever.
 
-The kernel bodies are JAX's own FlashAttention-2 kernels from
-`jax.experimental.pallas.ops.gpu.attention` (`mha_forward_kernel`, `mha_backward_kernel`;
-the same file in jax 0.11.2 and 0.12), which take causality and segment ids inside the
-kernel: each program builds its [block_q, block_k] mask from the block's positions and
-segment ids, so memory is O(T) (outputs, per-query logsumexp, the [T] segment ids).
-jaxtune only supplies the `pallas_call`s around them, for two reasons:
+FlashAttention-2 kernels of jaxtune's own (JAX 0.12.1 removed the Triton attention module
+`jax.experimental.pallas.ops.gpu.attention` that jaxtune used before). Causality and segment
+ids are applied inside the kernels: each program builds its [tile_q, tile_k] mask from the
+tile's positions and segment ids, so memory is O(T) (outputs, per-query logsumexp, the [T]
+segment ids). Around them:
 
   * GQA without copying k / v: the BlockSpecs of k and v map query head n to kv head
-    n // G (HF's repeat_kv order), so the forward reads each kv head in place. The bundled
-    `mha()` fixes its index maps to one kv head per query head. In the backward pass the
-    kernel writes dk / dv per *query* head ([B, T, N, H], float32 when G > 1) and the G
-    heads of a group are summed outside: O(T * N * H) memory, like dq.
+    n // G (HF's repeat_kv order), so the forward reads each kv head in place. In the
+    backward pass the kernel writes dk / dv per *query* head ([B, T, N, H], float32 when
+    G > 1) and the G heads of a group are summed outside: O(T * N * H) memory, like dq.
   * the outputs carry shard_map's varying-axes type (so the kernels run per device under
     `jaxtune.parallel.sharding.logical_shard_map`), and delta = rowsum(dO * O) is one XLA
     reduction instead of a third kernel.
@@ -37,12 +35,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from jaxtune.ops.flash_attention import RESIDUAL_NAMES
 from jaxtune.ops.pallas_loss import varying_out_struct
@@ -60,8 +58,8 @@ class Blocks:
   """Tile sizes, powers of two (Triton). `q` / `kv`: the forward's query and key tiles.
   Backward: each program owns `bwd_major` keys (for dk, dv) and then `bwd_major` queries
   (for dq), walking the other side in tiles of `bwd_minor`. Not tuned here: the forward's
-  128 x 64 is a common Triton choice for H = 128 (JAX's `mha` default is 128 x 128), the
-  backward's 32 x 32 is JAX's default. T is padded to a multiple of the largest tile."""
+  128 x 64 is a common Triton choice for H = 128, the backward's 32 x 32 the usual
+  FlashAttention-2 Triton default. T is padded to a multiple of the largest tile."""
   q: int = 128
   kv: int = 64
   bwd_major: int = 32
@@ -80,13 +78,98 @@ class Blocks:
     return max(self.q, self.kv, self.bwd_major, self.bwd_minor)
 
 
-def _kernels():
-  """JAX's Triton attention module (deprecated in favour of tokamax, which is not a
-  dependency here; only its kernel bodies are used)."""
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from jax.experimental.pallas.ops.gpu import attention  # pylint: disable=import-outside-toplevel
-  return attention
+# Finite, so exp(_MASKED - m) is exactly 0 and a fully hidden tile never makes a NaN.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _scores(q, k, q_pos, k_pos, q_seg, k_seg, scale):
+  """Scaled scores [tq, tk] in float32; hidden (key after the query, or another segment)
+  entries are _MASKED."""
+  s = plgpu.dot(q, k, trans_b=True) * scale
+  visible = (q_pos[:, None] >= k_pos[None, :]) & (q_seg[:, None] == k_seg[None, :])
+  return jnp.where(visible, s, _MASKED)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, scale: float,
+                    block_q: int, block_k: int):
+  """One query tile of one (row, head) against its visible key tiles, online softmax
+  (FlashAttention-2): refs q / o [block_q, H], k / v [T, H], seg [T], lse [block_q]."""
+  i = pl.program_id(0)
+  q = q_ref[...]
+  q_pos = i * block_q + jnp.arange(block_q)
+  q_seg = seg_ref[pl.ds(i * block_q, block_q)]
+
+  def step(j, carry):
+    acc, m, l = carry
+    keys = pl.ds(j * block_k, block_k)
+    s = _scores(q, k_ref[keys, :], q_pos, j * block_k + jnp.arange(block_k), q_seg,
+                seg_ref[keys], scale)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    rescale = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[:, None])
+    v = v_ref[keys, :]
+    return (acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v),
+            m_new, l * rescale + p.sum(axis=1))
+
+  # Key tiles that start after this tile's last query are hidden by causality: skipped.
+  num_tiles = jax.lax.div((i + 1) * block_q + block_k - 1, block_k)
+  acc, m, l = jax.lax.fori_loop(
+      0, num_tiles, step, (jnp.zeros(q.shape, jnp.float32),
+                           jnp.full((block_q,), -jnp.inf, jnp.float32),
+                           jnp.zeros((block_q,), jnp.float32)))
+  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log(l)
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref,
+                     dq_ref, dk_ref, dv_ref, *, scale: float, major: int, minor: int):
+  """Program i of one (row, head): dk / dv of key tile i (walking the query tiles that can
+  see it), then dq of query tile i (walking its visible key tiles). Refs q / k / v / do
+  [T, H], seg / lse / delta [T], outputs [major, H]. p is recomputed from lse; the softmax
+  backward is ds = p * (dp - delta)."""
+  i = pl.program_id(2)
+  t = q_ref.shape[0]
+  tile = pl.ds(i * major, major)
+  tile_pos = i * major + jnp.arange(major)
+  tile_seg = seg_ref[tile]
+
+  def probabilities(q, k, q_pos, k_pos, q_seg, k_seg, lse):
+    return jnp.exp(_scores(q, k, q_pos, k_pos, q_seg, k_seg, scale) - lse[:, None])
+
+  k, v = k_ref[tile, :], v_ref[tile, :]
+
+  def dkv_step(j, carry):
+    dk, dv = carry
+    rows = pl.ds(j * minor, minor)
+    q, do = q_ref[rows, :], do_ref[rows, :]
+    p = probabilities(q, k, j * minor + jnp.arange(minor), tile_pos, seg_ref[rows], tile_seg,
+                      lse_ref[rows])
+    ds = p * (plgpu.dot(do, v, trans_b=True) - delta_ref[rows][:, None])
+    return (dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True),
+            dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True))
+
+  # Queries before this key tile's first key cannot see it.
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = jax.lax.fori_loop(jax.lax.div(i * major, minor), t // minor, dkv_step,
+                             (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+  q, do = q_ref[tile, :], do_ref[tile, :]
+  lse, delta = lse_ref[tile], delta_ref[tile]
+
+  def dq_step(j, dq):
+    keys = pl.ds(j * minor, minor)
+    k = k_ref[keys, :]
+    p = probabilities(q, k, tile_pos, j * minor + jnp.arange(minor), tile_seg, seg_ref[keys],
+                      lse)
+    ds = p * (plgpu.dot(do, v_ref[keys, :], trans_b=True) - delta[:, None])
+    return dq + plgpu.dot(ds.astype(k.dtype), k)
+
+  # Key tiles that start after this query tile's last query are hidden.
+  dq = jax.lax.fori_loop(0, jax.lax.div((i + 1) * major + minor - 1, minor), dq_step,
+                         jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _compiler_params(num_warps: int, num_stages: int, interpret: bool):
@@ -97,12 +180,11 @@ def _compiler_params(num_warps: int, num_stages: int, interpret: bool):
 
 
 def _forward(q, k, v, seg, scale, blocks: Blocks, interpret: bool):
-  """(out [B, T, N, H] in q's dtype, lse [B, N, T] float32 in base 2)."""
+  """(out [B, T, N, H] in q's dtype, lse [B, N, T] float32: log-sum-exp of the scores)."""
   b, t, n, h = q.shape
   group = n // k.shape[2]
   bq, bk = blocks.q, blocks.kv
-  kernel = functools.partial(_kernels().mha_forward_kernel, sm_scale=scale, causal=True,
-                             block_q=bq, block_k=bk, head_dim=h)
+  kernel = functools.partial(_forward_kernel, scale=scale, block_q=bq, block_k=bk)
   kv_spec = pl.BlockSpec((None, t, None, h), lambda i, r, m: (r, 0, jax.lax.div(m, group), 0))
   q_spec = pl.BlockSpec((None, bq, None, h), lambda i, r, m: (r, i, m, 0))
   warps = blocks.num_warps or (4 if h <= 64 else 8)
@@ -124,9 +206,7 @@ def _backward(q, k, v, seg, out, lse, do, scale, blocks: Blocks, interpret: bool
   major, minor = blocks.bwd_major, blocks.bwd_minor
   # softmax backward: ds = p * (dp - delta), delta_t = sum_h dO_th * O_th, per query head.
   delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
-  kernel = functools.partial(_kernels().mha_backward_kernel, sm_scale=scale, causal=True,
-                             block_q_dkv=minor, block_kv_dkv=major, block_q_dq=major,
-                             block_kv_dq=minor, head_dim=h)
+  kernel = functools.partial(_backward_kernel, scale=scale, major=major, minor=minor)
   whole_q = pl.BlockSpec((None, t, None, h), lambda r, m, _: (r, 0, m, 0))
   whole_kv = pl.BlockSpec((None, t, None, h), lambda r, m, _: (r, 0, jax.lax.div(m, group), 0))
   per_head = pl.BlockSpec((None, None, t), lambda r, m, _: (r, m, 0))
@@ -138,14 +218,13 @@ def _backward(q, k, v, seg, out, lse, do, scale, blocks: Blocks, interpret: bool
       kernel,
       grid=(b, n, t // major),
       in_specs=[whole_q, whole_kv, whole_kv, pl.BlockSpec((None, t), lambda r, m, _: (r, 0)),
-                whole_q, whole_q, per_head, per_head],
+                whole_q, per_head, per_head],
       out_specs=[tile, tile, tile],
       out_shape=[varying_out_struct(q.shape, q.dtype, q),
                  varying_out_struct(q.shape, dkv_dtype, q),
                  varying_out_struct(q.shape, dkv_dtype, q)],
       compiler_params=_compiler_params(warps, blocks.num_stages, interpret),
-      interpret=interpret, name="jaxtune_packed_attention_bwd")(q, k, v, seg, out, do, lse,
-                                                                delta)
+      interpret=interpret, name="jaxtune_packed_attention_bwd")(q, k, v, seg, do, lse, delta)
   if group > 1:
     dk = dk.reshape(b, t, kh, group, h).sum(3).astype(k.dtype)
     dv = dv.reshape(b, t, kh, group, h).sum(3).astype(v.dtype)
