@@ -133,7 +133,10 @@ def test_pytree_and_jit():
     np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(eager.codes))
     assert len(jax.tree.leaves(q)) == 2
     deq = jax.jit(quant.dequantize, static_argnums=1)(q, jnp.float32)
-    np.testing.assert_array_equal(np.asarray(deq), np.asarray(quant.dequantize(eager)))
+    # XLA may fold the scale's division into a reciprocal multiply under jit (jax 0.12.1
+    # does): the same codes, scales within an ulp or two.
+    np.testing.assert_allclose(np.asarray(deq), np.asarray(quant.dequantize(eager)),
+                               rtol=1e-6, atol=0)
     # Abstract evaluation gives the shapes the planner counts.
     shapes = jax.eval_shape(lambda x, k=kind: quant.quantize(x, k), w)
     assert sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(shapes)) == q.nbytes
