@@ -68,8 +68,15 @@ def write_recipe(cfg, directory: str, name: str = "recipe") -> list[str]:
   return [f"--config={recipe}:{values}"]
 
 
+# JAX's persistent compilation cache is not shared with multi-process jobs: with jax 0.12.1,
+# two CPU processes that load their train step from it hang in its first gloo collectives
+# (both wait forever, step 1 never ends); compiling afresh they do not (docs/testing.md).
+_CACHE_KEYS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+
+
 def job_env(directory: str, *, devices_per_process: int = 1, fault: dict | None = None) -> dict:
-  env = subprocess_env()
+  env = {k: v for k, v in subprocess_env().items() if k not in _CACHE_KEYS}
   env.update(
       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
       PYTHON=python(), JAXTUNE_TEST_FAULT=json.dumps(fault) if fault else "",
