@@ -214,6 +214,24 @@ def test_rope_matches_transformers():
   np.testing.assert_allclose(ours, expected.transpose(1, 2).numpy(), atol=1e-5, rtol=1e-5)
 
 
+def test_rope_gradient_matches_torch_autograd():
+  head_dim, theta = 16, 1_000_000.0
+  positions = np.array([[0, 1, 2, 3, 0, 1, 40, 1000]], np.int32)
+  x = np.random.RandomState(5).randn(1, 8, 3, head_dim).astype(np.float32)
+  g = np.random.RandomState(6).randn(1, 8, 3, head_dim).astype(np.float32)
+  cos, sin = rope_cos_sin(jnp.asarray(positions), head_dim, theta)
+  dx = jax.jit(jax.grad(lambda x: jnp.sum(apply_rope(x, cos, sin) * g)))(jnp.asarray(x))
+
+  config = modeling_qwen3.Qwen3Config(head_dim=head_dim, rope_theta=theta)
+  xt = torch.tensor(x).transpose(1, 2).requires_grad_(True)
+  cos_t, sin_t = modeling_qwen3.Qwen3RotaryEmbedding(config)(
+      xt, torch.tensor(positions, dtype=torch.long))
+  out, _ = modeling_qwen3.apply_rotary_pos_emb(xt, xt, cos_t, sin_t)
+  (out * torch.tensor(g).transpose(1, 2)).sum().backward()
+  np.testing.assert_allclose(np.asarray(dx), xt.grad.transpose(1, 2).numpy(), atol=1e-5,
+                             rtol=1e-5)
+
+
 def test_rms_norm_matches_transformers():
   x = np.random.RandomState(0).randn(2, 5, 32).astype(np.float32) * 3
   weight = np.random.RandomState(1).randn(32).astype(np.float32)
@@ -224,3 +242,26 @@ def test_rms_norm_matches_transformers():
   ours = np.asarray(rms_norm(jnp.asarray(x), jnp.asarray(weight), 1e-6))
   np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=1e-5)
   assert rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(weight), 1e-6).dtype == jnp.bfloat16
+
+
+def test_rms_norm_gradients_match_torch_autograd_and_keep_no_float32_copy():
+  x = np.random.RandomState(2).randn(3, 7, 64).astype(np.float32) * 2
+  weight = np.random.RandomState(3).randn(64).astype(np.float32)
+  g = np.random.RandomState(4).randn(3, 7, 64).astype(np.float32)
+  reference = modeling_qwen3.Qwen3RMSNorm(64, eps=1e-6)
+  with torch.no_grad():
+    reference.weight.copy_(torch.tensor(weight))
+  xt = torch.tensor(x, requires_grad=True)
+  (reference(xt) * torch.tensor(g)).sum().backward()
+  loss = lambda x, w: jnp.sum(rms_norm(x, w, 1e-6) * g)
+  dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(weight))
+  np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy(), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(dw), reference.weight.grad.numpy(), atol=1e-4, rtol=1e-5)
+  # What the backward keeps of a bf16 input is the input itself (the weight aside), not a
+  # float32 copy of it or of the normalised values: the forward's residuals are x and w.
+  xb = jax.ShapeDtypeStruct((4096, 1024), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((1024,), jnp.float32)
+  residuals = jax.eval_shape(lambda x, w: jax.vjp(lambda x, w: rms_norm(x, w, 1e-6), x, w)[1],
+                             xb, w)
+  sizes = sorted(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(residuals))
+  assert sum(sizes) == 4096 * 1024 * 2 + 1024 * 4, sizes
