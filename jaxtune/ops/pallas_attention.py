@@ -20,9 +20,10 @@ own key (no empty softmax). T need not be a multiple of the blocks: rows are pad
 end with segment -1, which causality hides from every real query. H that is not a power of
 two is zero-padded (Triton tiles are powers of two); the scale stays 1 / sqrt(H).
 
-Not skipped: kv blocks that hold other samples only. The kernels skip blocks above the
-diagonal (causality) but not blocks outside a query's segment, so the FLOPs are those of
-plain causal attention over the whole row, whatever the packing.
+Skipped: key tiles above the diagonal (causality) and, from `segment_spans`, those wholly
+before the first key of the query tile's samples (forward, dq) or query tiles after the last
+token of the key tile's samples (dk, dv). So the work follows the sum of the squared sample
+lengths (at tile granularity), not the row's T^2 / 2, however many samples a row packs.
 
 `interpret=True` runs the same kernels through Pallas' interpreter on any backend (how the
 CPU tests check them); without it the kernels need Triton, i.e. a CUDA GPU.
@@ -90,10 +91,11 @@ def _scores(q, k, q_pos, k_pos, q_seg, k_seg, scale):
   return jnp.where(visible, s, _MASKED)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, scale: float,
+def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, o_ref, lse_ref, *, scale: float,
                     block_q: int, block_k: int):
   """One query tile of one (row, head) against its visible key tiles, online softmax
-  (FlashAttention-2): refs q / o [block_q, H], k / v [T, H], seg [T], lse [block_q]."""
+  (FlashAttention-2): refs q / o [block_q, H], k / v [T, H], seg / first [T], lse
+  [block_q]."""
   i = pl.program_id(0)
   q = q_ref[...]
   q_pos = i * block_q + jnp.arange(block_q)
@@ -111,21 +113,24 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, scale: floa
     return (acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v),
             m_new, l * rescale + p.sum(axis=1))
 
-  # Key tiles that start after this tile's last query are hidden by causality: skipped.
+  # Key tiles that start after this tile's last query are hidden by causality, those that
+  # end before the first key of its queries' samples by the segments: both skipped.
   num_tiles = jax.lax.div((i + 1) * block_q + block_k - 1, block_k)
+  first_tile = jax.lax.div(jnp.min(first_ref[pl.ds(i * block_q, block_q)]), block_k)
   acc, m, l = jax.lax.fori_loop(
-      0, num_tiles, step, (jnp.zeros(q.shape, jnp.float32),
+      first_tile, num_tiles, step, (jnp.zeros(q.shape, jnp.float32),
                            jnp.full((block_q,), -jnp.inf, jnp.float32),
                            jnp.zeros((block_q,), jnp.float32)))
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log(l)
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref,
-                     dq_ref, dk_ref, dv_ref, *, scale: float, major: int, minor: int):
+def _backward_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, last_ref, do_ref, lse_ref,
+                     delta_ref, dq_ref, dk_ref, dv_ref, *, scale: float, major: int,
+                     minor: int):
   """Program i of one (row, head): dk / dv of key tile i (walking the query tiles that can
   see it), then dq of query tile i (walking its visible key tiles). Refs q / k / v / do
-  [T, H], seg / lse / delta [T], outputs [major, H]. p is recomputed from lse; the softmax
+  [T, H], seg / first / last / lse / delta [T], outputs [major, H]. p is recomputed from lse; the softmax
   backward is ds = p * (dp - delta)."""
   i = pl.program_id(2)
   t = q_ref.shape[0]
@@ -148,10 +153,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref,
     return (dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True),
             dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True))
 
-  # Queries before this key tile's first key cannot see it.
+  # Queries before this key tile's first key cannot see it (causality), nor those after the
+  # last token of its keys' samples (segments).
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(jax.lax.div(i * major, minor), t // minor, dkv_step,
-                             (zeros, zeros))
+  end = jnp.minimum(jax.lax.div(jnp.max(last_ref[tile]), minor) + 1, t // minor)
+  dk, dv = jax.lax.fori_loop(jax.lax.div(i * major, minor), end, dkv_step, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -166,8 +172,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref,
     ds = p * (plgpu.dot(do, v_ref[keys, :], trans_b=True) - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
-  # Key tiles that start after this query tile's last query are hidden.
-  dq = jax.lax.fori_loop(0, jax.lax.div((i + 1) * major + minor - 1, minor), dq_step,
+  # Key tiles that start after this query tile's last query are hidden, and those that end
+  # before the first key of its queries' samples.
+  dq = jax.lax.fori_loop(jax.lax.div(jnp.min(first_ref[tile]), minor),
+                         jax.lax.div((i + 1) * major + minor - 1, minor), dq_step,
                          jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
@@ -179,6 +187,25 @@ def _compiler_params(num_warps: int, num_stages: int, interpret: bool):
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def segment_spans(seg_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per token, the first and the last position of its segment id in its row ([B, T] int32
+  each). A query t sees no key before first[t]; a key s is seen by no query after last[s].
+  The kernels skip the tiles outside these spans, so their work follows the sum of the
+  squared sample lengths rather than T^2 / 2. Ids need not be contiguous runs (padding may
+  recur): the spans are over equal ids wherever they sit."""
+  def per_row(seg_t):
+    t = seg_t.shape[0]
+    order = jnp.argsort(seg_t, stable=True)           # positions grouped by id, ascending
+    ids = seg_t[order]
+    group = jnp.cumsum(jnp.concatenate([jnp.zeros(1, jnp.int32),
+                                        (ids[1:] != ids[:-1]).astype(jnp.int32)]))
+    first = jax.ops.segment_min(order, group, num_segments=t)[group]
+    last = jax.ops.segment_max(order, group, num_segments=t)[group]
+    inverse = jnp.zeros(t, jnp.int32).at[order].set(jnp.arange(t, dtype=jnp.int32))
+    return first[inverse].astype(jnp.int32), last[inverse].astype(jnp.int32)
+  return jax.vmap(per_row)(seg_bt)
+
+
 def _forward(q, k, v, seg, scale, blocks: Blocks, interpret: bool):
   """(out [B, T, N, H] in q's dtype, lse [B, N, T] float32: log-sum-exp of the scores)."""
   b, t, n, h = q.shape
@@ -187,16 +214,18 @@ def _forward(q, k, v, seg, scale, blocks: Blocks, interpret: bool):
   kernel = functools.partial(_forward_kernel, scale=scale, block_q=bq, block_k=bk)
   kv_spec = pl.BlockSpec((None, t, None, h), lambda i, r, m: (r, 0, jax.lax.div(m, group), 0))
   q_spec = pl.BlockSpec((None, bq, None, h), lambda i, r, m: (r, i, m, 0))
+  row = pl.BlockSpec((None, t), lambda i, r, m: (r, 0))
   warps = blocks.num_warps or (4 if h <= 64 else 8)
   return pl.pallas_call(
       kernel,
       grid=(t // bq, b, n),
-      in_specs=[q_spec, kv_spec, kv_spec, pl.BlockSpec((None, t), lambda i, r, m: (r, 0))],
+      in_specs=[q_spec, kv_spec, kv_spec, row, row],
       out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, r, m: (r, m, i))],
       out_shape=[varying_out_struct(q.shape, q.dtype, q),
                  varying_out_struct((b, n, t), jnp.float32, q)],
       compiler_params=_compiler_params(warps, blocks.num_stages, interpret),
-      interpret=interpret, name="jaxtune_packed_attention_fwd")(q, k, v, seg)
+      interpret=interpret, name="jaxtune_packed_attention_fwd")(q, k, v, seg,
+                                                                segment_spans(seg)[0])
 
 
 def _backward(q, k, v, seg, out, lse, do, scale, blocks: Blocks, interpret: bool):
@@ -211,20 +240,22 @@ def _backward(q, k, v, seg, out, lse, do, scale, blocks: Blocks, interpret: bool
   whole_kv = pl.BlockSpec((None, t, None, h), lambda r, m, _: (r, 0, jax.lax.div(m, group), 0))
   per_head = pl.BlockSpec((None, None, t), lambda r, m, _: (r, m, 0))
   tile = pl.BlockSpec((None, major, None, h), lambda r, m, i: (r, i, m, 0))
+  row = pl.BlockSpec((None, t), lambda r, m, _: (r, 0))
   # dk / dv come out per query head; a group's G heads are summed below, in float32.
   dkv_dtype = k.dtype if group == 1 else jnp.float32
   warps = blocks.num_warps or (4 if major * minor < 128 * 128 else 8)
   dq, dk, dv = pl.pallas_call(
       kernel,
       grid=(b, n, t // major),
-      in_specs=[whole_q, whole_kv, whole_kv, pl.BlockSpec((None, t), lambda r, m, _: (r, 0)),
-                whole_q, per_head, per_head],
+      in_specs=[whole_q, whole_kv, whole_kv, row, row, row, whole_q, per_head, per_head],
       out_specs=[tile, tile, tile],
       out_shape=[varying_out_struct(q.shape, q.dtype, q),
                  varying_out_struct(q.shape, dkv_dtype, q),
                  varying_out_struct(q.shape, dkv_dtype, q)],
       compiler_params=_compiler_params(warps, blocks.num_stages, interpret),
-      interpret=interpret, name="jaxtune_packed_attention_bwd")(q, k, v, seg, do, lse, delta)
+      interpret=interpret, name="jaxtune_packed_attention_bwd")(q, k, v, seg,
+                                                                *segment_spans(seg), do, lse,
+                                                                delta)
   if group > 1:
     dk = dk.reshape(b, t, kh, group, h).sum(3).astype(k.dtype)
     dv = dv.reshape(b, t, kh, group, h).sum(3).astype(v.dtype)
