@@ -13,6 +13,8 @@
     full-logits float32 reference, at 16,384 tokens x 4,096 hidden x 151,936 vocab, bf16
     hidden and head, every 7th label ignored: loss and gradient errors, median time, plus
     `pallas_works_here()`.
+Each impl gets a verdict, "pass" or "fail" (finite, relative errors within REL_TOL, stated in
+the JSON as `rel_tol`), and `verdicts` sums them up at the end.
 
 Every case runs in its own try/except (a failure records its error; the rest still run) and
 the JSON file is rewritten after each case, so a timeout still leaves what was measured.
@@ -46,6 +48,9 @@ from jaxtune.ops.attention import attention  # pylint: disable=wrong-import-posi
 from jaxtune.ops.pallas_attention import Blocks  # pylint: disable=wrong-import-position
 
 HIGHEST = jax.lax.Precision.HIGHEST
+# Verdicts: an impl passes when its outputs are finite and each error, relative to the
+# reference's largest magnitude, is within these (bf16 inputs; the reference is float32).
+REL_TOL = dict(attention=1e-2, loss_value=1e-3, loss_grads=1e-2)
 
 
 class Report:
@@ -146,7 +151,7 @@ def _attention_vg(impl: str, interpret: bool, blocks: Blocks | None):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
-def _run_attention(impl, args, ref, real, interpret, blocks, reps) -> dict:
+def _run_attention(impl, args, ref, real, interpret, blocks, reps, ref_max) -> dict:
   t0 = time.perf_counter()
   compiled = _attention_vg(impl, interpret, blocks).lower(*args).compile()
   compile_s = time.perf_counter() - t0
@@ -155,8 +160,10 @@ def _run_attention(impl, args, ref, real, interpret, blocks, reps) -> dict:
   for n, g, r in zip(("dq", "dk", "dv"), grads, ref[1:]):
     err[n] = _max_abs(g, r)
   finite = all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in (out, *grads))
-  return dict(max_abs_err=err, finite=finite, median_s=round(median_s, 5),
-              compile_s=round(compile_s, 2))
+  rel = {n: e / max(ref_max[n], 1e-30) for n, e in err.items()}
+  ok = finite and max(rel.values()) <= REL_TOL["attention"]
+  return dict(max_abs_err=err, rel_err=rel, finite=finite, verdict="pass" if ok else "fail",
+              median_s=round(median_s, 5), compile_s=round(compile_s, 2))
 
 
 def attention_case(name, heads, kv_heads, head_dim, lengths, t, *, on_gpu, interpret, reps,
@@ -185,7 +192,8 @@ def attention_case(name, heads, kv_heads, head_dim, lengths, t, *, on_gpu, inter
       case["impls"][impl] = dict(skipped="needs a GPU")
       continue
     try:
-      case["impls"][impl] = _run_attention(impl, args, ref, real, interpret, blocks, reps)
+      case["impls"][impl] = _run_attention(impl, args, ref, real, interpret, blocks, reps,
+                                           case["ref_max_abs"])
     except Exception as e:  # pylint: disable=broad-exception-caught
       case["impls"][impl] = _error(e)
       if impl == "pallas" and on_gpu:
@@ -193,7 +201,7 @@ def attention_case(name, heads, kv_heads, head_dim, lengths, t, *, on_gpu, inter
         small = Blocks(q=64, kv=64, bwd_major=32, bwd_minor=32)
         try:
           case["impls"]["pallas_q64_kv64"] = _run_attention(impl, args, ref, real, interpret,
-                                                            small, reps)
+                                                            small, reps, case["ref_max_abs"])
         except Exception as e2:  # pylint: disable=broad-exception-caught
           case["impls"]["pallas_q64_kv64"] = _error(e2)
     print(name, impl, case["impls"][impl], flush=True)
@@ -238,10 +246,16 @@ def loss_case(n, d, v, *, interpret, reps, tiles, chunk_size) -> dict:
       compiled = fn.lower(h, w, y, wt).compile()
       compile_s = time.perf_counter() - t0
       median_s, (loss, (dh, dw)) = _median_time(compiled, (h, w, y, wt), reps)
-      case["impls"][impl] = dict(
+      res = dict(
           loss=float(loss), loss_rel_err=abs(float(loss) - ref_loss) / abs(ref_loss),
           dh_max_abs_err=_max_abs(dh, ref_dh), dw_max_abs_err=_max_abs(dw, ref_dw),
           median_s=round(median_s, 5), compile_s=round(compile_s, 2))
+      res["dh_rel_err"] = res["dh_max_abs_err"] / case["naive"]["dh_max_abs"]
+      res["dw_rel_err"] = res["dw_max_abs_err"] / case["naive"]["dw_max_abs"]
+      ok = (res["loss_rel_err"] <= REL_TOL["loss_value"]
+            and max(res["dh_rel_err"], res["dw_rel_err"]) <= REL_TOL["loss_grads"])
+      res["verdict"] = "pass" if ok else "fail"
+      case["impls"][impl] = res
     except Exception as e:  # pylint: disable=broad-exception-caught
       case["impls"][impl] = _error(e)
     print("loss", impl, case["impls"][impl], flush=True)
@@ -263,9 +277,11 @@ def main() -> None:
       backend=backend, device=str(jax.devices()[0].device_kind), jax=jax.__version__,
       jaxlib=None,
       machine=platform.machine(), smoke=smoke, done=False, attention=[], loss=None,
+      rel_tol=REL_TOL,
       note=("errors: max |impl - per-sample float32 reference| (output on real tokens; "
             "dq, dk, dv everywhere, cotangent zero on padding); times: median of reps "
-            "value_and_grad calls after a warm-up, compile excluded (compile_s)")))
+            "value_and_grad calls after a warm-up, compile excluded (compile_s); verdict: "
+            "finite and every error / the reference's max |value| within rel_tol")))
   try:
     report.data["jaxlib"] = __import__("jaxlib").__version__
   except Exception:  # pylint: disable=broad-exception-caught
@@ -317,6 +333,13 @@ def main() -> None:
     report.save()
     if i == 0:
       run_loss()  # the loss after the first attention case: both kinds measured early
+  report.data["verdicts"] = {
+      f"{c['name']}/{impl}": r.get("verdict", "error")
+      for c in report.data["attention"] for impl, r in c.get("impls", {}).items()
+      if "skipped" not in r}
+  loss = report.data["loss"] or {}
+  report.data["verdicts"].update({f"loss/{impl}": r.get("verdict", "error")
+                                  for impl, r in loss.get("impls", {}).items()})
   report.data["done"] = True
   report.save()
 
