@@ -61,3 +61,47 @@ def test_fused_loss_and_its_gradients_lower_to_triton(dtype, shape):
   slabs = -(-v // pallas_loss.Tiles().vocab_slab)
   # forward, d_hidden, and one d_kernel kernel per vocab slab (its offset is baked in)
   assert text.count(TRITON_CALL) == 2 + slabs
+
+
+def _pallas_calls(jaxpr):
+  """Every pallas_call equation in a closed jaxpr, sub-jaxprs (custom VJPs, loops) included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _pallas_calls(inner)
+
+
+def _partial_blocks(fn, *args) -> list[str]:
+  """Blocks that would hang over the end of their array: interpret mode pads the arrays and
+  hides them; Triton on jax 0.11 reads and writes past the end."""
+  found, calls = [], 0
+  for eqn in _pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr):
+    calls += 1
+    for mapping in eqn.params["grid_mapping"].block_mappings:
+      shape = mapping.array_aval.shape
+      for dim, block in zip(shape, mapping.block_shape):
+        size = getattr(block, "block_size", None)
+        if size is not None and dim % size:
+          found.append(f"{eqn.params.get('name_and_src_info')}: block {size} of {dim}")
+  assert calls, "no pallas_call found"
+  return found
+
+
+def test_ragged_shapes_become_whole_blocks_before_any_kernel():
+  tiles = pallas_loss.Tiles(tokens=16, vocab=128, hidden=16, vocab_slab=384)
+  h, w = jnp.zeros((70, 32)), jnp.zeros((32, 1000))
+  y, wt = jnp.zeros((70,), jnp.int32), jnp.ones((70,))
+  loss_grad = jax.grad(lambda h, w: pallas_loss.fused_cross_entropy(h, w, y, wt, tiles, True),
+                       argnums=(0, 1))
+  assert _partial_blocks(loss_grad, h, w) == []
+
+  blocks = pallas_attention.Blocks(q=16, kv=16, bwd_major=16, bwd_minor=16)
+  q, kv = jnp.zeros((1, 37, 4, 12)), jnp.zeros((1, 37, 2, 12))
+  seg = jnp.ones((1, 37), jnp.int32)
+  attention_grad = jax.grad(lambda q, k, v: pallas_attention.local_attention(
+      q, k, v, seg, blocks=blocks, interpret=True).sum(), argnums=(0, 1, 2))
+  assert _partial_blocks(attention_grad, q, kv, kv) == []

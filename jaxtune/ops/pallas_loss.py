@@ -16,9 +16,12 @@ program, in registers. Three kernels behind one custom VJP:
 No atomics: every output block belongs to one program, so the result is deterministic and
 the kernels run unchanged in `interpret=True` mode on the CPU (that is how they are tested).
 The contraction over D runs in chunks of BD inside each program, so no [BT, D] block is ever
-loaded at once. V and N need not be multiples of the tiles: a program's last tile along a
-walked axis starts at V - BV (resp. N - BT) instead of running off the end, and masks the
-columns (rows) the previous tile already covered; grid-blocked tails are masked by index.
+loaded at once. V and N need not be multiples of the tiles: the arrays are zero-padded to
+whole tiles first (added tokens carry label -1 and weight 0; added vocab columns are masked by
+index), so every block a program reads or writes lies inside its array (Triton on jax 0.11
+does not mask a partial block, and interpret mode would hide one). Walked axes: a program's
+last tile starts at V - BV (resp. N - BT) instead of running off the end, and masks the
+columns (rows) the previous tile already covered.
 
 Shape letters: N tokens, D hidden, V vocab; BT, BV, BD the token, vocab and hidden tiles.
 """
@@ -156,11 +159,12 @@ def _dw_kernel(h_ref, w_ref, y_ref, coef_ref, lse_ref, dw_ref, *, n: int, v: int
   jax.lax.fori_loop(0, pl.cdiv(n, bt), token_step, None)
 
 
-def _token_stats(h, w, y, tiles: Tiles, interpret: bool):
-  """Per-token (logsumexp, target logit), float32 [N] each."""
-  (n, d), v = h.shape, w.shape[1]
+def _token_stats(h, w, y, v: int, tiles: Tiles, interpret: bool):
+  """Per-token (logsumexp, target logit), float32 [N] each (arrays padded to whole tiles,
+  `v` the real vocab size)."""
+  n, d = h.shape
   bt, bv, bd = tiles.tokens, tiles.vocab, tiles.hidden
-  nt, nv = pl.cdiv(n, bt), pl.cdiv(v, bv)
+  nt, nv = n // bt, w.shape[1] // bv
   part = varying_out_struct((nv, n), jnp.float32, h)
   part_spec = pl.BlockSpec((None, bt), lambda i, j: (j, i))
   m, s, t = pl.pallas_call(
@@ -178,14 +182,14 @@ def _token_stats(h, w, y, tiles: Tiles, interpret: bool):
   return lse, t.sum(axis=0)
 
 
-def _grad_hidden(h, w, y, coef, lse, tiles: Tiles, interpret: bool):
-  (n, d), v = h.shape, w.shape[1]
+def _grad_hidden(h, w, y, coef, lse, v: int, tiles: Tiles, interpret: bool):
+  n, d = h.shape
   bt = tiles.tokens
   row = pl.BlockSpec((bt,), lambda i: (i,))
   return pl.pallas_call(
       functools.partial(_dh_kernel, v=v, bv=tiles.vocab, bd=tiles.hidden),
       out_shape=varying_out_struct((n, d), jnp.float32, h),
-      grid=(pl.cdiv(n, bt),),
+      grid=(n // bt,),
       in_specs=[pl.BlockSpec((bt, d), lambda i: (i, 0)),
                 pl.BlockSpec(w.shape, lambda i: (0, 0)),  # walked inside the program
                 row, row, row],
@@ -194,19 +198,19 @@ def _grad_hidden(h, w, y, coef, lse, tiles: Tiles, interpret: bool):
       name="fused_ce_dh")(h, w, y, coef, lse)
 
 
-def _grad_kernel(h, w, y, coef, lse, tiles: Tiles, interpret: bool):
-  """[D, V] in w's dtype, one vocab slab of float32 at a time."""
-  (n, d), v = h.shape, w.shape[1]
+def _grad_kernel(h, w, y, coef, lse, v: int, tiles: Tiles, interpret: bool):
+  """[D, V'] in w's dtype (V' the padded vocab), one vocab slab of float32 at a time."""
+  (n, d), v_padded = h.shape, w.shape[1]
   bv = tiles.vocab
   slab = max(bv, tiles.vocab_slab // bv * bv)
   dw = jnp.zeros_like(w)
-  for v0 in range(0, v, slab):  # static: ceil(V / slab) calls
-    width = min(slab, v - v0)
+  for v0 in range(0, v_padded, slab):  # static: ceil(V' / slab) calls
+    width = min(slab, v_padded - v0)
     full = pl.BlockSpec((n,), lambda j: (0,))
     dw_slab = pl.pallas_call(
         functools.partial(_dw_kernel, n=n, v=v, v0=v0, bt=tiles.tokens, bd=tiles.hidden),
         out_shape=varying_out_struct((d, width), jnp.float32, h),
-        grid=(pl.cdiv(width, bv),),
+        grid=(width // bv,),
         in_specs=[pl.BlockSpec((n, d), lambda j: (0, 0)),  # walked inside the program
                   pl.BlockSpec((d, bv), lambda j, o=v0 // bv: (0, j + o)),
                   full, full, full],
@@ -230,9 +234,27 @@ def fused_cross_entropy(hidden_nd: jax.Array, kernel_dv: jax.Array, labels_n: ja
   return _fused_fwd(hidden_nd, kernel_dv, labels_n, weights_n, tiles, interpret)[0]
 
 
+def _pad_to_tiles(h, w, y, per_token: tuple, tiles: Tiles):
+  """h, w, y and per-token arrays padded to whole tiles: zero rows with label -1 (and zero in
+  `per_token`) at the end of the tokens, zero columns at the end of the vocab (the kernels
+  mask columns >= V). Then no program reads or writes past an array, which Triton on jax
+  0.11 does not mask and interpret mode would hide."""
+  (n, _), v = h.shape, w.shape[1]
+  pad_n, pad_v = -n % tiles.tokens, -v % tiles.vocab
+  if pad_n:
+    h = jnp.pad(h, [(0, pad_n), (0, 0)])
+    y = jnp.pad(y, [(0, pad_n)], constant_values=-1)
+    per_token = tuple(jnp.pad(x, [(0, pad_n)]) for x in per_token)
+  if pad_v:
+    w = jnp.pad(w, [(0, 0), (0, pad_v)])
+  return h, w, y, per_token
+
+
 def _fused_fwd(hidden_nd, kernel_dv, labels_n, weights_n, tiles, interpret):
   labels_n = labels_n.astype(jnp.int32)
-  lse_n, target_n = _token_stats(hidden_nd, kernel_dv, labels_n, tiles, interpret)
+  n, v = hidden_nd.shape[0], kernel_dv.shape[1]
+  h, w, y, _ = _pad_to_tiles(hidden_nd, kernel_dv, labels_n, (), tiles)
+  lse_n, target_n = (x[:n] for x in _token_stats(h, w, y, v, tiles, interpret))
   wt_n = weights_n.astype(jnp.float32)
   loss = jnp.sum(jnp.where(labels_n >= 0, wt_n * (lse_n - target_n), 0.0))
   return loss, (hidden_nd, kernel_dv, labels_n, weights_n, lse_n)
@@ -241,9 +263,11 @@ def _fused_fwd(hidden_nd, kernel_dv, labels_n, weights_n, tiles, interpret):
 def _fused_bwd(tiles, interpret, res, g):
   hidden_nd, kernel_dv, labels_n, weights_n, lse_n = res
   coef_n = jnp.where(labels_n >= 0, g * weights_n.astype(jnp.float32), 0.0)
-  args = (hidden_nd, kernel_dv, labels_n, coef_n, lse_n, tiles, interpret)
-  dh_nd = _grad_hidden(*args).astype(hidden_nd.dtype)
-  return dh_nd, _grad_kernel(*args), None, None
+  n, v = hidden_nd.shape[0], kernel_dv.shape[1]
+  h, w, y, (coef, lse) = _pad_to_tiles(hidden_nd, kernel_dv, labels_n, (coef_n, lse_n), tiles)
+  args = (h, w, y, coef, lse, v, tiles, interpret)
+  dh_nd = _grad_hidden(*args)[:n].astype(hidden_nd.dtype)
+  return dh_nd, _grad_kernel(*args)[:, :v], None, None
 
 
 fused_cross_entropy.defvjp(_fused_fwd, _fused_bwd)
