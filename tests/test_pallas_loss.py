@@ -98,7 +98,7 @@ def test_pallas_impl_under_token_axes_and_float32_kernel_with_bf16_hidden():
   _close(dw, r_dw, 2e-2)
 
 
-def test_selection_and_shape_limits():
+def test_selection_and_shape_limits(monkeypatch):
   n, d, v = 64, 32, 1000
   assert supported(n, d, v, TILES)
   assert not supported(n, 24, v, TILES)  # D must be a multiple of the hidden tile
@@ -106,6 +106,14 @@ def test_selection_and_shape_limits():
   if jax.default_backend() != "gpu":
     # Off a GPU 'auto' is the pure-JAX path, without even probing the kernels.
     assert loss_lib._choose_impl("auto", n, d, v, None, False, TILES) == "jax"
+  # On a GPU too until a measured win flips AUTO_GPU_IMPL: correctness alone does not.
+  assert loss_lib.AUTO_GPU_IMPL == "jax"
+  with monkeypatch.context() as patch:
+    patch.setattr(jax, "default_backend", lambda: "gpu")
+    patch.setattr(loss_lib, "pallas_works_here", lambda *a: True)
+    assert loss_lib._choose_impl("auto", n, d, v, None, False, TILES) == "jax"
+    patch.setattr(loss_lib, "AUTO_GPU_IMPL", "pallas")
+    assert loss_lib._choose_impl("auto", n, d, v, None, False, TILES) == "pallas"
   h, w, y, wt = _problem(n, d=24)
   with pytest.raises(ValueError, match="Pallas loss needs"):
     chunked_cross_entropy(h, w, y, wt, chunk_size=16, impl="pallas", interpret=True,

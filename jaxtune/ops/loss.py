@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "jax", "pallas")
 
+# What "auto" runs on a GPU: "jax" until a GPU run of scripts/gpu_kernels.py records in
+# docs/benchmarks.md that the fused kernels are right and faster there; then "pallas" (which
+# still needs `pallas_works_here()`, the shape to fit and per-device tokens). A correct kernel
+# alone is not a reason: by design (float32 read-modify-writes in global memory) the current
+# one is expected to be slower than XLA's matmuls at 16k x 4096 x 151,936 (issue 20).
+AUTO_GPU_IMPL = "jax"
+
 
 def _chunk_logits(h_cd: jax.Array, w_dv: jax.Array) -> jax.Array:
   """[C, D] x [D, V] in the compute dtype with float32 accumulation and result."""
@@ -301,7 +308,8 @@ def _choose_impl(impl: str, n_local: int, d: int, v: int, token_axes, interpret:
   mesh = jax.sharding.get_abstract_mesh()
   local = bool(token_axes) or mesh.empty or mesh.size == 1
   on_gpu = jax.default_backend() == "gpu" and not interpret
-  return "pallas" if on_gpu and local and fits and pallas_works_here() else "jax"
+  wanted = AUTO_GPU_IMPL == "pallas" and on_gpu and local and fits
+  return "pallas" if wanted and pallas_works_here() else "jax"
 
 
 def chunked_cross_entropy(hidden_nd: jax.Array, kernel_dv: jax.Array, labels_n: jax.Array,
@@ -325,9 +333,10 @@ def chunked_cross_entropy(hidden_nd: jax.Array, kernel_dv: jax.Array, labels_n: 
       and XLA reduces each kernel-gradient tile across devices after every chunk.
     vocab_tile: vocab columns per tile of the pure-JAX path; the tail tile is narrower.
     impl: 'jax' (the pure-JAX chunked path, any backend), 'pallas' (the fused kernels of
-      ops/pallas_loss.py) or 'auto': 'pallas' on a GPU where the kernels work
-      (`pallas_works_here`), the shape fits and each device runs on its own tokens
-      (token_axes, or one device); 'jax' everywhere else.
+      ops/pallas_loss.py) or 'auto': 'jax', and on a GPU `AUTO_GPU_IMPL` ('jax' until a
+      measured win), which when 'pallas' also needs the kernels to work there
+      (`pallas_works_here`), the shape to fit and each device to run on its own tokens
+      (token_axes, or one device).
     interpret: run the Pallas kernels in interpret mode (CPU tests); with impl='pallas' only.
     pallas_tiles: tile sizes of the Pallas kernels (`pallas_loss.Tiles`).
 
