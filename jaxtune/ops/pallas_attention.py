@@ -117,10 +117,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, o_ref, lse_ref, *, 
   # end before the first key of its queries' samples by the segments: both skipped.
   num_tiles = jax.lax.div((i + 1) * block_q + block_k - 1, block_k)
   first_tile = jax.lax.div(jnp.min(first_ref[pl.ds(i * block_q, block_q)]), block_k)
-  acc, m, l = jax.lax.fori_loop(
-      first_tile, num_tiles, step, (jnp.zeros(q.shape, jnp.float32),
-                           jnp.full((block_q,), -jnp.inf, jnp.float32),
-                           jnp.zeros((block_q,), jnp.float32)))
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+          jnp.zeros((block_q,), jnp.float32))
+  acc, m, l = jax.lax.fori_loop(first_tile, num_tiles, step, init)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log(l)
 
@@ -130,8 +129,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, last_ref, do_ref, 
                      minor: int):
   """Program i of one (row, head): dk / dv of key tile i (walking the query tiles that can
   see it), then dq of query tile i (walking its visible key tiles). Refs q / k / v / do
-  [T, H], seg / first / last / lse / delta [T], outputs [major, H]. p is recomputed from lse; the softmax
-  backward is ds = p * (dp - delta)."""
+  [T, H], seg / first / last / lse / delta [T], outputs [major, H]. p is recomputed from
+  lse; the softmax backward is ds = p * (dp - delta)."""
   i = pl.program_id(2)
   t = q_ref.shape[0]
   tile = pl.ds(i * major, major)
@@ -206,7 +205,7 @@ def segment_spans(seg_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jax.vmap(per_row)(seg_bt)
 
 
-def _forward(q, k, v, seg, scale, blocks: Blocks, interpret: bool):
+def _forward(q, k, v, seg, first, scale, blocks: Blocks, interpret: bool):
   """(out [B, T, N, H] in q's dtype, lse [B, N, T] float32: log-sum-exp of the scores)."""
   b, t, n, h = q.shape
   group = n // k.shape[2]
@@ -224,11 +223,11 @@ def _forward(q, k, v, seg, scale, blocks: Blocks, interpret: bool):
       out_shape=[varying_out_struct(q.shape, q.dtype, q),
                  varying_out_struct((b, n, t), jnp.float32, q)],
       compiler_params=_compiler_params(warps, blocks.num_stages, interpret),
-      interpret=interpret, name="jaxtune_packed_attention_fwd")(q, k, v, seg,
-                                                                segment_spans(seg)[0])
+      interpret=interpret, name="jaxtune_packed_attention_fwd")(q, k, v, seg, first)
 
 
-def _backward(q, k, v, seg, out, lse, do, scale, blocks: Blocks, interpret: bool):
+def _backward(q, k, v, seg, first, last, out, lse, do, scale, blocks: Blocks,
+              interpret: bool):
   b, t, n, h = q.shape
   kh = k.shape[2]
   group = n // kh
@@ -253,32 +252,33 @@ def _backward(q, k, v, seg, out, lse, do, scale, blocks: Blocks, interpret: bool
                  varying_out_struct(q.shape, dkv_dtype, q),
                  varying_out_struct(q.shape, dkv_dtype, q)],
       compiler_params=_compiler_params(warps, blocks.num_stages, interpret),
-      interpret=interpret, name="jaxtune_packed_attention_bwd")(q, k, v, seg,
-                                                                *segment_spans(seg), do, lse,
-                                                                delta)
+      interpret=interpret, name="jaxtune_packed_attention_bwd")(q, k, v, seg, first, last,
+                                                                do, lse, delta)
   if group > 1:
     dk = dk.reshape(b, t, kh, group, h).sum(3).astype(k.dtype)
     dv = dv.reshape(b, t, kh, group, h).sum(3).astype(v.dtype)
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, seg, scale, blocks, interpret):
-  return _forward(q, k, v, seg, scale, blocks, interpret)[0]
+# seg, first and last (`segment_spans`, computed once a call) are integer inputs: no gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _attention(q, k, v, seg, first, last, scale, blocks, interpret):
+  return _forward(q, k, v, seg, first, scale, blocks, interpret)[0]
 
 
-def _attention_fwd(q, k, v, seg, scale, blocks, interpret):
-  out, lse = _forward(q, k, v, seg, scale, blocks, interpret)
+def _attention_fwd(q, k, v, seg, first, last, scale, blocks, interpret):
+  out, lse = _forward(q, k, v, seg, first, scale, blocks, interpret)
   # Named like the blockwise path's residuals, so remat='save_attention' keeps them too.
   out = checkpoint_name(out, RESIDUAL_NAMES[0])
   lse = checkpoint_name(lse, RESIDUAL_NAMES[1])
-  return out, (q, k, v, seg, out, lse)
+  return out, (q, k, v, seg, first, last, out, lse)
 
 
 def _attention_bwd(scale, blocks, interpret, res, do):
-  q, k, v, seg, out, lse = res
-  dq, dk, dv = _backward(q, k, v, seg, out, lse, do.astype(q.dtype), scale, blocks, interpret)
-  return dq, dk, dv, None
+  q, k, v, seg, first, last, out, lse = res
+  dq, dk, dv = _backward(q, k, v, seg, first, last, out, lse, do.astype(q.dtype), scale,
+                         blocks, interpret)
+  return dq, dk, dv, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -318,7 +318,9 @@ def local_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
     pad = lambda x: jnp.pad(x, [(0, 0), (0, pad_t), (0, 0), (0, pad_h)])
     q_btnh, k_btkh, v_btkh = pad(q_btnh), pad(k_btkh), pad(v_btkh)
     seg_bt = jnp.pad(seg_bt, [(0, 0), (0, pad_t)], constant_values=-1)
-  out = _attention(q_btnh, k_btkh, v_btkh, seg_bt, scale, blocks, bool(interpret))
+  first_bt, last_bt = segment_spans(seg_bt)
+  out = _attention(q_btnh, k_btkh, v_btkh, seg_bt, first_bt, last_bt, scale, blocks,
+                   bool(interpret))
   return out[:, :t, :, :h].astype(out_dtype)
 
 
