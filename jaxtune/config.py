@@ -28,6 +28,7 @@ from jaxtune.models import lora, presets
 from jaxtune.models.lora import DEFAULT_LORA_TARGETS
 from jaxtune.models.layers import REMAT
 from jaxtune.ops import attention
+from jaxtune.ops.rope import normalize_rope_scaling
 from jaxtune.parallel import sharding
 from jaxtune.parallel.mesh import AXES
 
@@ -98,7 +99,9 @@ def base_config() -> ConfigDict:
   # decay starts at update 0.
   c.lr.zero_warmup_repeats_base_lr = True
   c.loss = ConfigDict(dict(mode="chunk", chunk_size=1024, loss_reduction="token"))
-  c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  # sequence: the tokens of each packed row split over that many devices (context
+  # parallelism for long rows; ops/attention.py), params sharded over it as over fsdp.
+  c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, sequence=1))
   # Overrides of the logical-axis rules (jaxtune.parallel.sharding.DEFAULT_RULES): (name, mesh
   # axes) pairs; a name listed here gets exactly these rules, e.g. (("embed", None),) = no FSDP.
   c.mesh.logical_axis_rules = ()
@@ -184,6 +187,8 @@ def _check_keys_and_types(cfg: ConfigDict, ref: ConfigDict, prefix: str) -> None
       _check_keys_and_types(value, default, path + ".")
       continue
     ref_node = ref_fields[key]
+    if ref_node is None:  # a free-form field (model.rope_scaling): its own check follows
+      continue
     expected = ref_node.get_type() if isinstance(ref_node, FieldReference) else type(default)
     if value is None or expected in (type(None), list, tuple) and isinstance(value, (list, tuple)):
       continue
@@ -222,7 +227,7 @@ def data_parallel_size(cfg: ConfigDict, num_devices: int) -> int:
 
 def mesh_shape(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
   """Mesh axis sizes with the single -1 resolved to the devices left over."""
-  sizes = {axis: int(cfg.mesh[axis]) for axis in AXES}
+  sizes = {axis: int(cfg.mesh.get(axis, 1)) for axis in AXES}
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
     raise ConfigError(f"at most one mesh axis may be -1, got {free}. Set all but one explicitly.")
@@ -302,6 +307,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None, *, files: bool = T
     raise ConfigError(f"optim.skip_grad_norm_threshold must be positive or None, got "
                       f"{cfg.optim.skip_grad_norm_threshold}")
   _check_attention_heads(cfg.model, "model")
+  _check_rope_scaling(cfg.model, "model")
   _check_lora(cfg, files)
   axis_rules(cfg)  # a bad override fails here, naming its entry
 
@@ -333,6 +339,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None, *, files: bool = T
 
   if cfg.load_from is not None:
     checkpoint = _model_of_checkpoint(cfg.load_from)  # read once
+    _recipe_rope_scaling_over(cfg.model, checkpoint)
     if cfg.model_from_checkpoint:
       _take_model_from_checkpoint(cfg, checkpoint)
     _check_against_hf_config(cfg, checkpoint)
@@ -340,9 +347,19 @@ def validate(cfg: ConfigDict, num_devices: int | None = None, *, files: bool = T
     _check_tokenizer_path(cfg)
   if num_devices is not None:
     _batch_split(cfg, num_devices)
+    _check_sequence_split(cfg, num_devices)
   if files:
     _check_work_dir(cfg)
   return cfg
+
+
+def _check_sequence_split(cfg: ConfigDict, num_devices: int) -> None:
+  """mesh.sequence splits every packed row into equal token slices."""
+  sequence = mesh_shape(cfg, num_devices)["sequence"]
+  if cfg.data.pack_max_length % sequence:
+    raise ConfigError(f"data.pack_max_length ({cfg.data.pack_max_length}) must be a multiple of "
+                      f"mesh.sequence ({sequence}): each packed row's tokens are split evenly "
+                      f"over the sequence axis.")
 
 
 def _check_lora(cfg: ConfigDict, files: bool = True) -> None:
@@ -580,6 +597,40 @@ def _check_attention_heads(section: ConfigDict, where: str) -> None:
     if kv_heads <= 0 or heads % kv_heads:
       raise ConfigError(f"{where}.num_attention_heads ({heads}) must be a multiple of "
                         f"{where}.num_key_value_heads ({kv_heads})")
+
+
+def _check_rope_scaling(section: ConfigDict, where: str) -> None:
+  """Every (nested) `rope_scaling` is None or a yarn dict; each is rewritten in its one form
+  (jaxtune.ops.rope.normalize_rope_scaling: HF's legacy "type" read as rope_type, floats)."""
+  for key, value in section.items():
+    if key != "rope_scaling" and isinstance(value, ConfigDict):
+      _check_rope_scaling(value, f"{where}.{key}")
+  if "rope_scaling" not in section:
+    return
+  value = section.rope_scaling
+  try:
+    scaling = normalize_rope_scaling(value.to_dict() if isinstance(value, ConfigDict) else value)
+  except ValueError as e:
+    raise ConfigError(f"config key '{where}.rope_scaling': {e}. Set it to None or e.g. "
+                      "dict(rope_type='yarn', factor=4.0, "
+                      "original_max_position_embeddings=32768).") from None
+  section.rope_scaling = scaling
+
+
+def _recipe_rope_scaling_over(recipe: ConfigDict, checkpoint: ConfigDict) -> None:
+  """A `rope_scaling` the recipe sets (not None) wins over load_from's config.json: YaRN is how
+  a run extends a checkpoint's context (Qwen3: factor 4 over 32,768 positions), and the export
+  writes it. None takes config.json's (model_from_checkpoint) or must match it."""
+  if recipe.get("type") != checkpoint.get("type"):
+    return
+  for key, value in recipe.items():
+    if key not in checkpoint:
+      continue
+    if key == "rope_scaling":
+      if value is not None:
+        checkpoint.rope_scaling = value.to_dict() if isinstance(value, ConfigDict) else value
+    elif isinstance(value, ConfigDict) and isinstance(checkpoint[key], ConfigDict):
+      _recipe_rope_scaling_over(value, checkpoint[key])
 
 
 def _differences(recipe: ConfigDict, checkpoint: ConfigDict, where: str,

@@ -116,7 +116,7 @@ def test_nested_model_fields_are_checked_against_config_json(good, tmp_path):
 
 def test_mesh_shape_resolves_minus_one(good):
   good.mesh.tensor = 2
-  assert mesh_shape(good, 8) == dict(data=1, fsdp=4, tensor=2, expert=1)
+  assert mesh_shape(good, 8) == dict(data=1, fsdp=4, tensor=2, expert=1, sequence=1)
   good.mesh.tensor = 3
   with pytest.raises(ConfigError, match="cannot be split"):
     mesh_shape(good, 8)
@@ -150,7 +150,7 @@ def test_resolve_derives_every_value_once_beside_the_recipe(good):
   good.data.micro_batch_size = 1
   resolved = config_lib.resolve(good, 4, backend="cpu")
   assert config_lib.to_json(resolved.cfg) == config_lib.to_json(validate(good, num_devices=4))
-  assert resolved.mesh_shape == dict(data=2, fsdp=2, tensor=1, expert=1)
+  assert resolved.mesh_shape == dict(data=2, fsdp=2, tensor=1, expert=1, sequence=1)
   assert resolved.data_parallel == 4 and resolved.num_micro == 1
   assert resolved.attention == "blockwise" and resolved.media is None
   assert resolved.tiles_bound == 0

@@ -110,10 +110,11 @@ def test_from_hf_reads_every_field(reference):
   hf = transformers.AutoConfig.from_pretrained(path)
   assert cfg.type == "qwen3_moe"
   for field in cfg.keys():
-    if field not in ("type", "router_z_loss_coef", "rope_theta"):
+    if field not in ("type", "router_z_loss_coef", "rope_theta", "rope_scaling"):
       expected = getattr(hf, field)
       assert cfg[field] == (tuple(expected) if isinstance(expected, list) else expected), field
   assert cfg.rope_theta == hf.rope_parameters["rope_theta"]
+  assert cfg.rope_scaling is None and hf.rope_parameters["rope_type"] == "default"
 
 
 @pytest.mark.slow
@@ -313,5 +314,5 @@ def test_the_30b_recipe_validates_with_its_preset(tmp_path):
   for gpus in (8, 16):  # one node; two nodes (expert 8 within a node, fsdp 2 across)
     checked = config_lib.validate(cfg, num_devices=gpus)
     assert config_lib.mesh_shape(checked, gpus) == dict(data=1, fsdp=gpus // 8, tensor=1,
-                                                        expert=8)
+                                                        expert=8, sequence=1)
   assert checked.model.to_dict() == presets.qwen3_30b_a3b().to_dict()

@@ -135,3 +135,9 @@ def test_recipe_changes_sorts_keys_into_fixed_and_other(tmp_path):
   assert not fixed and "the same tokenizer files" in rest[0]
   fixed, rest = changes(tokenizer_path=other)
   assert not rest and fixed[0].startswith("tokenizer_path") and "another tokenizer" in fixed[0]
+  # Keys a later jaxtune added, absent from an older run's recipe: unchanged at their default.
+  newer = json.loads(json.dumps(saved))
+  newer["mesh"], newer["model"]["rope_scaling"] = dict(sequence=1), None
+  assert rundir.recipe_changes(saved, newer) == ([], [])
+  newer["mesh"]["sequence"] = 2
+  assert rundir.recipe_changes(saved, newer)[1] == ["mesh.sequence (absent -> 2)"]

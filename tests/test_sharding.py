@@ -19,7 +19,7 @@ from jaxtune.train.state import abstract_train_state, split_model
 def test_make_mesh_has_all_axes_auto():
   mesh = make_mesh(dict(fsdp=2, tensor=2))
   assert mesh.axis_names == AXES
-  assert dict(mesh.shape) == dict(data=1, fsdp=2, tensor=2, expert=1)
+  assert dict(mesh.shape) == dict(data=1, fsdp=2, tensor=2, expert=1, sequence=1)
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
   assert make_mesh({}, devices=jax.devices()[:1]).size == 1
   with pytest.raises(ValueError, match="needs 8 devices"):
@@ -29,21 +29,22 @@ def test_make_mesh_has_all_axes_auto():
 
 
 def test_rules_map_logical_names_to_mesh_axes():
-  assert logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
-  assert logical_to_spec(("layers", "embed", "heads")) == P(None, "fsdp", "tensor")
-  assert logical_to_spec(("vocab", "embed")) == P("tensor", "fsdp")
+  assert logical_to_spec(("embed", "mlp")) == P(("fsdp", "sequence"), "tensor")
+  assert logical_to_spec(("layers", "embed", "heads")) == P(None, ("fsdp", "sequence"), "tensor")
+  assert logical_to_spec(("vocab", "embed")) == P("tensor", ("fsdp", "sequence"))
   assert logical_to_spec(("norm",)) == P(None)
-  # `expert` splits the batch too: outside MoE blocks an expert group is data parallel.
+  # `expert` splits the batch too: outside MoE blocks an expert group is data parallel;
+  # `sequence` splits each row's tokens.
   assert logical_to_spec(("activation_batch", "activation_length")) == P(
-      ("data", "fsdp", "expert"), None)
+      ("data", "fsdp", "expert"), "sequence")
   with pytest.raises(ValueError, match="no rule"):
     logical_to_spec(("embedding",))
 
 
 def test_indivisible_dims_are_replicated_not_fatal():
   mesh = make_mesh(dict(fsdp=2, tensor=2))
-  assert logical_to_spec(("embed", "kv_heads"), (64, 32), mesh) == P("fsdp", "tensor")
-  assert logical_to_spec(("embed", "kv_heads"), (64, 5), mesh) == P("fsdp", None)
+  assert logical_to_spec(("embed", "kv_heads"), (64, 32), mesh) == P(("fsdp", "sequence"), "tensor")
+  assert logical_to_spec(("embed", "kv_heads"), (64, 5), mesh) == P(("fsdp", "sequence"), None)
   assert logical_to_spec(("embed", "kv_heads"), (63, 5), mesh) == P(None, None)
   # A batch that data x fsdp x expert does not divide falls back to fewer axes, then to
   # replication.
@@ -58,7 +59,7 @@ def test_indivisible_dims_are_replicated_not_fatal():
 def test_batch_sharding_splits_rows_over_data_fsdp_and_expert():
   mesh = make_mesh(dict(data=2, fsdp=2))
   sharding = batch_sharding(mesh)
-  assert sharding.spec == P(("data", "fsdp", "expert"), None)
+  assert sharding.spec == P(("data", "fsdp", "expert"))
   rows = jax.device_put(np.zeros((8, 16), np.int32), sharding)
   assert rows.addressable_shards[0].data.shape == (2, 16)
 
@@ -79,9 +80,9 @@ def test_create_model_places_every_param_in_its_rule_sharding():
     got = var.get_value().sharding
     assert got.is_equivalent_to(want.get_value(), var.get_value().ndim), path
   layers = model.model.layers
-  assert layers.self_attn.k_proj.kernel.get_value().sharding.spec == P(None, "fsdp", None)
-  assert layers.mlp.up_proj.kernel.get_value().sharding.spec == P(None, "fsdp", "tensor")
-  assert model.model.embed_tokens.embedding.get_value().sharding.spec == P(None, "fsdp")
+  assert layers.self_attn.k_proj.kernel.get_value().sharding.spec == P(None, ("fsdp", "sequence"), None)
+  assert layers.mlp.up_proj.kernel.get_value().sharding.spec == P(None, ("fsdp", "sequence"), "tensor")
+  assert model.model.embed_tokens.embedding.get_value().sharding.spec == P(None, ("fsdp", "sequence"))
   # Same seed, same values whatever the mesh.
   single = create_model(cfg, make_mesh({}, devices=jax.devices()[:1]), compute_dtype="float32",
                         seed=3)
@@ -108,7 +109,7 @@ def test_abstract_model_allocates_nothing():
   assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
   kernel = model.model.layers.mlp.down_proj.kernel.get_value()
   assert kernel.shape == (36, 12288, 4096) and kernel.dtype == jnp.float32
-  assert kernel.sharding.spec == P(None, "tensor", "fsdp")
+  assert kernel.sharding.spec == P(None, "tensor", ("fsdp", "sequence"))
 
 
 def test_shard_activation_is_a_noop_without_mesh():
@@ -172,12 +173,12 @@ def test_the_rules_decide_the_data_parallel_axes_everywhere():
   assert batch_axes(rules) == ("data",) and batch_axes() == ("data", "fsdp", "expert")
   mesh = make_mesh(dict(data=2, fsdp=2))
   with axis_rules(rules):
-    assert batch_sharding(mesh).spec == P("data", None)
+    assert batch_sharding(mesh).spec == P("data")
     model = abstract_model(presets.qwen3_tiny(), mesh)
     # [L, D, F]: no FSDP over the hidden dim D any more (F keeps its size-1 tensor axis).
     assert model.model.layers.mlp.up_proj.kernel.get_value().sharding.spec == P(None, None,
                                                                                  "tensor")
-  assert batch_sharding(mesh).spec == P(("data", "fsdp", "expert"), None)  # restored
+  assert batch_sharding(mesh).spec == P(("data", "fsdp", "expert"))  # restored
   cfg.mesh.logical_axis_rules = (("activation_batch", "pipeline"),)
   with pytest.raises(config_lib.ConfigError, match=r"mesh.logical_axis_rules\[0\]"):
     config_lib.axis_rules(cfg)
@@ -239,12 +240,12 @@ def test_head_projections_split_into_whole_heads_only():
   mesh = make_mesh(dict(tensor=4))
   halves = presets.qwen3_tiny(num_attention_heads=2, num_key_value_heads=2, head_dim=8)
   attn = abstract_model(halves, mesh).model.layers.self_attn
-  assert attn.q_proj.kernel.get_value().sharding.spec == P(None, "fsdp", None)
-  assert attn.o_proj.kernel.get_value().sharding.spec == P(None, None, "fsdp")
-  assert attn.k_proj.kernel.get_value().sharding.spec == P(None, "fsdp", None)
+  assert attn.q_proj.kernel.get_value().sharding.spec == P(None, ("fsdp", "sequence"), None)
+  assert attn.o_proj.kernel.get_value().sharding.spec == P(None, None, ("fsdp", "sequence"))
+  assert attn.k_proj.kernel.get_value().sharding.spec == P(None, ("fsdp", "sequence"), None)
   whole = presets.qwen3_tiny(num_attention_heads=4, num_key_value_heads=4, head_dim=8)
   attn = abstract_model(whole, mesh).model.layers.self_attn
-  assert attn.q_proj.kernel.get_value().sharding.spec == P(None, "fsdp", "tensor")
-  assert attn.o_proj.kernel.get_value().sharding.spec == P(None, "tensor", "fsdp")
+  assert attn.q_proj.kernel.get_value().sharding.spec == P(None, ("fsdp", "sequence"), "tensor")
+  assert attn.o_proj.kernel.get_value().sharding.spec == P(None, "tensor", ("fsdp", "sequence"))
   q = attn.q_proj.kernel.get_value()
   assert q.sharding.shard_shape(q.shape)[-1] == 8  # one whole head per device

@@ -18,8 +18,9 @@ from jaxtune.ops.norms import layer_norm, rms_norm
 
 # HF's `initializer_range` of every family here: random init draws weights from N(0, 0.02).
 INIT_STD = 0.02
-# The logical axes of the residual stream [B, T, D].
+# The logical axes of the residual stream [B, T, D] and of per-token arrays [B, T].
 BTD = ("activation_batch", "activation_length", "activation_embed")
+BT = BTD[:2]
 # The name every attention block gives its kernel's output (see `remat_policy`).
 ATTENTION_OUT = "attention_out"
 

@@ -26,6 +26,19 @@ Implementations:
             `scripts/gpu_kernels.py` measures "pallas" against "cudnn" and "blockwise" on a GPU
             (errors against per-sample attention, forward + backward time); if "pallas" wins
             there, flip `AUTO_GPU_IMPL` below to "pallas" (cudnn's dense mask is O(T^2)).
+
+Rows split over a `sequence` mesh axis (context parallelism, `mesh.sequence`): every
+implementation above runs per device inside a shard_map, wrapped by `_context_parallel`:
+  Ulysses   (when each device's query heads divide over the sequence axis, and its kv heads
+            too or kv heads repeated to the axis size, as XTuner does): an all-to-all turns
+            [T / P tokens, all heads] into [all T tokens, heads / P], the kernel runs on whole
+            rows, and an all-to-all turns the output back: four all-to-alls per layer forward
+            (q, k, v, output) and four backward; every device does the same work.
+  all-gather KV (otherwise, e.g. 40 heads on 16 devices): each device keeps its query
+            slice and gathers the row's keys and values (O(T) memory, K / N of the query
+            size under GQA), then runs the blockwise kernel with its queries' offset. The
+            causal triangle makes later slices do more work than earlier ones.
+Segment ids are gathered whole, so a sample may start on one device and end on another.
 """
 
 import math
@@ -35,6 +48,8 @@ import jax.numpy as jnp
 
 from jaxtune.ops import pallas_attention
 from jaxtune.ops.flash_attention import blockwise_attention
+from jaxtune.ops.pallas_attention import KV_NAMES, Q_NAMES
+from jaxtune.parallel.sharding import logical_shard_map, logical_to_spec
 
 IMPLEMENTATIONS = ("auto", "blockwise", "xla", "cudnn", "dpa_xla", "pallas")
 
@@ -83,6 +98,83 @@ def _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, implementation):
                                       implementation=implementation)
 
 
+def _local_impl(impl: str, dtype, *, block_q: int, block_kv: int, interpret: bool,
+                pallas_blocks: pallas_attention.Blocks | None):
+  """impl as a function of one device's (q, k, v, segment ids), after its checks."""
+  if impl == "blockwise":
+    return lambda q, k, v, seg: blockwise_attention(
+        q, k, v, seg, block_q=block_q, block_kv=block_kv).astype(v.dtype)
+  if impl == "xla":
+    return _xla_attention
+  if impl == "cudnn":
+    if jax.default_backend() != "gpu":
+      raise ValueError(f"attention impl 'cudnn' needs an NVIDIA GPU, but JAX's backend is "
+                       f"'{jax.default_backend()}'. Use attention='auto' (blockwise) here.")
+    if dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention impl 'cudnn' needs bfloat16 or float16 inputs, got "
+                       f"{dtype}; set compute_dtype='bfloat16' or attention='auto'.")
+    return lambda q, k, v, seg: _jax_nn_attention(q, k, v, seg, "cudnn")
+  if impl == "pallas":
+    if jax.default_backend() != "gpu" and not interpret:
+      raise ValueError(f"attention impl 'pallas' needs an NVIDIA GPU (Triton), but JAX's "
+                       f"backend is '{jax.default_backend()}'. Use attention='auto' "
+                       f"(blockwise) here, or interpret=True to run the kernels interpreted.")
+    blocks = pallas_blocks or pallas_attention.Blocks()
+    return lambda q, k, v, seg: pallas_attention.local_attention(
+        q, k, v, seg, blocks=blocks, interpret=interpret)
+  if impl == "dpa_xla":
+    return lambda q, k, v, seg: _jax_nn_attention(q, k, v, seg, "xla")
+  raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}")
+
+
+def sequence_axes(q_btnh: jax.Array) -> tuple[str, ...]:
+  """The mesh axes (of more than one device) splitting the tokens of each row; () if none."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return ()
+  entry = logical_to_spec(Q_NAMES, q_btnh.shape, mesh)[1]
+  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  return axes if math.prod(mesh.shape[a] for a in axes) > 1 else ()
+
+
+def uses_ulysses(num_heads: int, num_kv_heads: int, devices: int) -> bool:
+  """Whether heads split `devices` ways (Ulysses) or keys and values are gathered instead."""
+  return num_heads % devices == 0 and (num_kv_heads % devices == 0
+                                       or devices % num_kv_heads == 0)
+
+
+def _context_parallel(local_fn, q_btnh, k_btkh, v_btkh, segment_ids_bt, seq_axes, check_vma):
+  """`local_fn` on whole rows while the mesh splits each row over `seq_axes` (see the module
+  docstring: Ulysses, or all-gather KV)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  q_spec = logical_to_spec(Q_NAMES, q_btnh.shape, mesh)
+  kv_spec = logical_to_spec(KV_NAMES, k_btkh.shape, mesh)
+  # Heads keep their tensor split only when q and kv heads split alike (GQA stays local).
+  heads = q_spec[2] if q_spec[2] == kv_spec[2] else None
+  rules = (("cp_batch", q_spec[0]), ("cp_length", seq_axes), ("cp_heads", heads))
+  devices = math.prod(mesh.shape[a] for a in seq_axes)
+
+  def local(_, q, k, v, seg):
+    n, kh = q.shape[2], k.shape[2]
+    if uses_ulysses(n, kh, devices):
+      if kh % devices:  # fewer kv heads than devices: each device gets one, repeated
+        k, v = (jnp.repeat(x, devices // kh, axis=2) for x in (k, v))
+      to_heads = lambda x: jax.lax.all_to_all(x, seq_axes, split_axis=2, concat_axis=1,
+                                              tiled=True)
+      seg = jax.lax.all_gather(seg, seq_axes, axis=1, tiled=True)
+      o = local_fn(to_heads(q), to_heads(k), to_heads(v), seg)
+      return jax.lax.all_to_all(o, seq_axes, split_axis=1, concat_axis=2, tiled=True)
+    gather = lambda x: jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)
+    offset = jax.lax.axis_index(seq_axes) * q.shape[1]
+    return blockwise_attention(q, gather(k), gather(v), seg, kv_segment_ids_bs=gather(seg),
+                               q_offset=offset).astype(v.dtype)
+
+  names = ("cp_batch", "cp_length", "cp_heads", None)
+  fn = logical_shard_map(local, (names, names, names, ("cp_batch", "cp_length")), names,
+                         rules=rules, check_vma=check_vma)
+  return fn(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+
+
 def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
               segment_ids_bt: jax.Array, *, impl: str = "auto", block_q: int = 512,
               block_kv: int = 512, interpret: bool = False,
@@ -91,33 +183,22 @@ def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
 
   `block_q` / `block_kv` are the "blockwise" tile sizes (capped at T); other impls ignore them.
   `interpret` runs "pallas" in Pallas' interpreter (any backend); `pallas_blocks` are its
-  tiles (`pallas_attention.Blocks`).
+  tiles (`pallas_attention.Blocks`). Under a mesh whose rules split the tokens of a row
+  (`sequence_axes`), every impl runs per device on whole rows (`_context_parallel`).
   """
   num_heads, num_kv_heads = q_btnh.shape[2], k_btkh.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
   impl = resolve_impl(impl, jax.default_backend(), q_btnh.dtype)
-  if impl == "blockwise":
-    return blockwise_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, block_q=block_q,
-                               block_kv=block_kv).astype(v_btkh.dtype)
-  if impl == "xla":
-    return _xla_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt)
-  if impl == "cudnn":
-    if jax.default_backend() != "gpu":
-      raise ValueError(f"attention impl 'cudnn' needs an NVIDIA GPU, but JAX's backend is "
-                       f"'{jax.default_backend()}'. Use attention='auto' (blockwise) here.")
-    if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
-      raise ValueError(f"attention impl 'cudnn' needs bfloat16 or float16 inputs, got "
-                       f"{q_btnh.dtype}; set compute_dtype='bfloat16' or attention='auto'.")
-    return _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, "cudnn")
-  if impl == "pallas":
-    if jax.default_backend() != "gpu" and not interpret:
-      raise ValueError(f"attention impl 'pallas' needs an NVIDIA GPU (Triton), but JAX's "
-                       f"backend is '{jax.default_backend()}'. Use attention='auto' "
-                       f"(blockwise) here, or interpret=True to run the kernels interpreted.")
+  local_fn = _local_impl(impl, q_btnh.dtype, block_q=block_q, block_kv=block_kv,
+                         interpret=interpret, pallas_blocks=pallas_blocks)
+  seq_axes = sequence_axes(q_btnh)
+  if seq_axes:
+    # Pallas' interpreter drops the varying type of its blocks in a checked shard_map.
+    return _context_parallel(local_fn, q_btnh, k_btkh, v_btkh, segment_ids_bt, seq_axes,
+                             check_vma=not (impl == "pallas" and interpret))
+  if impl == "pallas":  # per device under a mesh (rows and heads split; no collective)
     return pallas_attention.packed_attention(
         q_btnh, k_btkh, v_btkh, segment_ids_bt, blocks=pallas_blocks or pallas_attention.Blocks(),
         interpret=interpret)
-  if impl == "dpa_xla":
-    return _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, "xla")
-  raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}")
+  return local_fn(q_btnh, k_btkh, v_btkh, segment_ids_bt)

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxtune.parallel.sharding import varying_zeros
+
 # The forward's residuals, named so a remat policy can keep them (models.layers.remat_policy's
 # "save_attention"): then the backward pass needs no recomputed attention forward.
 RESIDUAL_NAMES = ("attention_out", "attention_lse")
@@ -60,61 +62,72 @@ def _fori(lo, hi, body, carry):
   return jax.lax.fori_loop(lo, hi, body, carry)
 
 
-def _last_kv_block(i, block_q, block_kv):
+def _last_kv_block(i, block_q, block_kv, q_offset, num_kv_blocks):
   """Exclusive upper bound of the kv blocks query block i can see (causality)."""
-  return (i * block_q + block_q - 1) // block_kv + 1
+  last = (q_offset + i * block_q + block_q - 1) // block_kv + 1
+  return last if isinstance(last, int) and last <= num_kv_blocks else jnp.minimum(last,
+                                                                                 num_kv_blocks)
 
 
-def _flash_fwd_impl(q_btkgh, k_btkh, v_btkh, seg_bt, block_q, block_kv):
+def _flash_fwd_impl(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block_q, block_kv):
   b, t, kh, g, h = q_btkgh.shape
   scale = 1.0 / math.sqrt(h)
+  num_kv_blocks = k_bskh.shape[1] // block_kv
+  # Loop carries vary like the inputs inside a shard_map (context parallelism).
+  zeros = lambda shape, dtype: varying_zeros(shape, dtype, q_btkgh, k_bskh, v_bskh, seg_q_bt,
+                                             seg_k_bs)
 
   def q_block(i, carry):
     out_btkgh, lse_bkgt = carry
     q_start = i * block_q
     q_bqkgh = _slice_t(q_btkgh, q_start, block_q)
-    seg_q_bq = _slice_t(seg_bt, q_start, block_q)
+    seg_q_bq = _slice_t(seg_q_bt, q_start, block_q)
 
     def kv_block(j, c):
       acc_bkgqh, m_bkgq, l_bkgq = c
       k_start = j * block_kv
-      k_bskh, v_bskh = _slice_t(k_btkh, k_start, block_kv), _slice_t(v_btkh, k_start, block_kv)
-      mask = _block_mask(seg_q_bq, _slice_t(seg_bt, k_start, block_kv), q_start, k_start)
-      s_bkgqs = jnp.where(mask, _scores(q_bqkgh, k_bskh, scale), _MASK_VALUE)
+      k_blk, v_blk = _slice_t(k_bskh, k_start, block_kv), _slice_t(v_bskh, k_start, block_kv)
+      mask = _block_mask(seg_q_bq, _slice_t(seg_k_bs, k_start, block_kv), q_offset + q_start,
+                         k_start)
+      s_bkgqs = jnp.where(mask, _scores(q_bqkgh, k_blk, scale), _MASK_VALUE)
       m_new = jnp.maximum(m_bkgq, s_bkgqs.max(-1))
       p_bkgqs = jnp.where(mask, jnp.exp(s_bkgqs - m_new[..., None]), 0.0)
       corr_bkgq = jnp.exp(m_bkgq - m_new)
       l_new = corr_bkgq * l_bkgq + p_bkgqs.sum(-1)
-      pv_bkgqh = jnp.einsum("bkgqs,bskh->bkgqh", p_bkgqs.astype(v_btkh.dtype), v_bskh,
+      pv_bkgqh = jnp.einsum("bkgqs,bskh->bkgqh", p_bkgqs.astype(v_blk.dtype), v_blk,
                             preferred_element_type=jnp.float32)
       return corr_bkgq[..., None] * acc_bkgqh + pv_bkgqh, m_new, l_new
 
-    init = (jnp.zeros((b, kh, g, block_q, h), jnp.float32),
-            jnp.full((b, kh, g, block_q), _MASK_VALUE, jnp.float32),
-            jnp.zeros((b, kh, g, block_q), jnp.float32))
-    acc_bkgqh, m_bkgq, l_bkgq = _fori(0, _last_kv_block(i, block_q, block_kv), kv_block, init)
-    # l >= exp(0) = 1: every query sees itself (its own key is on the diagonal block).
-    o_bqkgh = jnp.transpose(acc_bkgqh / l_bkgq[..., None], (0, 3, 1, 2, 4))
+    init = (zeros((b, kh, g, block_q, h), jnp.float32),
+            zeros((b, kh, g, block_q), jnp.float32) + _MASK_VALUE,
+            zeros((b, kh, g, block_q), jnp.float32))
+    acc_bkgqh, m_bkgq, l_bkgq = _fori(
+        0, _last_kv_block(i, block_q, block_kv, q_offset, num_kv_blocks), kv_block, init)
+    # l >= exp(0) = 1 wherever a query sees itself; only padding appended to a query slice
+    # (q_offset > 0) can see no key, and its zero output is dropped.
+    o_bqkgh = jnp.transpose(acc_bkgqh / jnp.maximum(l_bkgq, 1e-30)[..., None], (0, 3, 1, 2, 4))
     out_btkgh = jax.lax.dynamic_update_slice_in_dim(
         out_btkgh, o_bqkgh.astype(out_btkgh.dtype), q_start, axis=1)
     lse_bkgt = jax.lax.dynamic_update_slice_in_dim(
-        lse_bkgt, m_bkgq + jnp.log(l_bkgq), q_start, axis=3)
+        lse_bkgt, m_bkgq + jnp.log(jnp.maximum(l_bkgq, 1e-30)), q_start, axis=3)
     return out_btkgh, lse_bkgt
 
-  init = (jnp.zeros_like(q_btkgh), jnp.zeros((b, kh, g, t), jnp.float32))
+  init = (zeros(q_btkgh.shape, q_btkgh.dtype), zeros((b, kh, g, t), jnp.float32))
   return _fori(0, t // block_q, q_block, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q_btkgh, k_btkh, v_btkh, seg_bt, block_q, block_kv):
-  return _flash_fwd_impl(q_btkgh, k_btkh, v_btkh, seg_bt, block_q, block_kv)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flash(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block_q, block_kv):
+  return _flash_fwd_impl(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block_q,
+                         block_kv)[0]
 
 
-def _flash_fwd(q_btkgh, k_btkh, v_btkh, seg_bt, block_q, block_kv):
-  out_btkgh, lse_bkgt = _flash_fwd_impl(q_btkgh, k_btkh, v_btkh, seg_bt, block_q, block_kv)
+def _flash_fwd(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block_q, block_kv):
+  out_btkgh, lse_bkgt = _flash_fwd_impl(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset,
+                                        block_q, block_kv)
   out_btkgh = checkpoint_name(out_btkgh, RESIDUAL_NAMES[0])
   lse_bkgt = checkpoint_name(lse_bkgt, RESIDUAL_NAMES[1])
-  return out_btkgh, (q_btkgh, k_btkh, v_btkh, seg_bt, out_btkgh, lse_bkgt)
+  return out_btkgh, (q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, out_btkgh, lse_bkgt)
 
 
 def _flash_bwd(block_q, block_kv, res, do_btkgh):
@@ -123,10 +136,12 @@ def _flash_bwd(block_q, block_kv, res, do_btkgh):
   dk and dv of the kv block live in the inner loop's carry; dq is a float32 [B, T, N, H]
   buffer that every (kv block, query block) pair adds its share to.
   """
-  q_btkgh, k_btkh, v_btkh, seg_bt, out_btkgh, lse_bkgt = res
+  q_btkgh, k_btkh, v_btkh, seg_bt, seg_k_bs, q_offset, out_btkgh, lse_bkgt = res
   b, t, kh, g, h = q_btkgh.shape
   scale = 1.0 / math.sqrt(h)
   dtype = q_btkgh.dtype
+  zeros = lambda shape, dtype: varying_zeros(shape, dtype, q_btkgh, k_btkh, v_btkh, do_btkgh,
+                                             seg_bt)
   # softmax backward: ds = p * (dp - delta), delta_t = sum_h do_th * out_th.
   delta_bkgt = jnp.einsum("btkgh,btkgh->bkgt", do_btkgh.astype(jnp.float32),
                           out_btkgh.astype(jnp.float32))
@@ -135,7 +150,7 @@ def _flash_bwd(block_q, block_kv, res, do_btkgh):
     dq_btkgh, dk_btkh, dv_btkh = carry
     k_start = j * block_kv
     k_bskh, v_bskh = _slice_t(k_btkh, k_start, block_kv), _slice_t(v_btkh, k_start, block_kv)
-    seg_k_bs = _slice_t(seg_bt, k_start, block_kv)
+    seg_k_blk = _slice_t(seg_k_bs, k_start, block_kv)
 
     def q_block(i, c):
       dq_btkgh, dk_bskh, dv_bskh = c
@@ -143,7 +158,8 @@ def _flash_bwd(block_q, block_kv, res, do_btkgh):
       q_bqkgh, do_bqkgh = _slice_t(q_btkgh, q_start, block_q), _slice_t(do_btkgh, q_start, block_q)
       lse_bkgq = jax.lax.dynamic_slice_in_dim(lse_bkgt, q_start, block_q, axis=3)
       delta_bkgq = jax.lax.dynamic_slice_in_dim(delta_bkgt, q_start, block_q, axis=3)
-      mask = _block_mask(_slice_t(seg_bt, q_start, block_q), seg_k_bs, q_start, k_start)
+      mask = _block_mask(_slice_t(seg_bt, q_start, block_q), seg_k_blk, q_offset + q_start,
+                         k_start)
       s_bkgqs = _scores(q_bqkgh, k_bskh, scale)
       p_bkgqs = jnp.where(mask, jnp.exp(s_bkgqs - lse_bkgq[..., None]), 0.0)
       dv_bskh = dv_bskh + jnp.einsum("bkgqs,bqkgh->bskh", p_bkgqs.astype(dtype), do_bqkgh,
@@ -159,9 +175,11 @@ def _flash_bwd(block_q, block_kv, res, do_btkgh):
           dq_btkgh, _slice_t(dq_btkgh, q_start, block_q) + dq_bqkgh, q_start, axis=1)
       return dq_btkgh, dk_bskh, dv_bskh
 
-    zeros_bskh = jnp.zeros((b, block_kv, kh, h), jnp.float32)
+    zeros_bskh = zeros((b, block_kv, kh, h), jnp.float32)
     # Query blocks before the one holding key k_start cannot see this kv block.
-    dq_btkgh, dk_bskh, dv_bskh = _fori(k_start // block_q, t // block_q, q_block,
+    first = (k_start - q_offset) // block_q
+    first = first if isinstance(first, int) else jnp.maximum(first, 0)
+    dq_btkgh, dk_bskh, dv_bskh = _fori(first, t // block_q, q_block,
                                        (dq_btkgh, zeros_bskh, zeros_bskh))
     dk_btkh = jax.lax.dynamic_update_slice_in_dim(
         dk_btkh, dk_bskh.astype(dk_btkh.dtype), k_start, axis=1)
@@ -169,38 +187,53 @@ def _flash_bwd(block_q, block_kv, res, do_btkgh):
         dv_btkh, dv_bskh.astype(dv_btkh.dtype), k_start, axis=1)
     return dq_btkgh, dk_btkh, dv_btkh
 
-  init = (jnp.zeros(q_btkgh.shape, jnp.float32), jnp.zeros_like(k_btkh), jnp.zeros_like(v_btkh))
-  dq_btkgh, dk_btkh, dv_btkh = _fori(0, t // block_kv, kv_block, init)
-  return dq_btkgh.astype(dtype), dk_btkh, dv_btkh, None
+  init = (zeros(q_btkgh.shape, jnp.float32), zeros(k_btkh.shape, k_btkh.dtype),
+          zeros(v_btkh.shape, v_btkh.dtype))
+  dq_btkgh, dk_btkh, dv_btkh = _fori(0, k_btkh.shape[1] // block_kv, kv_block, init)
+  return dq_btkgh.astype(dtype), dk_btkh, dv_btkh, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def blockwise_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
-                        segment_ids_bt: jax.Array, *, block_q: int = 512,
-                        block_kv: int = 512) -> jax.Array:
+def blockwise_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
+                        segment_ids_bt: jax.Array, *, block_q: int = 512, block_kv: int = 512,
+                        kv_segment_ids_bs: jax.Array | None = None,
+                        q_offset: jax.Array | int = 0) -> jax.Array:
   """Packed causal GQA attention, scale 1/sqrt(H), in O(T * block) memory forward and back.
 
-  Blocks are capped at T; T is padded up to a multiple of both. Matmuls run in the input
-  dtype with float32 accumulation; softmax statistics are float32; returns q's dtype.
+  By default queries and keys are the same T tokens. A slice of the queries may attend to all
+  keys instead (context parallelism, ops/attention.py): `q_offset` is the position of the
+  first query among the S keys (an int or a traced scalar) and `kv_segment_ids_bs` the keys'
+  segment ids [B, S].
+
+  Blocks are capped at T (S); each side is padded up to a multiple of its block. Matmuls run
+  in the input dtype with float32 accumulation; softmax statistics are float32; returns q's
+  dtype.
   """
   if block_q <= 0 or block_kv <= 0:
     raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_kv={block_kv}")
   b, t, n, h = q_btnh.shape
-  kh = k_btkh.shape[2]
-  block_q, block_kv = min(block_q, t), min(block_kv, t)
-  step = math.lcm(block_q, block_kv)
-  pad = -(-t // step) * step - t
-  seg_bt = segment_ids_bt.astype(jnp.int32)
-  if pad:
-    # Appended tokens come after every real query, so causality hides them; they form their
-    # own segment (-1) so that they too see a key (themselves) and stay finite.
-    pad_t = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    q_btnh, k_btkh, v_btkh = pad_t(q_btnh), pad_t(k_btkh), pad_t(v_btkh)
-    seg_bt = jnp.pad(seg_bt, [(0, 0), (0, pad)], constant_values=-1)
+  s, kh = k_bskh.shape[1], k_bskh.shape[2]
+  seg_q_bt = segment_ids_bt.astype(jnp.int32)
+  seg_k_bs = seg_q_bt if kv_segment_ids_bs is None else kv_segment_ids_bs.astype(jnp.int32)
+  if kv_segment_ids_bs is None and s != t:
+    raise ValueError(f"keys ({s} tokens) and queries ({t}) differ: pass kv_segment_ids_bs")
+  block_q, block_kv = min(block_q, t), min(block_kv, s)
+
+  # Tokens appended to either side form their own segment (-1), so they never meet a real
+  # token; a padded query that sees no key gets a zero output, which is dropped.
+  def pad_t(x, block, fill=0):
+    extra = -(-x.shape[1] // block) * block - x.shape[1]
+    if not extra:
+      return x
+    return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+
+  q_btnh, seg_q_bt = pad_t(q_btnh, block_q), pad_t(seg_q_bt, block_q, -1)
+  k_bskh, v_bskh = pad_t(k_bskh, block_kv), pad_t(v_bskh, block_kv)
+  seg_k_bs = pad_t(seg_k_bs, block_kv, -1)
   # GQA: query head n uses kv head n // G (HF's repeat_kv order).
-  q_btkgh = q_btnh.reshape(b, t + pad, kh, n // kh, h)
-  out_btkgh = _flash(q_btkgh, k_btkh.astype(q_btnh.dtype), v_btkh.astype(q_btnh.dtype), seg_bt,
-                     block_q, block_kv)
-  return out_btkgh.reshape(b, t + pad, n, h)[:, :t]
+  q_btkgh = q_btnh.reshape(b, q_btnh.shape[1], kh, n // kh, h)
+  out_btkgh = _flash(q_btkgh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
+                     seg_q_bt, seg_k_bs, q_offset, block_q, block_kv)
+  return out_btkgh.reshape(b, q_btnh.shape[1], n, h)[:, :t]

@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxtune.parallel.sharding import logical_shard_map
+from jaxtune.parallel.sharding import logical_shard_map, varying_axes, varying_zeros
 
 MeshAxes = str | Sequence[str] | None
 IMPLS = ("tiled", "ragged_dot")
@@ -240,19 +240,6 @@ def _tile_layout(experts_nk: jax.Array, first_expert: jax.Array | int, g: int,
   return _Tiles(src_lt, expert_l, tile_end_g[-1])
 
 
-def _vma(x: jax.Array) -> frozenset:
-  """The shard_map axes x varies over (empty outside shard_map)."""
-  aval = jax.typeof(x)
-  return frozenset(aval.vma if hasattr(aval, "vma") else aval.mat.varying)  # jax 0.11 / 0.12
-
-
-def _zeros(shape, dtype, *like: jax.Array) -> jax.Array:
-  """Zeros varying over the axes of `like`, so a loop carry keeps one type inside shard_map."""
-  axes = tuple(sorted(frozenset().union(*(_vma(a) for a in like))))
-  z = jnp.zeros(shape, dtype)
-  return jax.lax.pcast(z, axes, to="varying") if axes else z
-
-
 def _row(a: jax.Array, i: jax.Array) -> jax.Array:
   return jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False)
 
@@ -306,8 +293,9 @@ def _tiled_fwd(x_nd, w_lt, tok_lt, expert_l, used, gate_gdf, up_gdf, down_gfd):
     y_td = (_row(w_lt, l)[:, None] * y_td).astype(dtype).astype(jnp.float32)
     return _scatter_add_rows(y_nd, tok_t, y_td), _set_row(a_ltf, a_tf, l), _set_row(b_ltf, b_tf, l)
 
-  init = (_zeros(x_nd.shape, jnp.float32, *like), _zeros((tiles, tile, f), jnp.float32, *like),
-          _zeros((tiles, tile, f), jnp.float32, *like))
+  init = (varying_zeros(x_nd.shape, jnp.float32, *like),
+          varying_zeros((tiles, tile, f), jnp.float32, *like),
+          varying_zeros((tiles, tile, f), jnp.float32, *like))
   # A dynamic trip count: tiles past `used` (all padding) cost nothing.
   y_nd, a_ltf, b_ltf = jax.lax.fori_loop(0, used, step, init)
   return y_nd, (x_nd, w_lt, tok_lt, expert_l, used, gate_gdf, up_gdf, down_gfd, a_ltf, b_ltf)
@@ -342,8 +330,8 @@ def _tiled_bwd(res, dy_nd):
             add(ddown_gfd, _dot(h_tf, wdy_td, "tf,td->fd")))
 
   like = (x_nd, w_lt, tok_lt, gate_gdf, dy_nd)
-  init = (_zeros(x_nd.shape, jnp.float32, *like), _zeros(w_lt.shape, jnp.float32, *like),
-          *(_zeros(a.shape, jnp.float32, *like) for a in (gate_gdf, up_gdf, down_gfd)))
+  init = (varying_zeros(x_nd.shape, jnp.float32, *like), varying_zeros(w_lt.shape, jnp.float32, *like),
+          *(varying_zeros(a.shape, jnp.float32, *like) for a in (gate_gdf, up_gdf, down_gfd)))
   dx_nd, dw_lt, dgate, dup, ddown = jax.lax.fori_loop(0, used, step, init)
   # K rows of a token were summed in float32 (the carry); weight grads too, over the tiles.
   return (dx_nd.astype(x_nd.dtype), dw_lt.astype(w_lt.dtype), None, None, None,
@@ -372,7 +360,7 @@ def _tiled_experts(x_nd: jax.Array, weights_nk: jax.Array, experts_nk: jax.Array
 
 def _vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   """Marks x device-varying over `axes` (inside shard_map); the transpose sums gradients."""
-  missing = tuple(a for a in axes if a not in _vma(x))
+  missing = tuple(a for a in axes if a not in varying_axes(x))
   return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 

@@ -1,4 +1,4 @@
-"""The device mesh: four named axes, always all present (size 1 when unused)."""
+"""The device mesh: five named axes, always all present (size 1 when unused)."""
 
 from collections.abc import Sequence
 
@@ -6,9 +6,12 @@ import jax
 import numpy as np
 
 # data: pure data parallel (replicated params); fsdp: data parallel with params sharded over
-# it; tensor: Megatron-style split of heads / MLP / vocab; expert: MoE experts. Which axes
-# split the batch is the logical-axis rules' call (sharding.batch_axes).
-AXES = ("data", "fsdp", "tensor", "expert")
+# it; tensor: Megatron-style split of heads / MLP / vocab; expert: MoE experts; sequence: the
+# tokens of each packed row (context parallelism, ops/attention.py), params sharded over it
+# as over fsdp. Which axes split the batch is the logical-axis rules' call
+# (sharding.batch_axes). The last axes get the closest devices (jax.make_mesh): sequence's
+# all-to-alls run in every layer.
+AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 
 
 def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None

@@ -40,7 +40,8 @@ DEFAULT_RULES: Rules = (
     # Parameters.
     ("layers", None),        # stacked decoder layers: never split (the scan walks them)
     ("vocab", "tensor"),
-    ("embed", "fsdp"),       # FSDP: every weight matrix is split along its hidden dim
+    ("embed", ("fsdp", "sequence")),  # FSDP: every weight matrix split along its hidden dim,
+    ("embed", "fsdp"),                # over every axis that splits the tokens
     ("heads", "tensor"),     # query heads (q_proj out, o_proj in), whole heads only
     ("kv_heads", "tensor"),  # key / value heads
     ("mlp", "tensor"),
@@ -51,7 +52,7 @@ DEFAULT_RULES: Rules = (
     ("activation_batch", ("data", "fsdp", "expert")),  # the data-parallel axes (batch_axes)
     ("activation_batch", ("data", "fsdp")),  # fallbacks when B does not divide all of them
     ("activation_batch", "fsdp"),
-    ("activation_length", None),
+    ("activation_length", "sequence"),  # the tokens of a row (context parallelism)
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -127,6 +128,14 @@ def batch_axes(rules: Rules | None = None) -> tuple[str, ...]:
     if name == "activation_batch":
       return _as_tuple(axes)
   return ()
+
+
+def token_axes(shape_bt: Sequence[int], mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh,
+               rules: Rules | None = None) -> tuple[str, ...]:
+  """The mesh axes splitting the tokens of a [B, T] array once flattened to [B * T] (rows
+  over the batch axes, then each row's tokens over the length axes), in that order."""
+  spec = logical_to_spec(("activation_batch", "activation_length"), shape_bt, mesh, rules)
+  return tuple(a for entry in spec for a in _as_tuple(entry))
 
 
 def _choose(name: str, size: int | None, mesh_sizes: dict[str, int] | None, used: set[str],
@@ -311,8 +320,11 @@ def param_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """[B, T] token arrays: rows split over the data-parallel axes (`batch_axes`), tokens whole."""
-  return NamedSharding(mesh, logical_to_spec(("activation_batch", "activation_length")))
+  """Every batch array: rows split over the data-parallel axes (`batch_axes`), the rest whole.
+
+  Tokens stay whole even when `sequence` splits a row: each host then feeds whole rows, and
+  the model slices them (`shard_activation` of the ids: no data moves)."""
+  return NamedSharding(mesh, logical_to_spec(("activation_batch",)))
 
 
 def shard_activation(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -322,3 +334,16 @@ def shard_activation(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
+
+
+def varying_axes(x: jax.Array) -> frozenset:
+  """The shard_map axes x varies over (empty outside shard_map)."""
+  aval = jax.typeof(x)
+  return frozenset(aval.vma if hasattr(aval, "vma") else aval.mat.varying)  # jax 0.11 / 0.12
+
+
+def varying_zeros(shape, dtype, *like: jax.Array) -> jax.Array:
+  """Zeros varying over the axes of `like`, so a loop carry keeps one type inside shard_map."""
+  axes = tuple(sorted(frozenset().union(*(varying_axes(a) for a in like))))
+  z = jax.numpy.zeros(shape, dtype)
+  return jax.lax.pcast(z, axes, to="varying") if axes else z

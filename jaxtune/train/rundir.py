@@ -267,11 +267,14 @@ def recipe_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
   """(fixed, other): every differing key as 'dotted.key (old -> new)', split into those that
   cannot change under a checkpoint and the rest; the RESUME_NEUTRAL keys are left out."""
   before, after = _flatten(_json(saved)), _flatten(_json(now))
+  defaults = _flatten(_json(config_lib.base_config().to_dict()))
   fixed, other = [], []
   for key in sorted(set(before) | set(after)):
     old, new = before.get(key, _ABSENT), after.get(key, _ABSENT)
     if old == new or _under(key, RESUME_NEUTRAL):
       continue
+    if old is _ABSENT and (new is None or new == defaults.get(key, _ABSENT)):
+      continue  # a key added by a later jaxtune, at its default (mesh.sequence, rope_scaling)
     change = f"{key} ({_show(old)} -> {_show(new)})"
     if key == "tokenizer_path":
       same, change = _same_tokenizer(old, new, change)

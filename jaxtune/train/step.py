@@ -73,10 +73,14 @@ def make_loss_fn(model_def: ModelDef, loss_cfg) -> Callable:
     labels_n, weights_n = mb["labels"].reshape(-1), weights_bt.reshape(-1)
     if eager:
       return eager_cross_entropy(hidden_nd, model.lm_head_kernel(), labels_n, weights_n), out
-    # Tokens are sharded over the data-parallel axes: each device chunks its own tokens and the
-    # LM-head gradient is reduced once per micro-batch, not once per chunk.
+    # Tokens are sharded over the data-parallel axes (and a row's over the sequence axes): each
+    # device chunks its own tokens and the LM-head gradient is reduced once per micro-batch,
+    # not once per chunk.
+    mesh = jax.sharding.get_abstract_mesh()
+    token_axes = (sharding.batch_axes() if mesh.empty else
+                  sharding.token_axes(mb["labels"].shape, mesh))
     return chunked_cross_entropy(hidden_nd, model.lm_head_kernel(), labels_n, weights_n,
-                                 chunk_size=chunk_size, token_axes=sharding.batch_axes()), out
+                                 chunk_size=chunk_size, token_axes=token_axes), out
   return loss_sum
 
 

@@ -13,6 +13,7 @@ from jaxtune.models import family
 from jaxtune.models.intern_s1 import presets
 from jaxtune.models.intern_s1 import vision as intern_vit
 from jaxtune.models.intern_s1.model import TEXT_TYPES, pair, tokens_per_tile
+from jaxtune.models.qwen3.hf import check_rope_type
 
 
 def _text_rows(cfg: ConfigDict) -> list[HFWeight]:
@@ -119,6 +120,8 @@ def config_from_hf(hf: dict, hf_dir: str | None = None) -> ConfigDict:
   if text_type not in TEXT_TYPES:
     raise ValueError(f"text_config.model_type is {text_type!r}; jaxtune's Intern-S1 reads a "
                      f"text model of type {TEXT_TYPES}")
+  # Before InternVLConfig reads it: transformers raises a bare KeyError for some types.
+  check_rope_type(text_hf, "config.json text_config")
   vision_hf = {k: v for k, v in (hf.get("vision_config") or {}).items() if k != "model_type"}
   top = {k: v for k, v in hf.items()
          if k not in ("model_type", "text_config", "vision_config", "auto_map")}

@@ -37,6 +37,8 @@ from ml_collections import ConfigDict, FrozenConfigDict
 
 from jaxtune.models import ForwardOutput, family
 from jaxtune.models.intern_s1 import vision as intern_vit
+from jaxtune.models.layers import BT
+from jaxtune.parallel.sharding import shard_activation
 
 TEXT_TYPES = ("qwen3", "qwen3_moe")
 HF_LAYOUTS = ("interns1", "internvl", "internvl_legacy")
@@ -92,7 +94,7 @@ class InternS1ForConditionalGeneration(nnx.Module):
     """The family interface: text embeddings with the image features merged in, through the
     text model (its auxiliary losses and statistics come back unchanged)."""
     lm = self.language_model
-    x_btd = lm.model.embed_tokens(batch["input_ids"])
+    x_btd = lm.model.embed_tokens(shard_activation(batch["input_ids"], BT))
     if "pixel_values" in batch:  # static: the layout of this run's data
       x_btd = self.merge_images(x_btd, batch)
     return lm.forward_embeddings(x_btd, batch)

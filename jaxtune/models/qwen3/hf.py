@@ -10,6 +10,7 @@ from ml_collections import ConfigDict
 from jaxtune.hf.weights import HFWeight
 from jaxtune.models.layers import INIT_STD
 from jaxtune.models.qwen3 import presets
+from jaxtune.ops.rope import ROPE_TYPES, normalize_rope_scaling
 
 
 def attention_table(layer: str, ours: str) -> list[HFWeight]:
@@ -63,13 +64,17 @@ def _special_id(cfg: ConfigDict, token_id: int) -> int | None:
 def hf_config(cfg: ConfigDict, dtype: str, source: dict | None = None) -> dict:
   """The HF `config.json` of a Qwen3ForCausalLM with this architecture.
 
-  `rope_parameters` is transformers 5's form; the flat `rope_theta` keeps older readers
-  (transformers 4, vLLM) working. `source` (the loaded checkpoint's config.json) adds nothing:
-  every field is written from the architecture.
+  `rope_parameters` is transformers 5's form; the flat `rope_theta` and the legacy
+  `rope_scaling` (YaRN's keys, or None as the official files have) keep older readers
+  (transformers 4, vLLM) working. transformers 5 reads `rope_scaling` first and takes
+  rope_theta from the flat field then, so both forms say the same. `source` (the loaded
+  checkpoint's config.json) adds nothing: every field is written from the architecture.
   """
   del source
   num_layers = cfg.num_hidden_layers
   special_id = lambda token_id: _special_id(cfg, token_id)
+  scaling = normalize_rope_scaling(cfg.get("rope_scaling"))
+  rope_parameters = {"rope_type": "default", **(scaling or {}), "rope_theta": float(cfg.rope_theta)}
   return {
       "architectures": ["Qwen3ForCausalLM"],
       "model_type": "qwen3",
@@ -84,8 +89,9 @@ def hf_config(cfg: ConfigDict, dtype: str, source: dict | None = None) -> dict:
       "max_position_embeddings": cfg.max_position_embeddings,
       "initializer_range": INIT_STD,
       "rms_norm_eps": cfg.rms_norm_eps,
-      "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+      "rope_parameters": rope_parameters,
       "rope_theta": float(cfg.rope_theta),
+      "rope_scaling": scaling,
       "attention_bias": False,
       "attention_dropout": 0.0,
       "use_sliding_window": False,
@@ -108,16 +114,45 @@ def rope_theta_of(hf: dict) -> float:
   return float(hf["rope_theta"])
 
 
+def check_rope_type(hf: dict, where: str = "config.json") -> None:
+  """A RoPE type jaxtune does not implement is a ValueError naming it, raised before
+  transformers reads the config (which raises a bare KeyError for some)."""
+  # transformers 5 reads `rope_scaling` (the legacy key) before `rope_parameters`.
+  for key in ("rope_scaling", "rope_parameters"):
+    params = hf.get(key)
+    if not params or not isinstance(params, dict):
+      continue
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+      raise ValueError(f"{where} {key} has rope_type {rope_type!r}, which jaxtune does not "
+                       f"implement; it reads {list(ROPE_TYPES)} ('yarn': factor, "
+                       f"original_max_position_embeddings, ...)")
+    if rope_type == "yarn" and "factor" not in params:
+      raise ValueError(f"{where} {key}: rope_type 'yarn' needs 'factor'")
+    return
+
+
+def rope_scaling_of(hf: dict) -> dict | None:
+  """`model.rope_scaling` from transformers' standardized `rope_parameters` (None: plain)."""
+  try:
+    return normalize_rope_scaling(hf.get("rope_parameters"))
+  except ValueError as e:
+    raise ValueError(f"config.json rope_parameters: {e}") from None
+
+
 def fields_from_hf(hf: dict, model_type: str, fields) -> dict:
   """`fields` of an HF config, with transformers' own defaults for those config.json omits
   (its config class fills them, as `from_pretrained` would)."""
   import transformers  # pylint: disable=import-outside-toplevel
+  check_rope_type(hf)
   full = transformers.AutoConfig.for_model(
       model_type, **{k: v for k, v in hf.items() if k != "model_type"})
   out = {}
   for name in fields:
     if name == "rope_theta":
       out[name] = rope_theta_of(full.to_dict())
+    elif name == "rope_scaling":
+      out[name] = rope_scaling_of(full.to_dict())
     else:
       value = getattr(full, name)
       out[name] = tuple(value) if isinstance(value, list) else value

@@ -28,11 +28,11 @@ from jax.ad_checkpoint import checkpoint_name
 from ml_collections import ConfigDict, FrozenConfigDict
 
 from jaxtune.models import ForwardOutput
-from jaxtune.models.layers import (ATTENTION_OUT, BTD, RMSNorm, check_remat, scan_layers,
+from jaxtune.models.layers import (ATTENTION_OUT, BT, BTD, RMSNorm, check_remat, scan_layers,
                                    stack_layers, weight_init)
 from jaxtune.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jaxtune.ops.attention import attention as attention_op
-from jaxtune.ops.rope import apply_rope, rope_cos_sin
+from jaxtune.ops.rope import apply_rope, normalize_rope_scaling, rope_cos_sin
 from jaxtune.parallel.sharding import shard_activation
 
 
@@ -152,6 +152,13 @@ class Qwen3DecoderLayer(nnx.Module):
     return shard_activation(x_btd, BTD)
 
 
+def frozen_rope_scaling(cfg: ConfigDict) -> FrozenConfigDict | None:
+  """`cfg.rope_scaling` checked when the model is built (not when traced) and frozen: hashable,
+  as a module's static attributes must be."""
+  scaling = normalize_rope_scaling(cfg.get("rope_scaling"))
+  return None if scaling is None else FrozenConfigDict(scaling)
+
+
 class Qwen3Model(nnx.Module):
   """Embedding, the stacked decoder layers, final norm."""
 
@@ -160,6 +167,8 @@ class Qwen3Model(nnx.Module):
     check_remat(remat)
     dims = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
     self.head_dim, self.rope_theta, self.remat = cfg.head_dim, float(cfg.rope_theta), remat
+    self.rope_scaling = frozen_rope_scaling(cfg)
+    self.max_position_embeddings = cfg.max_position_embeddings
     self.embed_tokens = make_embedding(cfg, **dims, rngs=rngs)
     self.layers = stack_layers(
         lambda r: Qwen3DecoderLayer(
@@ -176,7 +185,10 @@ class Qwen3Model(nnx.Module):
              segment_ids_bt: jax.Array) -> jax.Array:
     """Input embeddings [B, T, D] (a VLM merges image features into them) -> hidden states."""
     x_btd = shard_activation(x_btd, BTD)
-    cos_bth, sin_bth = rope_cos_sin(positions_bt, self.head_dim, self.rope_theta)
+    positions_bt, segment_ids_bt = (shard_activation(a, BT) for a in (positions_bt,
+                                                                       segment_ids_bt))
+    cos_bth, sin_bth = rope_cos_sin(positions_bt, self.head_dim, self.rope_theta,
+                                    self.rope_scaling, self.max_position_embeddings)
     with jax.named_scope("decoder"):
       x_btd, _ = scan_layers(self.layers, x_btd, cos_bth, sin_bth, segment_ids_bt,
                              remat=self.remat)
@@ -222,7 +234,10 @@ class Qwen3ForCausalLM(nnx.Module):
 
   def forward(self, batch: dict) -> ForwardOutput:
     """The family interface: the batch's token ids through the decoder."""
-    return self.forward_embeddings(self.model.embed_tokens(batch["input_ids"]), batch)
+    # Split like the hidden states first (a row's tokens over `sequence`), so the lookup
+    # writes each device's slice only, never a whole row of embeddings.
+    input_ids_bt = shard_activation(batch["input_ids"], BT)
+    return self.forward_embeddings(self.model.embed_tokens(input_ids_bt), batch)
 
   def forward_embeddings(self, x_btd: jax.Array, batch: dict) -> ForwardOutput:
     """`forward` from input embeddings (a VLM's merged text and image features). A dense

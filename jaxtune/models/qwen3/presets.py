@@ -22,6 +22,9 @@ def _qwen3(**fields) -> ConfigDict:
       head_dim=128,
       max_position_embeddings=40960,
       rope_theta=1_000_000.0,
+      # None: plain RoPE; dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=
+      # 32768) is YaRN, Qwen3's way to 131,072 tokens (jaxtune.ops.rope)
+      rope_scaling=None,
       rms_norm_eps=1e-6,
       tie_word_embeddings=False,
   )

@@ -35,11 +35,11 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from jaxtune.models import ForwardOutput, lora
-from jaxtune.models.layers import BTD, INIT_STD, check_remat, scan_layers, stack_layers
+from jaxtune.models.layers import BT, BTD, INIT_STD, check_remat, scan_layers, stack_layers
 from jaxtune.models.qwen3 import model as qwen3
 from jaxtune.ops import moe
 from jaxtune.ops.rope import rope_cos_sin
-from jaxtune.parallel.sharding import logical_to_spec, shard_activation
+from jaxtune.parallel.sharding import logical_to_spec, shard_activation, token_axes
 
 
 def sparse_layer_ids(cfg: ConfigDict) -> tuple[int, ...]:
@@ -100,9 +100,9 @@ class Qwen3MoeSparseMoeBlock(nnx.Module):
     mesh = jax.sharding.get_abstract_mesh()
     axes = {}
     if not mesh.empty:
-      tok_spec = logical_to_spec(("activation_batch", None), x_nd.shape, mesh)
       w_spec = logical_to_spec(("experts", "embed", "mlp"), gate_edf.shape, mesh)
-      axes = dict(token_axes=tok_spec[0], expert_axes=w_spec[0], mlp_axes=w_spec[2])
+      axes = dict(token_axes=token_axes((batch, seq_len), mesh), expert_axes=w_spec[0],
+                  mlp_axes=w_spec[2])
     with jax.named_scope("router"):
       routing = moe.route(x_nd, self.gate.kernel[...], top_k=self.top_k,
                           norm_topk_prob=self.norm_topk_prob,
@@ -143,6 +143,8 @@ class Qwen3MoeModel(nnx.Module):
     check_remat(remat)
     dims = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
     self.head_dim, self.rope_theta, self.remat = cfg.head_dim, float(cfg.rope_theta), remat
+    self.rope_scaling = qwen3.frozen_rope_scaling(cfg)
+    self.max_position_embeddings = cfg.max_position_embeddings
     sparse, dense = sparse_layer_ids(cfg), dense_layer_ids(cfg)
     if not sparse:
       raise ValueError("this Qwen3-MoE config has no sparse layer (num_experts, "
@@ -174,7 +176,10 @@ class Qwen3MoeModel(nnx.Module):
              segment_ids_bt: jax.Array) -> tuple[jax.Array, dict]:
     """`__call__` from input embeddings [B, T, D]."""
     x_btd = shard_activation(x_btd, BTD)
-    cos_bth, sin_bth = rope_cos_sin(positions_bt, self.head_dim, self.rope_theta)
+    positions_bt, segment_ids_bt = (shard_activation(a, BT) for a in (positions_bt,
+                                                                       segment_ids_bt))
+    cos_bth, sin_bth = rope_cos_sin(positions_bt, self.head_dim, self.rope_theta,
+                                    self.rope_scaling, self.max_position_embeddings)
     args = (cos_bth, sin_bth, segment_ids_bt)
     with jax.named_scope("decoder"):
       x_btd, routers = self._run_layers(x_btd, args)

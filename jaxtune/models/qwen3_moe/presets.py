@@ -30,6 +30,9 @@ def _qwen3_moe(**fields) -> ConfigDict:
       router_z_loss_coef=0.0,        # jaxtune's (XTuner's z_loss_cfg); not in HF's config
       max_position_embeddings=40960,
       rope_theta=1_000_000.0,
+      # None: plain RoPE; dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=
+      # 32768) is YaRN, Qwen3's way to 131,072 tokens (jaxtune.ops.rope)
+      rope_scaling=None,
       rms_norm_eps=1e-6,
       tie_word_embeddings=False,
   )
