@@ -16,6 +16,13 @@ rows, global batch 8, chunked loss):
                   ways (the least state per device; one layer's experts are gathered at a
                   time). qwen3_30b_a3b_ep: the recipe's expert=8 instead (experts split over
                   devices, the rest replicated: more state per device, no expert gathers).
+Long context (issue 19; rows split over `mesh.sequence`, YaRN factor 4 over 32,768 positions):
+  qwen3_8b_128k   Qwen3-8B, one 131,072-token row per step, 8 devices, mesh sequence=8:
+                  <= 40 GiB a device (configs/sft_qwen3_8b_128k.py). --set=remat=offload
+                  measures activation offload at the same size.
+  qwen3_8b_32k    Qwen3-8B, 32,768-token rows, global batch 8, mesh fsdp=4 sequence=2:
+                  <= 40 GiB a device.
+  qwen3_30b_a3b_64k  Qwen3-30B-A3B, 65,536-token rows, 8 devices, mesh sequence=8: reported.
 LoRA (issue 24; the base frozen in bf16, adapters and their AdamW state in float32):
   qwen3_8b_lora   Qwen3-8B, LoRA rank 16 on the seven projections, one device: <= 30 GiB.
   qwen3_8b_qlora  the same with lora.quantize_base='nf4': <= 16 GiB.
@@ -35,7 +42,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET_GIB = {"qwen3_8b": 40.0, "qwen3_8b_lora": 30.0, "qwen3_8b_qlora": 16.0,
-              "intern_s1_mini_lora": 24.0}
+              "intern_s1_mini_lora": 24.0, "qwen3_8b_128k": 40.0, "qwen3_8b_32k": 40.0}
 ONE = dict(data=1, fsdp=1, tensor=1, expert=1)
 LORA = dict(rank=16, alpha=32.0)
 # case -> (preset function, devices, mesh, lora section overrides)
@@ -47,7 +54,14 @@ CASES = {
     "qwen3_8b_lora": ("qwen3_8b", 1, ONE, LORA),
     "qwen3_8b_qlora": ("qwen3_8b", 1, ONE, dict(LORA, quantize_base="nf4")),
     "intern_s1_mini_lora": ("intern_s1_mini", 1, ONE, LORA),
+    "qwen3_8b_128k": ("qwen3_8b", 8, dict(ONE, sequence=8), None),
+    "qwen3_8b_32k": ("qwen3_8b", 8, dict(ONE, fsdp=4, sequence=2), None),
+    "qwen3_30b_a3b_64k": ("qwen3_30b_a3b", 8, dict(ONE, sequence=8), None),
 }
+# Rows longer than the default 16,384 tokens: case -> (pack_max_length, global_batch_size).
+LONG_ROWS = {"qwen3_8b_128k": (131072, 1), "qwen3_8b_32k": (32768, 8),
+             "qwen3_30b_a3b_64k": (65536, 1)}
+YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768)
 
 
 def get_config(case: str | None = None):
@@ -72,6 +86,11 @@ def get_config(case: str | None = None):
   c.attention = "auto"
   c.loss.mode = "chunk"
   c.loss.chunk_size = 1024
+  if case in LONG_ROWS:
+    c.data.pack_max_length, c.global_batch_size = LONG_ROWS[case]
+    c.data.sample_max_length = c.data.pack_max_length
+    c.model.rope_scaling = YARN
+    c.model.max_position_embeddings = 131072
   return c
 
 

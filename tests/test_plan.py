@@ -150,3 +150,36 @@ def test_recipe_rules_reach_the_planned_step():
   cfg = _tiny()
   cfg.mesh.logical_axis_rules = (("activation_batch", "data"),)
   assert sharded["micro_batches"] == 4 and plan(cfg, num_devices=2)["micro_batches"] == 8
+
+
+@pytest.mark.slow
+def test_sequence_axis_shards_the_model_and_keeps_whole_rows_per_rank(one_device):
+  """mesh.sequence=4 on 4 devices: one data-parallel rank (every row on all four, split by
+  tokens), params and optimizer state split four ways, like fsdp=4."""
+  cfg = _tiny()
+  cfg.mesh.update(dict(fsdp=1, sequence=4))
+  report = plan(cfg, num_devices=4)
+  assert report["mesh"]["sequence"] == 4 and report["micro_batches"] == 8
+  assert report["params_bytes"] < one_device["params_bytes"] / 3.9
+  assert report["opt_state_bytes"] < one_device["opt_state_bytes"] / 3.9
+  cfg.data.pack_max_length = 254
+  cfg.data.sample_max_length = 254
+  with pytest.raises(ConfigError, match="multiple of mesh.sequence"):
+    plan(cfg, num_devices=4)
+
+
+@pytest.mark.slow
+def test_the_128k_recipe_plans_within_its_budget():
+  """configs/sft_qwen3_8b_128k.py on 8 simulated devices: Qwen3-8B, one 131,072-token row split
+  over mesh.sequence=8, <= 40 GiB a device (issue 19's budget; docs/benchmarks.md)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+         "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+  proc = subprocess.run([sys.executable, "-m", "jaxtune.plan",
+                         "--config=configs/sft_qwen3_8b_128k.py", "--devices=8", "--json",
+                         "--config.global_batch_size=1"], env=env, cwd=REPO, text=True,
+                        capture_output=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["mesh"]["sequence"] == 8 and report["pack_max_length"] == 131072
+  assert report["param_count"] > 8e9
+  assert report["per_device_gib"] <= 40.0

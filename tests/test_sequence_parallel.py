@@ -5,6 +5,8 @@ gradients); the train step of each family against the same step on an unsplit me
 straddle the shard boundaries on purpose.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ from flax import nnx
 from jaxtune import config as config_lib
 from jaxtune import models
 from jaxtune.models import intern_s1, presets
+from jaxtune.models.qwen3 import model as qwen3_model
 from jaxtune.ops import attention as attention_lib
 from jaxtune.ops.attention import attention
 from jaxtune.parallel.mesh import make_mesh
@@ -97,7 +100,7 @@ def test_attention_across_shards_matches_per_sample_attention(sizes, num_heads, 
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5)
 
 
-def _train_once(model_cfg, sizes, host, layout, attention_impl="blockwise"):
+def _train_once(model_cfg, host, layout, sizes=None, attention_impl="blockwise"):
   """One SGD step (lr 1: the update is the clipped gradient) on a mesh of `sizes`:
   (loss, grad norm, model metrics, new params)."""
   cfg = config_lib.base_config()
@@ -133,26 +136,45 @@ def _assert_same_step(got, want):
 SPLITS = [dict(sequence=2, fsdp=2), dict(sequence=4), dict(sequence=2, tensor=2)]
 
 
+def _dense_case():
+  model_cfg = presets.qwen3_tiny(vocab_size=train_step_tests.VOCAB, hidden_size=32, head_dim=8)
+  host = train_step_tests._batch(rows=4, pack=32, seed=2)
+  return model_cfg, host, models.text_batch_layout(4, 32)
+
+
+def _moe_case():
+  model_cfg = presets.qwen3_moe_tiny(vocab_size=train_step_tests.VOCAB)
+  host = train_step_tests._batch(rows=4, pack=32, seed=3)
+  return model_cfg, host, models.text_batch_layout(4, 32)
+
+
+def _intern_s1_case():
+  model_cfg = intern_s1_tests._tiny()
+  return model_cfg, _intern_s1_rows(), intern_s1.batch_layout(model_cfg, 2, 32, max_tiles=3)
+
+
+@functools.cache
+def _unsplit(case):
+  """The one-device step of a case, computed once for all the splits compared with it."""
+  return _train_once(*case())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sizes", SPLITS)
-def test_dense_step_with_rows_split_equals_the_unsplit_step(sizes):
-  host = train_step_tests._batch(rows=4, pack=32, seed=2)
-  model_cfg = presets.qwen3_tiny(vocab_size=train_step_tests.VOCAB, hidden_size=32, head_dim=8)
-  layout = models.text_batch_layout(4, 32)
-  _assert_same_step(_train_once(model_cfg, sizes, host, layout),
-                    _train_once(model_cfg, {}, host, layout))
+def test_dense_step_with_rows_split_equals_the_unsplit_step(sizes, monkeypatch):
+  # MLP chunks of 8 tokens under remat='full': the split run walks strided chunks of each
+  # device's slice, the unsplit one contiguous chunks.
+  monkeypatch.setattr(qwen3_model, "MLP_TOKEN_CHUNK", 8)
+  _assert_same_step(_train_once(*_dense_case(), sizes), _unsplit(_dense_case))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sizes", [dict(sequence=2, expert=2), dict(sequence=4),
                                    dict(sequence=2, tensor=2)])
 def test_moe_step_with_rows_split_equals_the_unsplit_step(sizes):
-  host = train_step_tests._batch(rows=4, pack=32, seed=3)
-  model_cfg = presets.qwen3_moe_tiny(vocab_size=train_step_tests.VOCAB)
-  layout = models.text_batch_layout(4, 32)
-  want = _train_once(model_cfg, {}, host, layout)
+  want = _unsplit(_moe_case)
   assert want[2]  # the router's metrics (auxiliary losses, expert counts) are compared too
-  _assert_same_step(_train_once(model_cfg, sizes, host, layout), want)
+  _assert_same_step(_train_once(*_moe_case(), sizes), want)
 
 
 def _intern_s1_rows():
@@ -177,8 +199,4 @@ def _intern_s1_rows():
 @pytest.mark.slow
 @pytest.mark.parametrize("sizes", [dict(sequence=4), dict(sequence=2, fsdp=2)])
 def test_intern_s1_step_with_rows_split_equals_the_unsplit_step(sizes):
-  model_cfg = intern_s1_tests._tiny()
-  host = _intern_s1_rows()
-  layout = intern_s1.batch_layout(model_cfg, 2, 32, max_tiles=3)
-  _assert_same_step(_train_once(model_cfg, sizes, host, layout),
-                    _train_once(model_cfg, {}, host, layout))
+  _assert_same_step(_train_once(*_intern_s1_case(), sizes), _unsplit(_intern_s1_case))

@@ -127,14 +127,21 @@ def _local_impl(impl: str, dtype, *, block_q: int, block_kv: int, interpret: boo
   raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}")
 
 
-def sequence_axes(q_btnh: jax.Array) -> tuple[str, ...]:
-  """The mesh axes (of more than one device) splitting the tokens of each row; () if none."""
+def sequence_axes(x_bt: jax.Array) -> tuple[str, ...]:
+  """The mesh axes (of more than one device) splitting the tokens of each row of x [B, T, ...];
+  () if none."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return ()
-  entry = logical_to_spec(Q_NAMES, q_btnh.shape, mesh)[1]
+  entry = logical_to_spec(Q_NAMES[:2], x_bt.shape[:2], mesh)[1]
   axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
   return axes if math.prod(mesh.shape[a] for a in axes) > 1 else ()
+
+
+def sequence_devices(x_bt: jax.Array) -> int:
+  """How many devices split each row of x [B, T, ...] (1 if none)."""
+  axes = sequence_axes(x_bt)
+  return math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes) if axes else 1
 
 
 def uses_ulysses(num_heads: int, num_kv_heads: int, devices: int) -> bool:

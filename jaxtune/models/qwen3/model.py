@@ -32,6 +32,7 @@ from jaxtune.models.layers import (ATTENTION_OUT, BT, BTD, RMSNorm, check_remat,
                                    stack_layers, weight_init)
 from jaxtune.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jaxtune.ops.attention import attention as attention_op
+from jaxtune.ops.attention import sequence_devices
 from jaxtune.ops.rope import apply_rope, normalize_rope_scaling, rope_cos_sin
 from jaxtune.parallel.sharding import shard_activation
 
@@ -124,6 +125,14 @@ class Qwen3MLP(nnx.Module):
       @functools.partial(jax.checkpoint, prevent_cse=False)
       def one_chunk(x_bcd):
         return nnx.merge(graphdef, state)._swiglu(x_bcd)
+
+      split = sequence_devices(x_btd)
+      if split > 1 and chunk % split == 0:
+        # A row split over devices (mesh.sequence): chunk i takes tokens i, i + n, i + 2n, ...
+        # (n chunks), so each device walks its own slice; contiguous chunks would make XLA
+        # reshard the whole row for the loop. The MLP is per token: any grouping is exact.
+        x_nbcd = x_btd.reshape(b, chunk, t // chunk, d).transpose(2, 0, 1, 3)
+        return jax.lax.map(one_chunk, x_nbcd).transpose(1, 2, 0, 3).reshape(b, t, -1)
 
       y_nbcd = jax.lax.map(one_chunk, x_btd.reshape(b, t // chunk, chunk, d).swapaxes(0, 1))
       return y_nbcd.swapaxes(0, 1).reshape(b, t, -1)
