@@ -24,6 +24,10 @@ a folder of many JSONL files (cut from the same corpus): start-up time, peak ano
 above the memory-mapped ids, open descriptors, cold (tokenize + write the cache) and cached,
 each start in a fresh process.
 
+  python scripts/bench_data.py --long [--samples 20000 --repeat 3]
+end-to-end tokens/s with 131,072-token rows against 16,384-token ones (long context), on the
+plain chats and on long chats (10 to 240 of them joined: about 5k to 130k tokens each).
+
   python scripts/bench_data.py --science [--samples 20000 --repeat 3]
 Intern-S1's scientific tokenizer (an official-layout directory built offline as the tests build
 it): end-to-end tokens/s on the same chats with ~5% of their characters SMILES / protein /
@@ -204,10 +208,11 @@ def hf_alone(tok_dir: str, pieces: list[list[str]], limit: int = 20000) -> dict:
               tokens_per_sec=round(tokens / secs))
 
 
-def end_to_end(tok_dir: str, path: str, workers: int, cache_dir: str | None) -> dict:
+def end_to_end(tok_dir: str, path: str, workers: int, cache_dir: str | None,
+               pack_len: int = 16384) -> dict:
   cfg = ConfigDict(base_config().data.to_dict() | dict(
-      datasets=[dataset("bench", path)], sample_max_length=16384,
-                        pack_max_length=16384, pack_level="soft", num_workers=workers,
+      datasets=[dataset("bench", path)], sample_max_length=pack_len,
+                        pack_max_length=pack_len, pack_level="soft", num_workers=workers,
                         cache_dir=cache_dir, seed=42))
   t0 = time.perf_counter()
   encoder = open_encoder(tok_dir)   # as the trainer does, once per run
@@ -477,6 +482,48 @@ def _timed(fn) -> float:
   return time.process_time() - t0
 
 
+def make_long_corpus(src: str, path: str, seed: int = 0) -> None:
+  """Long-context chats from the plain corpus: each line joins the exchanges of 10 to 240 of
+  its chats (about 5k to 130k tokens; the longest are truncated at sample_max_length)."""
+  rng = np.random.default_rng(seed)
+  with open(src, encoding="utf-8") as f:
+    chats = [json.loads(line)["messages"] for line in f]
+  with open(path, "w", encoding="utf-8") as f:
+    at, i = 0, 0
+    while at < len(chats):
+      n = int(rng.integers(10, 241))
+      msgs = [m for chat in chats[at:at + n] for m in chat if m["role"] != "system"]
+      f.write(json.dumps({"id": i, "messages": msgs}) + "\n")
+      at, i = at + n, i + 1
+
+
+def long_rows(tok_dir: str, workdir: str, path: str, workers: int, repeat: int) -> dict:
+  """End-to-end tokens/s at pack_max_length 16,384 and 131,072, on the plain chats and on long
+  chats made from them, in interleaved rounds (median of `repeat`)."""
+  long_path = path.replace(".jsonl", "-long.jsonl")
+  if not os.path.isfile(long_path):
+    make_long_corpus(path, long_path)
+  importlib.import_module("grain")
+  runs: dict[str, list[dict]] = {}
+  for _ in range(repeat):
+    for corpus, src in (("chats", path), ("long_chats", long_path)):
+      for pack in (16384, 131072):
+        if corpus == "long_chats" and pack == 16384:
+          continue  # long samples need long rows (16k would truncate them)
+        runs.setdefault(f"{corpus}@{pack}", []).append(
+            end_to_end(tok_dir, src, workers, None, pack_len=pack))
+  out = {}
+  for key, rs in runs.items():
+    rates = [r["tokens_per_sec"] for r in rs]
+    best = max(rs, key=lambda r: r["tokens_per_sec"])
+    out[key] = dict(tokens_per_sec_median=round(statistics.median(rates)), all=rates,
+                    tokens=best["tokens"], packs=best["packs"],
+                    pack_efficiency=best["pack_efficiency"], seconds=best["seconds"])
+  out["ratio_128k_vs_16k_chats"] = round(out["chats@131072"]["tokens_per_sec_median"]
+                                         / out["chats@16384"]["tokens_per_sec_median"], 3)
+  return out
+
+
 def science(workdir: str, samples: int, workers: int, repeat: int) -> dict:
   """End-to-end tokens/s: science chats + Intern-S1 tokenizer vs plain chats + Qwen3's."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -539,6 +586,8 @@ def main() -> None:
   parser.add_argument("--images", action="store_true",
                       help="only measure Intern-S1 image loading (decode, tile, normalise)")
   parser.add_argument("--n_images", type=int, default=64, help="generated JPEGs (--images)")
+  parser.add_argument("--long", action="store_true",
+                      help="end-to-end at 16k- and 128k-token rows (long context)")
   parser.add_argument("--science", action="store_true",
                       help="only measure Intern-S1's scientific tokenizer end to end")
   parser.add_argument("--samples", type=int, default=100_000)
@@ -563,6 +612,11 @@ def main() -> None:
   path = os.path.join(args.workdir, f"chats-{args.samples}.jsonl")
   if not os.path.isfile(path):
     make_corpus(path, args.samples)
+  if args.long:
+    result = long_rows(tok_dir, args.workdir, path, workers, args.repeat)
+    _report(result, args.out, cpus=encoding.available_cpus(), workers=workers,
+            load_average=os.getloadavg()[0])
+    return
   if args.balance or args.scale:
     if args.balance:
       cache_dir = os.path.join(args.workdir, "balance-cache")
