@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxtune import config as config_lib
 from jaxtune import models
@@ -21,7 +22,7 @@ from jaxtune.models.qwen3 import model as qwen3_model
 from jaxtune.ops import attention as attention_lib
 from jaxtune.ops.attention import attention
 from jaxtune.parallel.mesh import make_mesh
-from jaxtune.parallel.sharding import batch_sharding, logical_to_spec
+from jaxtune.parallel.sharding import axis_rules, batch_sharding, logical_to_spec, merge_rules
 from jaxtune.train.prefetch import to_global_array
 from jaxtune.train.state import new_train_state, split_model
 from jaxtune.train.step import compile_train_step
@@ -200,3 +201,19 @@ def _intern_s1_rows():
 @pytest.mark.parametrize("sizes", [dict(sequence=4), dict(sequence=2, fsdp=2)])
 def test_intern_s1_step_with_rows_split_equals_the_unsplit_step(sizes):
   _assert_same_step(_train_once(*_intern_s1_case(), sizes), _unsplit(_intern_s1_case))
+
+
+def test_sequence_is_a_mesh_axis_the_rules_can_name():
+  """A recipe's logical_axis_rules may use `sequence` like any mesh axis, and by default the
+  hidden dim of every weight is split over fsdp x sequence."""
+  mesh = _mesh(sequence=2, tensor=2)
+  rules = merge_rules((("embed", "fsdp"), ("mlp", ("tensor", "sequence")),
+                       ("activation_length", None)))
+  assert logical_to_spec(("embed", "mlp"), (64, 64), mesh, rules) == P("fsdp",
+                                                                       ("tensor", "sequence"))
+  assert logical_to_spec(("embed", "mlp"), (64, 64), mesh) == P(("fsdp", "sequence"), "tensor")
+  with jax.set_mesh(mesh):
+    x = jnp.zeros((2, 8, 4))
+    assert attention_lib.sequence_devices(x) == 2
+    with axis_rules(rules):  # rows no longer split: attention runs on whole rows
+      assert attention_lib.sequence_devices(x) == 1
