@@ -9,9 +9,11 @@ No vocab-wide buffer is left: no [C, V] logit chunk, no float32 [D, V] accumulat
 bf16 copy of a float32 kernel. At 16,384 tokens x 4,096 hidden x 151,936 vocab in bf16,
 loss + gradients compile to 0.49 GiB of temporaries on the CPU backend (the previous
 [C, V]-chunked version: 7.2 GiB; full logits: 20.9 GiB; scripts/bench_loss.py).
-On a GPU, 'auto' uses the fused Pallas kernels of ops/pallas_loss.py instead, with this
-path as the fallback. `eager_cross_entropy` is the same sum through the full logits
-(`loss.mode='eager'`, and the reference the chunked one is tested against).
+impl='pallas' runs the fused Pallas kernels of ops/pallas_loss.py instead (logits and
+softmax - onehot per vocab slab in Triton kernels, the backward's matmuls XLA's); 'auto' picks
+them on a GPU only once `AUTO_GPU_IMPL` records a measured win. `eager_cross_entropy` is the
+same sum through the full logits (`loss.mode='eager'`, and the reference the chunked one is
+tested against).
 
 Both return the *weighted sum* over tokens; `loss_weights` gives XTuner's per-token weights
 for `loss_reduction` token / sample / square, and the caller divides by the sum of weights
@@ -40,10 +42,11 @@ log = logging.getLogger(__name__)
 IMPLEMENTATIONS = ("auto", "jax", "pallas")
 
 # What "auto" runs on a GPU: "jax" until a GPU run of scripts/gpu_kernels.py records in
-# docs/benchmarks.md that the fused kernels are right and faster there; then "pallas" (which
-# still needs `pallas_works_here()`, the shape to fit and per-device tokens). A correct kernel
-# alone is not a reason: by design (float32 read-modify-writes in global memory) the current
-# one is expected to be slower than XLA's matmuls at 16k x 4096 x 151,936 (issue 20).
+# docs/benchmarks.md that the fused kernels are right *and* faster there (its loss case times
+# value_and_grad of both at 16k x 4096 x 151,936); then "pallas" (which still needs
+# `pallas_works_here()`, the shape to fit and per-device tokens). A correct kernel alone is not
+# a reason: the fused path does the same four matmuls as this one (two of them in Triton
+# kernels, two in cuBLAS), so only a measurement says which is faster (issue 20).
 AUTO_GPU_IMPL = "jax"
 
 
@@ -267,10 +270,13 @@ def pallas_works_here(interpret: bool = False) -> bool:
 
   Checked once per process on a tiny problem (a Triton build or driver that cannot take
   them then costs a warning, not a failed run); 'auto' only trusts the kernels after that.
+  The shape is an edge one for the default tiles: N = 200 is padded to whole token tiles, and
+  V = 1000 (off the vocab tile, below one slab) takes two slabs, the second overlapping the
+  first with its covered columns masked.
   """
   try:
     rng = np.random.default_rng(0)
-    n, d, v = 256, 128, 1000
+    n, d, v = 200, 128, 1000
     # numpy inputs and a compiled executable: this runs now, even while a jit is tracing.
     args = (np.asarray(rng.normal(size=(n, d)), jnp.bfloat16),
             np.asarray(rng.normal(size=(d, v)) / np.sqrt(d), np.float32),
