@@ -1,4 +1,5 @@
-"""Packed causal attention, RoPE and RMSNorm against independent references."""
+"""Packed attention (causal, and non-causal as the InternViT tower runs it), RoPE and RMSNorm
+against independent references."""
 
 import math
 
@@ -14,7 +15,7 @@ from jaxtune.ops.norms import rms_norm
 from jaxtune.ops.rope import apply_rope, rope_cos_sin
 
 
-def _naive_attention(q, k, v, segment_ids):
+def _naive_attention(q, k, v, segment_ids, causal=True):
   """float64 loop: each sample of each row alone, kv heads repeated as HF's repeat_kv does."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   batch, seq_len, num_heads, head_dim = q.shape
@@ -28,7 +29,8 @@ def _naive_attention(q, k, v, segment_ids):
       idx = np.nonzero(segment_ids[b] == segment)[0]
       for n in range(num_heads):
         scores = q[b, idx, n] @ k[b, idx, n].T / np.sqrt(head_dim)
-        scores = np.where(np.tril(np.ones((len(idx), len(idx)), bool)), scores, -np.inf)
+        if causal:
+          scores = np.where(np.tril(np.ones((len(idx), len(idx)), bool)), scores, -np.inf)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         out[b, idx, n] = (probs / probs.sum(-1, keepdims=True)) @ v[b, idx, n]
   return out
@@ -58,9 +60,10 @@ def test_matches_naive_per_sample_attention(impl, num_heads, num_kv_heads):
   np.testing.assert_allclose(out[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
-def _torch_per_sample(q, k, v, segment_ids, cotangent):
-  """float64 autograd reference: each sample alone; returns (out, dq, dk, dv) for
-  loss = sum(out * cotangent). Padding tokens get no output and no gradient."""
+def _torch_per_sample(q, k, v, segment_ids, cotangent, causal=True):
+  """float64 autograd reference: each sample alone (causal, or each token seeing its whole
+  sample); returns (out, dq, dk, dv) for loss = sum(out * cotangent). Padding tokens get no
+  output and no gradient."""
   qt, kt, vt = (torch.tensor(np.asarray(x, np.float64), requires_grad=True) for x in (q, k, v))
   group = q.shape[2] // k.shape[2]
   loss, outs = 0.0, np.zeros(q.shape)
@@ -73,8 +76,9 @@ def _torch_per_sample(q, k, v, segment_ids, cotangent):
       ks = kt[b, idx].repeat_interleave(group, dim=1).transpose(0, 1)
       vs = vt[b, idx].repeat_interleave(group, dim=1).transpose(0, 1)
       scores = qs @ ks.transpose(1, 2) / math.sqrt(q.shape[-1])
-      causal = torch.ones(len(idx), len(idx), dtype=torch.bool).tril()
-      out = torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1) @ vs
+      visible = torch.ones(len(idx), len(idx), dtype=torch.bool)
+      visible = visible.tril() if causal else visible
+      out = torch.softmax(scores.masked_fill(~visible, -torch.inf), dim=-1) @ vs
       out = out.transpose(0, 1)                                             # [L, N, H]
       outs[b, idx.numpy()] = out.detach().numpy()
       loss = loss + (out * torch.tensor(np.asarray(cotangent[b, idx.numpy()], np.float64))).sum()
@@ -124,6 +128,49 @@ def test_blockwise_forward_and_gradients_match_per_sample(num_heads, num_kv_head
     np.testing.assert_allclose(np.asarray(g), e, atol=1e-5, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (4, 1)])
+@pytest.mark.parametrize("impl,blocks", [
+    ("xla", {}), ("dpa_xla", {}),
+    ("blockwise", dict(block_q=8, block_kv=8)),    # 37 tokens padded to 40
+    ("blockwise", dict(block_q=16, block_kv=4)),   # query blocks span several kv blocks
+    ("blockwise", dict(block_q=5, block_kv=12)),   # blocks that divide neither T nor each other
+    ("blockwise", {}),                             # one block capped at T
+], ids=lambda x: "-".join(f"{k}{v}" for k, v in x.items()) if isinstance(x, dict) else x)
+def test_non_causal_forward_and_gradients_match_per_sample(impl, blocks, num_heads,
+                                                           num_kv_heads):
+  """causal=False (the InternViT tower): each token sees every token of its own sample, later
+  ones too, and none of another sample or of the padding appended to fill a block."""
+  q, k, v, segment_ids, cotangent = _long_packed_inputs(num_heads, num_kv_heads, seed=4)
+  got = _value_and_grads(impl, q, k, v, segment_ids, cotangent, causal=False, **blocks)
+  expected = _torch_per_sample(q, k, v, segment_ids, cotangent, causal=False)
+  real = segment_ids > 0
+  assert all(np.isfinite(np.asarray(x)).all() for x in got)
+  np.testing.assert_allclose(np.asarray(got[0])[real], expected[0][real], atol=1e-5, rtol=1e-5)
+  for name, g, e in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
+    np.testing.assert_allclose(np.asarray(g), e, atol=1e-5, rtol=1e-5, err_msg=name)
+  causal = _torch_per_sample(q, k, v, segment_ids, cotangent)[0]
+  assert np.abs(np.asarray(got[0])[real] - causal[real]).max() > 0.1
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("impl", ["xla", "dpa_xla", "blockwise"])
+def test_no_segment_ids_is_one_sample_per_row(impl, causal):
+  """segment_ids None (the tower's tiles) gives what ids of ones give, values and gradients;
+  the dense impls then build no [B, T, T] segment mask."""
+  q, k, v, _, cotangent = _long_packed_inputs(8, 2, seed=5)
+  ones = np.ones(q.shape[:2], np.int32)
+  got = _value_and_grads(impl, q, k, v, None, cotangent, causal=causal, block_q=8, block_kv=16)
+  want = _value_and_grads(impl, q, k, v, ones, cotangent, causal=causal, block_q=8,
+                          block_kv=16)
+  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=1e-6, err_msg=name)
+  if impl != "blockwise":
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, None, impl=impl,
+                                                         causal=causal))(q, k, v))
+    b, t = q.shape[:2]
+    assert f"bool[{b},{t},{t}]" not in jaxpr and f"bool[{b},1,{t},{t}]" not in jaxpr
+
+
 def test_blockwise_bfloat16_within_bfloat16_tolerance():
   q, k, v, segment_ids, cotangent = _long_packed_inputs(8, 2)
   bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
@@ -153,6 +200,19 @@ def test_blockwise_memory_is_linear_in_length():
   blockwise, xla = temp_bytes("blockwise"), temp_bytes("xla")
   assert blockwise < 0.25 * scores_bytes, (blockwise, scores_bytes)
   assert xla > scores_bytes, (xla, scores_bytes)
+
+
+def test_blockwise_non_causal_memory_is_linear_in_length():
+  """Non-causal (every kv block visited), value_and_grad at T=4096, GQA: temporaries still far
+  below one [T, T] float32 score matrix (compiled, not run)."""
+  t, h = 4096, 64
+  q = jax.ShapeDtypeStruct((1, t, 2, h), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, t, 1, h), jnp.float32)
+  seg = jax.ShapeDtypeStruct((1, t), jnp.int32)
+  loss = lambda q, k, v, s: jnp.sum(attention(q, k, v, s, impl="blockwise", causal=False))
+  vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  temp = vg.lower(q, kv, kv, seg).compile().memory_analysis().temp_size_in_bytes
+  assert temp < 0.25 * t * t * 4, (temp, t * t * 4)
 
 
 def test_auto_picks_blockwise_off_gpu():

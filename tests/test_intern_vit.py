@@ -1,5 +1,8 @@
 """jaxtune's InternViT tower, pixel shuffle and projector against transformers' PyTorch
-InternVL (float32, CPU), plus their HF name tables, gradients and remat."""
+InternVL (float32, CPU), plus their HF name tables, gradients and remat; the tower's attention
+through each impl of the dispatcher (jaxtune.ops.attention, non-causal)."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,11 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from jaxtune.hf.load import check_table, flat_params, hf_shape
+from jaxtune.models.intern_s1 import presets as intern_s1_presets
+from jaxtune.models.intern_s1.model import InternS1ForConditionalGeneration
 from jaxtune.models.intern_s1 import vision as iv
+from jaxtune.ops import attention as attention_lib
+from jaxtune.ops.pallas_attention import Blocks
 from jaxtune.parallel import make_mesh, param_shardings
 
 pytestmark = pytest.mark.parity
@@ -84,18 +91,24 @@ def _pixels(n, height, width, seed=0):
 _TOWERS: dict[str, tuple] = {}
 
 
-def _tower(variant: str) -> tuple:
-  """(torch InternVLVisionModel, our InternVisionModel with its weights), built once."""
-  if variant not in _TOWERS:
-    hf_cfg = transformers.InternVLVisionConfig(**_vcfg(variant).to_dict(),
-                                               attn_implementation="eager")
-    torch_model = transformers.InternVLVisionModel(hf_cfg).eval()
-    _randomise(torch_model, seed=len(variant))
+def _tower(variant: str, attention: str = "xla") -> tuple:
+  """(torch InternVLVisionModel, our InternVisionModel with its weights, its attention run by
+  `attention`), built once."""
+  if (variant, attention) not in _TOWERS:
+    if variant in _TOWERS:
+      torch_model = _TOWERS[variant][0]
+    else:
+      hf_cfg = transformers.InternVLVisionConfig(**_vcfg(variant).to_dict(),
+                                                 attn_implementation="eager")
+      torch_model = transformers.InternVLVisionModel(hf_cfg).eval()
+      _randomise(torch_model, seed=len(variant))
     ours = iv.InternVisionModel(_vcfg(variant), param_dtype=jnp.float32,
-                                compute_dtype=jnp.float32, remat="none", rngs=nnx.Rngs(0))
+                                compute_dtype=jnp.float32, remat="none", attention=attention,
+                                rngs=nnx.Rngs(0))
     _copy_in(ours, iv.vision_weight_map(_vcfg(variant)), torch_model.state_dict())
-    _TOWERS[variant] = torch_model, ours
-  return _TOWERS[variant]
+    _TOWERS[variant, attention] = torch_model, ours
+    _TOWERS.setdefault(variant, (torch_model, ours))
+  return _TOWERS[variant, attention]
 
 
 def _hf_file_order(table, num_layers: int) -> list[str]:
@@ -145,7 +158,8 @@ def test_params_carry_known_logical_axes():
   _, ours = _tower("rms_norm_qk_norm_final_ln")
   shardings = param_shardings(nnx.state(ours, nnx.Param), make_mesh(dict(fsdp=2, tensor=2)))
   q_kernel = shardings["encoder"]["layer"]["attention"]["q_proj"]["kernel"]
-  assert tuple(q_kernel.get_value().spec) == (None, "fsdp", "tensor")
+  # "embed" splits over every axis that splits the tokens (fsdp, sequence; size 1 here).
+  assert tuple(q_kernel.get_value().spec) == (None, ("fsdp", "sequence"), "tensor")
   fc1_bias = shardings["encoder"]["layer"]["mlp"]["fc1"]["bias"]
   assert tuple(fc1_bias.get_value().spec) == (None, "tensor")
 
@@ -175,6 +189,80 @@ def test_tower_matches_hf(variant):
     assert not np.allclose(out.hidden_states[LAYERS], out.last_hidden_state, atol=1e-2)
   with pytest.raises(ValueError, match="out of range"):
     ours(pixels, feature_layer=LAYERS + 1)
+
+
+def _interpreted_pallas(monkeypatch):
+  """The tower's attention calls with impl 'pallas' run Pallas' interpreter (CPU)."""
+  monkeypatch.setattr(iv, "attention_op", functools.partial(
+      attention_lib.attention, interpret=True,
+      pallas_blocks=Blocks(q=16, kv=16, bwd_major=16, bwd_minor=16)))
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "dpa_xla", "pallas"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_tower_through_each_attention_impl_matches_hf(variant, impl, monkeypatch):
+  """The tower's attention is the dispatcher's, non-causal, every tile one sample: each impl
+  gives HF's hidden states (17-token tiles; 'pallas' pads them to 32 inside)."""
+  if impl == "pallas":
+    _interpreted_pallas(monkeypatch)
+  torch_model, ours = _tower(variant, impl)
+  assert ours.encoder.layer.attention.attention == impl
+  pixels, pixels_t = _pixels(3, 56, 56)
+  with torch.no_grad():
+    expected = torch_model(pixel_values=pixels_t).last_hidden_state
+  _close(ours(pixels), expected)
+
+
+def test_tower_attention_goes_through_the_dispatcher_non_causal(monkeypatch):
+  calls = []
+
+  def spy(q, k, v, segment_ids, **kwargs):
+    calls.append((q.shape, segment_ids, kwargs))
+    return attention_lib.attention(q, k, v, segment_ids, **kwargs)
+  monkeypatch.setattr(iv, "attention_op", spy)
+  _, ours = _tower("layer_norm_bias_mean_pool", "blockwise")
+  ours(_pixels(2, 56, 56)[0])
+  assert calls, "the tower did not call jaxtune.ops.attention"
+  shape, segment_ids, kwargs = calls[0]
+  assert shape == (2, 17, 4, 8) and segment_ids is None   # [tiles, 1 + 16 patches, N, H]
+  assert kwargs["causal"] is False and kwargs["impl"] == "blockwise"
+  assert kwargs["block_q"] == kwargs["block_kv"] == iv.BLOCKWISE_BLOCK
+
+
+def test_intern_s1_threads_its_attention_impl_to_the_tower():
+  cfg = intern_s1_presets.intern_s1_tiny()
+  for impl in ("blockwise", "xla"):
+    model = nnx.eval_shape(lambda impl=impl: InternS1ForConditionalGeneration(
+        cfg, attention=impl, rngs=nnx.Rngs(0)))
+    assert model.vision_tower.encoder.layer.attention.attention == impl
+  with pytest.raises(ValueError, match="attention must be one of"):
+    iv.InternVisionAttention(_vcfg("layer_norm_bias_mean_pool"), param_dtype=jnp.float32,
+                             compute_dtype=jnp.float32, attention="flash", rngs=nnx.Rngs(0))
+
+
+def test_tower_attention_memory_is_linear_in_tile_tokens():
+  """One InternViT-300M-shaped attention layer (H = 64, bf16) on 4 tiles of 1,025 tokens,
+  value_and_grad compiled (not run): "blockwise" keeps well under one [tiles, N, T, T]
+  float32 score array, of which the dense "xla" path holds several (about 25 MiB against
+  210)."""
+  vcfg = ConfigDict(dict(hidden_size=256, num_attention_heads=4, attention_bias=True,
+                         use_qk_norm=False))
+  x = jax.ShapeDtypeStruct((4, 1025, 256), jnp.bfloat16)
+
+  def temp_bytes(impl):
+    with nnx.use_eager_sharding(False):
+      module = iv.InternVisionAttention(vcfg, param_dtype=jnp.float32,
+                                        compute_dtype=jnp.bfloat16, attention=impl,
+                                        rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(module)
+    # x as the cotangent too: a constant one would be folded by XLA at compile time (slow).
+    loss = lambda state, x: jnp.sum((nnx.merge(graphdef, state)(x) * x).astype(jnp.float32))
+    vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return vg.lower(state, x).compile().memory_analysis().temp_size_in_bytes
+  scores_bytes = 4 * 4 * 1025 * 1025 * 4
+  blockwise, xla = temp_bytes("blockwise"), temp_bytes("xla")
+  assert blockwise < 0.5 * scores_bytes, (blockwise, scores_bytes)
+  assert xla > 2 * scores_bytes, (xla, scores_bytes)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -318,11 +406,11 @@ class _Pair(nnx.Module):
     self.vision, self.projector = vision, projector
 
 
-def _pair(remat: str) -> _Pair:
+def _pair(remat: str, attention: str = "xla") -> _Pair:
   vcfg = _vcfg("rms_norm_qk_norm_final_ln")
   dims = dict(param_dtype=jnp.float32, compute_dtype=jnp.float32)
   rngs = nnx.Rngs(3)
-  vision = iv.InternVisionModel(vcfg, **dims, remat=remat, rngs=rngs)
+  vision = iv.InternVisionModel(vcfg, **dims, remat=remat, attention=attention, rngs=rngs)
   projector = iv.InternVLProjector(iv.projector_in_features(vcfg, RATIO), 16, **dims,
                                    rngs=rngs)
   return _Pair(vision, projector)
@@ -353,6 +441,26 @@ def test_gradients_flow_and_remat_matches():
                                atol=1e-9 + 1e-5 * np.abs(g).max(), err_msg=str(path))
   np.testing.assert_allclose(np.asarray(feats_r), np.asarray(feats), rtol=1e-6, atol=1e-7)
   assert float(loss_r) == pytest.approx(float(loss), rel=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+def test_tower_gradients_through_each_attention_impl_match_xla(impl, monkeypatch):
+  """Parameter gradients of the tower + projector with the attention run by `impl` against
+  the dense 'xla' run (same weights: the same Rngs)."""
+  if impl == "pallas":
+    _interpreted_pallas(monkeypatch)
+  pixels, _ = _pixels(2, 56, 56, seed=9)
+  run = nnx.jit(lambda pair: nnx.value_and_grad(lambda p: jnp.mean(jnp.square(
+      iv.image_features(p.vision, p.projector, pixels, downsample_ratio=RATIO))))(pair))
+  loss, grads = run(_pair("none", "xla"))
+  loss_i, grads_i = run(_pair("none", impl))
+  assert float(loss_i) == pytest.approx(float(loss), rel=1e-5)
+  flat, flat_i = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(grads_i))
+  assert flat.keys() == flat_i.keys()
+  for path, g in flat.items():
+    g = np.asarray(g.get_value())
+    np.testing.assert_allclose(np.asarray(flat_i[path].get_value()), g, rtol=1e-4,
+                               atol=1e-6 + 1e-4 * np.abs(g).max(), err_msg=str(path))
 
 
 def test_bf16_compute_runs():

@@ -1,13 +1,19 @@
-"""Causal self-attention over packed rows: a token sees earlier tokens of its own sample only.
+"""Self-attention over packed rows: a token sees earlier tokens of its own sample only (causal,
+the text models), or every token of its own sample (`causal=False`, the InternViT tower).
 
 Packed rows carry `segment_ids` [B, T]: 1, 2, ... per sample and 0 for padding. The mask is
-`causal & (segment_q == segment_k)`. Padding tokens (segment 0) attend to earlier padding, so
-no row of the softmax is empty (no NaN); their outputs are never used.
+`(segment_q == segment_k) & causal` (`segment_mask`). Padding tokens (segment 0) attend to
+(earlier) padding, so no row of the softmax is empty (no NaN); their outputs are never used.
+`segment_ids=None` says each row is one sample without padding (the InternViT tower's tiles):
+"xla", "cudnn" and "dpa_xla" then build no [T, T] segment mask (cuDNN takes no bias, which
+it refuses for an odd T such as the tower's 1,025 in training), the others run on ids of
+ones.
 
 Implementations:
   "blockwise" flash-style blocks in pure JAX (ops/flash_attention.py): online softmax, custom
-            VJP that recomputes scores block by block, causal blocks skipped. Runs everywhere;
-            O(T * block) memory in forward and backward.
+            VJP that recomputes scores block by block, causal blocks skipped (non-causal:
+            every block visited). Runs everywhere; O(T * block) memory in forward and
+            backward.
   "xla"     plain jnp: einsum, mask, float32 softmax. Runs everywhere; O(T^2) scores memory
             (a Qwen3-8B layer at 16k tokens: ~128 GiB of temporaries for value_and_grad).
   "cudnn"   jax.nn.dot_product_attention(implementation="cudnn") with the same dense segment
@@ -37,7 +43,8 @@ implementation above runs per device inside a shard_map, wrapped by `_context_pa
   all-gather KV (otherwise, e.g. 40 heads on 16 devices): each device keeps its query
             slice and gathers the row's keys and values (O(T) memory, K / N of the query
             size under GQA), then runs the blockwise kernel with its queries' offset. The
-            causal triangle makes later slices do more work than earlier ones.
+            causal triangle makes later slices do more work than earlier ones (non-causal,
+            every slice does the same work).
 Segment ids are gathered whole, so a sample may start on one device and end on another.
 """
 
@@ -52,6 +59,8 @@ from jaxtune.ops.pallas_attention import KV_NAMES, Q_NAMES
 from jaxtune.parallel.sharding import logical_shard_map, logical_to_spec
 
 IMPLEMENTATIONS = ("auto", "blockwise", "xla", "cudnn", "dpa_xla", "pallas")
+# The impls that run segment ids None (one sample per row) without a stand-in array of ones.
+_TAKES_NO_SEGMENTS = ("xla", "cudnn", "dpa_xla")
 
 # What "auto" runs on a GPU with bf16/fp16 inputs: "cudnn" (the measured path) or "pallas".
 AUTO_GPU_IMPL = "cudnn"
@@ -66,15 +75,21 @@ def resolve_impl(impl: str, backend: str, dtype) -> str:
   return AUTO_GPU_IMPL if on_gpu else "blockwise"
 
 
+def segment_mask(segment_ids_bt: jax.Array, causal: bool = True) -> jax.Array:
+  """[B, T, S] bool: query t may attend key s (same segment, and s <= t when causal)."""
+  seq_len = segment_ids_bt.shape[-1]
+  same_segment_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+  if not causal:
+    return same_segment_bts
+  return same_segment_bts & jnp.tril(jnp.ones((seq_len, seq_len), dtype=jnp.bool_))
+
+
 def segment_causal_mask(segment_ids_bt: jax.Array) -> jax.Array:
   """[B, T, S] bool: query t may attend key s (s <= t, same segment)."""
-  seq_len = segment_ids_bt.shape[-1]
-  causal_ts = jnp.tril(jnp.ones((seq_len, seq_len), dtype=jnp.bool_))
-  same_segment_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-  return same_segment_bts & causal_ts
+  return segment_mask(segment_ids_bt, causal=True)
 
 
-def _xla_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt):
+def _xla_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, causal=True):
   batch, seq_len, num_heads, head_dim = q_btnh.shape
   num_kv_heads = k_btkh.shape[2]
   group = num_heads // num_kv_heads
@@ -83,29 +98,37 @@ def _xla_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt):
   scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh,
                             preferred_element_type=jnp.float32)
   scores_bkgts = scores_bkgts * (1.0 / math.sqrt(head_dim))
-  mask_b11ts = segment_causal_mask(segment_ids_bt)[:, None, None]
-  scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
+  if segment_ids_bt is not None:
+    mask_b11ts = segment_mask(segment_ids_bt, causal)[:, None, None]
+  elif causal:
+    mask_b11ts = jnp.tril(jnp.ones((seq_len, seq_len), dtype=jnp.bool_))
+  else:
+    mask_b11ts = None  # one sample per row, whole: nothing hidden
+  if mask_b11ts is not None:
+    scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
   probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_btkh.dtype)
   out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
   return out_btkgh.reshape(batch, seq_len, num_heads, head_dim)
 
 
-def _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, implementation):
+def _jax_nn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, implementation, causal=True):
   # The segment mask is dense [B, 1, T, T]: cuDNN's public API takes padding lengths only,
-  # not per-sample offsets, so packed rows need the full mask (O(T^2) memory per row).
-  mask_b1ts = segment_causal_mask(segment_ids_bt)[:, None]
-  return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_b1ts, is_causal=True,
+  # not per-sample offsets, so packed rows need the full mask (O(T^2) memory per row). Rows
+  # of one sample (segment ids None) need none: is_causal says all.
+  mask_b1ts = None if segment_ids_bt is None else segment_mask(segment_ids_bt, causal)[:, None]
+  return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_b1ts, is_causal=causal,
                                       implementation=implementation)
 
 
 def _local_impl(impl: str, dtype, *, block_q: int, block_kv: int, interpret: bool,
-                pallas_blocks: pallas_attention.Blocks | None):
-  """impl as a function of one device's (q, k, v, segment ids), after its checks."""
+                pallas_blocks: pallas_attention.Blocks | None, causal: bool = True):
+  """impl as a function of one device's (q, k, v, segment ids), after its checks. Only
+  "xla", "cudnn" and "dpa_xla" take segment ids None (`_TAKES_NO_SEGMENTS`)."""
   if impl == "blockwise":
     return lambda q, k, v, seg: blockwise_attention(
-        q, k, v, seg, block_q=block_q, block_kv=block_kv).astype(v.dtype)
+        q, k, v, seg, block_q=block_q, block_kv=block_kv, causal=causal).astype(v.dtype)
   if impl == "xla":
-    return _xla_attention
+    return lambda q, k, v, seg: _xla_attention(q, k, v, seg, causal)
   if impl == "cudnn":
     if jax.default_backend() != "gpu":
       raise ValueError(f"attention impl 'cudnn' needs an NVIDIA GPU, but JAX's backend is "
@@ -113,7 +136,7 @@ def _local_impl(impl: str, dtype, *, block_q: int, block_kv: int, interpret: boo
     if dtype not in (jnp.bfloat16, jnp.float16):
       raise ValueError(f"attention impl 'cudnn' needs bfloat16 or float16 inputs, got "
                        f"{dtype}; set compute_dtype='bfloat16' or attention='auto'.")
-    return lambda q, k, v, seg: _jax_nn_attention(q, k, v, seg, "cudnn")
+    return lambda q, k, v, seg: _jax_nn_attention(q, k, v, seg, "cudnn", causal)
   if impl == "pallas":
     if jax.default_backend() != "gpu" and not interpret:
       raise ValueError(f"attention impl 'pallas' needs an NVIDIA GPU (Triton), but JAX's "
@@ -121,9 +144,9 @@ def _local_impl(impl: str, dtype, *, block_q: int, block_kv: int, interpret: boo
                        f"(blockwise) here, or interpret=True to run the kernels interpreted.")
     blocks = pallas_blocks or pallas_attention.Blocks()
     return lambda q, k, v, seg: pallas_attention.local_attention(
-        q, k, v, seg, blocks=blocks, interpret=interpret)
+        q, k, v, seg, blocks=blocks, interpret=interpret, causal=causal)
   if impl == "dpa_xla":
-    return lambda q, k, v, seg: _jax_nn_attention(q, k, v, seg, "xla")
+    return lambda q, k, v, seg: _jax_nn_attention(q, k, v, seg, "xla", causal)
   raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}")
 
 
@@ -150,9 +173,11 @@ def uses_ulysses(num_heads: int, num_kv_heads: int, devices: int) -> bool:
                                        or devices % num_kv_heads == 0)
 
 
-def _context_parallel(local_fn, q_btnh, k_btkh, v_btkh, segment_ids_bt, seq_axes, check_vma):
+def _context_parallel(local_fn, q_btnh, k_btkh, v_btkh, segment_ids_bt, seq_axes, check_vma,
+                      causal=True):
   """`local_fn` on whole rows while the mesh splits each row over `seq_axes` (see the module
-  docstring: Ulysses, or all-gather KV)."""
+  docstring: Ulysses, or all-gather KV). `causal` must be what `local_fn` applies: the
+  all-gather-KV path runs its own blockwise kernel."""
   mesh = jax.sharding.get_abstract_mesh()
   q_spec = logical_to_spec(Q_NAMES, q_btnh.shape, mesh)
   kv_spec = logical_to_spec(KV_NAMES, k_btkh.shape, mesh)
@@ -174,7 +199,7 @@ def _context_parallel(local_fn, q_btnh, k_btkh, v_btkh, segment_ids_bt, seq_axes
     gather = lambda x: jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)
     offset = jax.lax.axis_index(seq_axes) * q.shape[1]
     return blockwise_attention(q, gather(k), gather(v), seg, kv_segment_ids_bs=gather(seg),
-                               q_offset=offset).astype(v.dtype)
+                               q_offset=offset, causal=causal).astype(v.dtype)
 
   names = ("cp_batch", "cp_length", "cp_heads", None)
   fn = logical_shard_map(local, (names, names, names, ("cp_batch", "cp_length")), names,
@@ -183,10 +208,14 @@ def _context_parallel(local_fn, q_btnh, k_btkh, v_btkh, segment_ids_bt, seq_axes
 
 
 def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
-              segment_ids_bt: jax.Array, *, impl: str = "auto", block_q: int = 512,
+              segment_ids_bt: jax.Array | None, *, impl: str = "auto", block_q: int = 512,
               block_kv: int = 512, interpret: bool = False,
-              pallas_blocks: pallas_attention.Blocks | None = None) -> jax.Array:
-  """Packed causal GQA attention with scale 1/sqrt(H); returns [B, T, N, H] in v's dtype.
+              pallas_blocks: pallas_attention.Blocks | None = None,
+              causal: bool = True) -> jax.Array:
+  """Packed GQA attention with scale 1/sqrt(H); returns [B, T, N, H] in v's dtype.
+
+  `causal` (default): token t sees keys s <= t of its own segment; `causal=False`: every key
+  of its own segment. `segment_ids_bt` None: each row is one sample (no padding).
 
   `block_q` / `block_kv` are the "blockwise" tile sizes (capped at T); other impls ignore them.
   `interpret` runs "pallas" in Pallas' interpreter (any backend); `pallas_blocks` are its
@@ -197,15 +226,18 @@ def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
   if num_heads % num_kv_heads:
     raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
   impl = resolve_impl(impl, jax.default_backend(), q_btnh.dtype)
+  causal = bool(causal)
   local_fn = _local_impl(impl, q_btnh.dtype, block_q=block_q, block_kv=block_kv,
-                         interpret=interpret, pallas_blocks=pallas_blocks)
+                         interpret=interpret, pallas_blocks=pallas_blocks, causal=causal)
   seq_axes = sequence_axes(q_btnh)
+  if segment_ids_bt is None and (seq_axes or impl not in _TAKES_NO_SEGMENTS):
+    segment_ids_bt = jnp.ones(q_btnh.shape[:2], jnp.int32)
   if seq_axes:
     # Pallas' interpreter drops the varying type of its blocks in a checked shard_map.
     return _context_parallel(local_fn, q_btnh, k_btkh, v_btkh, segment_ids_bt, seq_axes,
-                             check_vma=not (impl == "pallas" and interpret))
+                             check_vma=not (impl == "pallas" and interpret), causal=causal)
   if impl == "pallas":  # per device under a mesh (rows and heads split; no collective)
     return pallas_attention.packed_attention(
         q_btnh, k_btkh, v_btkh, segment_ids_bt, blocks=pallas_blocks or pallas_attention.Blocks(),
-        interpret=interpret)
+        interpret=interpret, causal=causal)
   return local_fn(q_btnh, k_btkh, v_btkh, segment_ids_bt)

@@ -1,15 +1,17 @@
-"""Blockwise (flash-style) packed causal GQA attention in pure JAX: O(T * block) memory.
+"""Blockwise (flash-style) packed GQA attention in pure JAX, causal or not: O(T * block) memory.
 
 The [T, T] scores never exist. The forward pass walks kv blocks with an online softmax
 (float32 running max and sum) and keeps only the output and the per-query logsumexp; the
 backward pass (a custom VJP, FlashAttention-2's algorithm) recomputes each block's scores
-from (q, k, v, out, logsumexp). Both loops visit the causal lower triangle only: kv blocks
-after a query block are never touched. Segment ids give the same mask as
-`attention.segment_causal_mask` (same segment and s <= t; padding 0 sees earlier padding).
+from (q, k, v, out, logsumexp). Causal, both loops visit the lower triangle only: kv blocks
+after a query block are never touched. Non-causal (`causal=False`, the InternViT tower),
+every query block meets every kv block. Segment ids give the same mask as
+`attention.segment_mask` (same segment, and s <= t when causal; padding 0 sees (earlier)
+padding).
 
 Runs on any backend (CPU, TPU, GPU fallback); it is what `attention='auto'` uses wherever
-no kernel applies. T need not be a multiple of the blocks: rows are padded at the end, where
-causality hides the padding from every real query.
+no kernel applies. T need not be a multiple of the blocks: rows are padded at the end with
+segment -1, which no real token shares (and which causality hides as well).
 
 Shape letters: B rows, T tokens (Q in a query block, S in a kv block), N query heads,
 K kv heads, G = N / K query heads per kv head, H head dim.
@@ -40,12 +42,14 @@ def _slice_t(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
 
 
-def _block_mask(seg_q_bq, seg_k_bs, q_start, k_start):
-  """[B, 1, 1, Q, S] bool: same segment and key position <= query position."""
+def _block_mask(seg_q_bq, seg_k_bs, q_start, k_start, causal):
+  """[B, 1, 1, Q, S] bool: same segment and (when causal) key position <= query position."""
+  same_bqs = seg_q_bq[:, :, None] == seg_k_bs[:, None, :]
+  if not causal:
+    return same_bqs[:, None, None]
   pos_q = q_start + jnp.arange(seg_q_bq.shape[1])
   pos_k = k_start + jnp.arange(seg_k_bs.shape[1])
   causal_qs = pos_q[:, None] >= pos_k[None, :]
-  same_bqs = seg_q_bq[:, :, None] == seg_k_bs[:, None, :]
   return (same_bqs & causal_qs)[:, None, None]
 
 
@@ -62,14 +66,18 @@ def _fori(lo, hi, body, carry):
   return jax.lax.fori_loop(lo, hi, body, carry)
 
 
-def _last_kv_block(i, block_q, block_kv, q_offset, num_kv_blocks):
-  """Exclusive upper bound of the kv blocks query block i can see (causality)."""
+def _last_kv_block(i, block_q, block_kv, q_offset, num_kv_blocks, causal):
+  """Exclusive upper bound of the kv blocks query block i can see (causality; all of them
+  when not causal)."""
+  if not causal:
+    return num_kv_blocks
   last = (q_offset + i * block_q + block_q - 1) // block_kv + 1
   return last if isinstance(last, int) and last <= num_kv_blocks else jnp.minimum(last,
                                                                                  num_kv_blocks)
 
 
-def _flash_fwd_impl(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block_q, block_kv):
+def _flash_fwd_impl(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block_q, block_kv,
+                    causal):
   b, t, kh, g, h = q_btkgh.shape
   scale = 1.0 / math.sqrt(h)
   num_kv_blocks = k_bskh.shape[1] // block_kv
@@ -88,7 +96,7 @@ def _flash_fwd_impl(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block
       k_start = j * block_kv
       k_blk, v_blk = _slice_t(k_bskh, k_start, block_kv), _slice_t(v_bskh, k_start, block_kv)
       mask = _block_mask(seg_q_bq, _slice_t(seg_k_bs, k_start, block_kv), q_offset + q_start,
-                         k_start)
+                         k_start, causal)
       s_bkgqs = jnp.where(mask, _scores(q_bqkgh, k_blk, scale), _MASK_VALUE)
       m_new = jnp.maximum(m_bkgq, s_bkgqs.max(-1))
       p_bkgqs = jnp.where(mask, jnp.exp(s_bkgqs - m_new[..., None]), 0.0)
@@ -102,7 +110,8 @@ def _flash_fwd_impl(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block
             zeros((b, kh, g, block_q), jnp.float32) + _MASK_VALUE,
             zeros((b, kh, g, block_q), jnp.float32))
     acc_bkgqh, m_bkgq, l_bkgq = _fori(
-        0, _last_kv_block(i, block_q, block_kv, q_offset, num_kv_blocks), kv_block, init)
+        0, _last_kv_block(i, block_q, block_kv, q_offset, num_kv_blocks, causal), kv_block,
+        init)
     # l >= exp(0) = 1 wherever a query sees itself; only padding appended to a query slice
     # (q_offset > 0) can see no key, and its zero output is dropped.
     o_bqkgh = jnp.transpose(acc_bkgqh / jnp.maximum(l_bkgq, 1e-30)[..., None], (0, 3, 1, 2, 4))
@@ -116,22 +125,24 @@ def _flash_fwd_impl(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block
   return _fori(0, t // block_q, q_block, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _flash(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block_q, block_kv):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _flash(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block_q, block_kv, causal):
   return _flash_fwd_impl(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block_q,
-                         block_kv)[0]
+                         block_kv, causal)[0]
 
 
-def _flash_fwd(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block_q, block_kv):
+def _flash_fwd(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, block_q, block_kv,
+               causal):
   out_btkgh, lse_bkgt = _flash_fwd_impl(q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset,
-                                        block_q, block_kv)
+                                        block_q, block_kv, causal)
   out_btkgh = checkpoint_name(out_btkgh, RESIDUAL_NAMES[0])
   lse_bkgt = checkpoint_name(lse_bkgt, RESIDUAL_NAMES[1])
   return out_btkgh, (q_btkgh, k_bskh, v_bskh, seg_q_bt, seg_k_bs, q_offset, out_btkgh, lse_bkgt)
 
 
-def _flash_bwd(block_q, block_kv, res, do_btkgh):
-  """One pass over kv blocks; for each, the query blocks that see it (FlashAttention-2).
+def _flash_bwd(block_q, block_kv, causal, res, do_btkgh):
+  """One pass over kv blocks; for each, the query blocks that see it (FlashAttention-2; all
+  of them when not causal).
 
   dk and dv of the kv block live in the inner loop's carry; dq is a float32 [B, T, N, H]
   buffer that every (kv block, query block) pair adds its share to.
@@ -159,7 +170,7 @@ def _flash_bwd(block_q, block_kv, res, do_btkgh):
       lse_bkgq = jax.lax.dynamic_slice_in_dim(lse_bkgt, q_start, block_q, axis=3)
       delta_bkgq = jax.lax.dynamic_slice_in_dim(delta_bkgt, q_start, block_q, axis=3)
       mask = _block_mask(_slice_t(seg_bt, q_start, block_q), seg_k_blk, q_offset + q_start,
-                         k_start)
+                         k_start, causal)
       s_bkgqs = _scores(q_bqkgh, k_bskh, scale)
       p_bkgqs = jnp.where(mask, jnp.exp(s_bkgqs - lse_bkgq[..., None]), 0.0)
       dv_bskh = dv_bskh + jnp.einsum("bkgqs,bqkgh->bskh", p_bkgqs.astype(dtype), do_bqkgh,
@@ -176,9 +187,12 @@ def _flash_bwd(block_q, block_kv, res, do_btkgh):
       return dq_btkgh, dk_bskh, dv_bskh
 
     zeros_bskh = zeros((b, block_kv, kh, h), jnp.float32)
-    # Query blocks before the one holding key k_start cannot see this kv block.
-    first = (k_start - q_offset) // block_q
-    first = first if isinstance(first, int) else jnp.maximum(first, 0)
+    # Causal: query blocks before the one holding key k_start cannot see this kv block.
+    if causal:
+      first = (k_start - q_offset) // block_q
+      first = first if isinstance(first, int) else jnp.maximum(first, 0)
+    else:
+      first = 0
     dq_btkgh, dk_bskh, dv_bskh = _fori(first, t // block_q, q_block,
                                        (dq_btkgh, zeros_bskh, zeros_bskh))
     dk_btkh = jax.lax.dynamic_update_slice_in_dim(
@@ -199,13 +213,15 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def blockwise_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
                         segment_ids_bt: jax.Array, *, block_q: int = 512, block_kv: int = 512,
                         kv_segment_ids_bs: jax.Array | None = None,
-                        q_offset: jax.Array | int = 0) -> jax.Array:
-  """Packed causal GQA attention, scale 1/sqrt(H), in O(T * block) memory forward and back.
+                        q_offset: jax.Array | int = 0, causal: bool = True) -> jax.Array:
+  """Packed GQA attention, scale 1/sqrt(H), in O(T * block) memory forward and back: causal
+  (key s seen by query t iff s <= t, same segment) or, with `causal=False`, each token seeing
+  its whole segment.
 
   By default queries and keys are the same T tokens. A slice of the queries may attend to all
   keys instead (context parallelism, ops/attention.py): `q_offset` is the position of the
-  first query among the S keys (an int or a traced scalar) and `kv_segment_ids_bs` the keys'
-  segment ids [B, S].
+  first query among the S keys (an int or a traced scalar; causality only reads it) and
+  `kv_segment_ids_bs` the keys' segment ids [B, S].
 
   Blocks are capped at T (S); each side is padded up to a multiple of its block. Matmuls run
   in the input dtype with float32 accumulation; softmax statistics are float32; returns q's
@@ -235,5 +251,5 @@ def blockwise_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
   # GQA: query head n uses kv head n // G (HF's repeat_kv order).
   q_btkgh = q_btnh.reshape(b, q_btnh.shape[1], kh, n // kh, h)
   out_btkgh = _flash(q_btkgh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
-                     seg_q_bt, seg_k_bs, q_offset, block_q, block_kv)
+                     seg_q_bt, seg_k_bs, q_offset, block_q, block_kv, bool(causal))
   return out_btkgh.reshape(b, q_btnh.shape[1], n, h)[:, :t]

@@ -1,8 +1,10 @@
-"""Packed causal GQA attention as Pallas Triton kernels (NVIDIA GPUs): no [T, T] mask, ever.
+"""Packed GQA attention, causal or not, as Pallas Triton kernels (NVIDIA GPUs): no [T, T]
+mask, ever.
 
 FlashAttention-2 kernels of jaxtune's own (JAX 0.12.1 removed the Triton attention module
-`jax.experimental.pallas.ops.gpu.attention` that jaxtune used before). Causality and segment
-ids are applied inside the kernels: each program builds its [tile_q, tile_k] mask from the
+`jax.experimental.pallas.ops.gpu.attention` that jaxtune used before). Causality (a static
+kernel parameter: causal for the text models, not for the InternViT tower) and segment ids
+are applied inside the kernels: each program builds its [tile_q, tile_k] mask from the
 tile's positions and segment ids, so memory is O(T) (outputs, per-query logsumexp, the [T]
 segment ids). Around them:
 
@@ -14,16 +16,18 @@ segment ids). Around them:
     `jaxtune.parallel.sharding.logical_shard_map`), and delta = rowsum(dO * O) is one XLA
     reduction instead of a third kernel.
 
-Semantics are `attention.segment_causal_mask`'s: key s is seen by query t iff s <= t and
-the segment ids are equal, so padding (segment 0) sees earlier padding and every row has its
-own key (no empty softmax). T need not be a multiple of the blocks: rows are padded at the
-end with segment -1, which causality hides from every real query. H that is not a power of
-two is zero-padded (Triton tiles are powers of two); the scale stays 1 / sqrt(H).
+Semantics are `attention.segment_mask`'s: key s is seen by query t iff the segment ids are
+equal and (when causal) s <= t, so padding (segment 0) sees (earlier) padding and every row
+has its own key (no empty softmax). T need not be a multiple of the blocks: rows are padded
+at the end with segment -1, which no real token shares. H that is not a power of two is
+zero-padded (Triton tiles are powers of two); the scale stays 1 / sqrt(H).
 
-Skipped: key tiles above the diagonal (causality) and, from `segment_spans`, those wholly
-before the first key of the query tile's samples (forward, dq) or query tiles after the last
-token of the key tile's samples (dk, dv). So the work follows the sum of the squared sample
-lengths (at tile granularity), not the row's T^2 / 2, however many samples a row packs.
+Skipped, from `segment_spans`: key tiles wholly before the first key of the query tile's
+samples (forward, dq) and query tiles after the last token of the key tile's samples (dk,
+dv); causal, also key tiles above the diagonal, and otherwise key tiles wholly after the last
+key of the query tile's samples (forward, dq) and query tiles before the first token of the
+key tile's samples (dk, dv). So the work follows the sum of the squared sample lengths (at
+tile granularity), not the row's T^2 / 2 (or T^2), however many samples a row packs.
 
 `interpret=True` runs the same kernels through Pallas' interpreter on any backend (how the
 CPU tests check them); without it the kernels need Triton, i.e. a CUDA GPU.
@@ -83,19 +87,21 @@ class Blocks:
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def _scores(q, k, q_pos, k_pos, q_seg, k_seg, scale):
-  """Scaled scores [tq, tk] in float32; hidden (key after the query, or another segment)
-  entries are _MASKED."""
+def _scores(q, k, q_pos, k_pos, q_seg, k_seg, scale, causal):
+  """Scaled scores [tq, tk] in float32; hidden (another segment, or, causal, a key after the
+  query) entries are _MASKED."""
   s = plgpu.dot(q, k, trans_b=True) * scale
-  visible = (q_pos[:, None] >= k_pos[None, :]) & (q_seg[:, None] == k_seg[None, :])
+  visible = q_seg[:, None] == k_seg[None, :]
+  if causal:
+    visible = visible & (q_pos[:, None] >= k_pos[None, :])
   return jnp.where(visible, s, _MASKED)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, o_ref, lse_ref, *, scale: float,
-                    block_q: int, block_k: int):
+def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, last_ref, o_ref, lse_ref, *,
+                    scale: float, block_q: int, block_k: int, causal: bool):
   """One query tile of one (row, head) against its visible key tiles, online softmax
-  (FlashAttention-2): refs q / o [block_q, H], k / v [T, H], seg / first [T], lse
-  [block_q]."""
+  (FlashAttention-2): refs q / o [block_q, H], k / v [T, H], seg / first / last [T], lse
+  [block_q]. `last` is read only when not causal."""
   i = pl.program_id(0)
   q = q_ref[...]
   q_pos = i * block_q + jnp.arange(block_q)
@@ -105,7 +111,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, o_ref, lse_ref, *, 
     acc, m, l = carry
     keys = pl.ds(j * block_k, block_k)
     s = _scores(q, k_ref[keys, :], q_pos, j * block_k + jnp.arange(block_k), q_seg,
-                seg_ref[keys], scale)
+                seg_ref[keys], scale, causal)
     m_new = jnp.maximum(m, s.max(axis=1))
     rescale = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[:, None])
@@ -113,9 +119,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, o_ref, lse_ref, *, 
     return (acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v),
             m_new, l * rescale + p.sum(axis=1))
 
-  # Key tiles that start after this tile's last query are hidden by causality, those that
-  # end before the first key of its queries' samples by the segments: both skipped.
-  num_tiles = jax.lax.div((i + 1) * block_q + block_k - 1, block_k)
+  # Key tiles that end before the first key of its queries' samples are hidden by the
+  # segments, and those that start after this tile's last query by causality (or, not
+  # causal, after the last key of its queries' samples): all skipped.
+  if causal:
+    num_tiles = jax.lax.div((i + 1) * block_q + block_k - 1, block_k)
+  else:
+    num_tiles = jax.lax.div(jnp.max(last_ref[pl.ds(i * block_q, block_q)]), block_k) + 1
   first_tile = jax.lax.div(jnp.min(first_ref[pl.ds(i * block_q, block_q)]), block_k)
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
@@ -126,7 +136,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, o_ref, lse_ref, *, 
 
 def _backward_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, last_ref, do_ref, lse_ref,
                      delta_ref, dq_ref, dk_ref, dv_ref, *, scale: float, major: int,
-                     minor: int):
+                     minor: int, causal: bool):
   """Program i of one (row, head): dk / dv of key tile i (walking the query tiles that can
   see it), then dq of query tile i (walking its visible key tiles). Refs q / k / v / do
   [T, H], seg / first / last / lse / delta [T], outputs [major, H]. p is recomputed from
@@ -138,7 +148,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, last_ref, do_ref, 
   tile_seg = seg_ref[tile]
 
   def probabilities(q, k, q_pos, k_pos, q_seg, k_seg, lse):
-    return jnp.exp(_scores(q, k, q_pos, k_pos, q_seg, k_seg, scale) - lse[:, None])
+    return jnp.exp(_scores(q, k, q_pos, k_pos, q_seg, k_seg, scale, causal) - lse[:, None])
 
   k, v = k_ref[tile, :], v_ref[tile, :]
 
@@ -152,11 +162,14 @@ def _backward_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, last_ref, do_ref, 
     return (dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True),
             dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True))
 
-  # Queries before this key tile's first key cannot see it (causality), nor those after the
-  # last token of its keys' samples (segments).
+  # Queries after the last token of its keys' samples cannot see this key tile (segments),
+  # nor those before its first key (causality) or, not causal, before the first token of its
+  # keys' samples (segments).
   zeros = jnp.zeros(k.shape, jnp.float32)
   end = jnp.minimum(jax.lax.div(jnp.max(last_ref[tile]), minor) + 1, t // minor)
-  dk, dv = jax.lax.fori_loop(jax.lax.div(i * major, minor), end, dkv_step, (zeros, zeros))
+  start = (jax.lax.div(i * major, minor) if causal
+           else jax.lax.div(jnp.min(first_ref[tile]), minor))
+  dk, dv = jax.lax.fori_loop(start, end, dkv_step, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -171,10 +184,14 @@ def _backward_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, last_ref, do_ref, 
     ds = p * (plgpu.dot(do, v_ref[keys, :], trans_b=True) - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
-  # Key tiles that start after this query tile's last query are hidden, and those that end
-  # before the first key of its queries' samples.
-  dq = jax.lax.fori_loop(jax.lax.div(jnp.min(first_ref[tile]), minor),
-                         jax.lax.div((i + 1) * major + minor - 1, minor), dq_step,
+  # Key tiles that end before the first key of its queries' samples are hidden, and those
+  # that start after this query tile's last query (causal) or after the last key of its
+  # queries' samples (not causal).
+  if causal:
+    stop = jax.lax.div((i + 1) * major + minor - 1, minor)
+  else:
+    stop = jax.lax.div(jnp.max(last_ref[tile]), minor) + 1
+  dq = jax.lax.fori_loop(jax.lax.div(jnp.min(first_ref[tile]), minor), stop, dq_step,
                          jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
@@ -205,12 +222,17 @@ def segment_spans(seg_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jax.vmap(per_row)(seg_bt)
 
 
-def _forward(q, k, v, seg, first, scale, blocks: Blocks, interpret: bool):
+def _kernel_name(stem: str, causal: bool) -> str:
+  return f"jaxtune_packed_attention_{stem}" if causal else f"jaxtune_full_attention_{stem}"
+
+
+def _forward(q, k, v, seg, first, last, scale, blocks: Blocks, interpret: bool, causal: bool):
   """(out [B, T, N, H] in q's dtype, lse [B, N, T] float32: log-sum-exp of the scores)."""
   b, t, n, h = q.shape
   group = n // k.shape[2]
   bq, bk = blocks.q, blocks.kv
-  kernel = functools.partial(_forward_kernel, scale=scale, block_q=bq, block_k=bk)
+  kernel = functools.partial(_forward_kernel, scale=scale, block_q=bq, block_k=bk,
+                             causal=causal)
   kv_spec = pl.BlockSpec((None, t, None, h), lambda i, r, m: (r, 0, jax.lax.div(m, group), 0))
   q_spec = pl.BlockSpec((None, bq, None, h), lambda i, r, m: (r, i, m, 0))
   row = pl.BlockSpec((None, t), lambda i, r, m: (r, 0))
@@ -218,23 +240,24 @@ def _forward(q, k, v, seg, first, scale, blocks: Blocks, interpret: bool):
   return pl.pallas_call(
       kernel,
       grid=(t // bq, b, n),
-      in_specs=[q_spec, kv_spec, kv_spec, row, row],
+      in_specs=[q_spec, kv_spec, kv_spec, row, row, row],
       out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, r, m: (r, m, i))],
       out_shape=[varying_out_struct(q.shape, q.dtype, q),
                  varying_out_struct((b, n, t), jnp.float32, q)],
       compiler_params=_compiler_params(warps, blocks.num_stages, interpret),
-      interpret=interpret, name="jaxtune_packed_attention_fwd")(q, k, v, seg, first)
+      interpret=interpret, name=_kernel_name("fwd", causal))(q, k, v, seg, first, last)
 
 
 def _backward(q, k, v, seg, first, last, out, lse, do, scale, blocks: Blocks,
-              interpret: bool):
+              interpret: bool, causal: bool):
   b, t, n, h = q.shape
   kh = k.shape[2]
   group = n // kh
   major, minor = blocks.bwd_major, blocks.bwd_minor
   # softmax backward: ds = p * (dp - delta), delta_t = sum_h dO_th * O_th, per query head.
   delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
-  kernel = functools.partial(_backward_kernel, scale=scale, major=major, minor=minor)
+  kernel = functools.partial(_backward_kernel, scale=scale, major=major, minor=minor,
+                             causal=causal)
   whole_q = pl.BlockSpec((None, t, None, h), lambda r, m, _: (r, 0, m, 0))
   whole_kv = pl.BlockSpec((None, t, None, h), lambda r, m, _: (r, 0, jax.lax.div(m, group), 0))
   per_head = pl.BlockSpec((None, None, t), lambda r, m, _: (r, m, 0))
@@ -252,8 +275,8 @@ def _backward(q, k, v, seg, first, last, out, lse, do, scale, blocks: Blocks,
                  varying_out_struct(q.shape, dkv_dtype, q),
                  varying_out_struct(q.shape, dkv_dtype, q)],
       compiler_params=_compiler_params(warps, blocks.num_stages, interpret),
-      interpret=interpret, name="jaxtune_packed_attention_bwd")(q, k, v, seg, first, last,
-                                                                do, lse, delta)
+      interpret=interpret, name=_kernel_name("bwd", causal))(q, k, v, seg, first, last, do,
+                                                             lse, delta)
   if group > 1:
     dk = dk.reshape(b, t, kh, group, h).sum(3).astype(k.dtype)
     dv = dv.reshape(b, t, kh, group, h).sum(3).astype(v.dtype)
@@ -261,23 +284,23 @@ def _backward(q, k, v, seg, first, last, out, lse, do, scale, blocks: Blocks,
 
 
 # seg, first and last (`segment_spans`, computed once a call) are integer inputs: no gradient.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _attention(q, k, v, seg, first, last, scale, blocks, interpret):
-  return _forward(q, k, v, seg, first, scale, blocks, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _attention(q, k, v, seg, first, last, scale, blocks, interpret, causal):
+  return _forward(q, k, v, seg, first, last, scale, blocks, interpret, causal)[0]
 
 
-def _attention_fwd(q, k, v, seg, first, last, scale, blocks, interpret):
-  out, lse = _forward(q, k, v, seg, first, scale, blocks, interpret)
+def _attention_fwd(q, k, v, seg, first, last, scale, blocks, interpret, causal):
+  out, lse = _forward(q, k, v, seg, first, last, scale, blocks, interpret, causal)
   # Named like the blockwise path's residuals, so remat='save_attention' keeps them too.
   out = checkpoint_name(out, RESIDUAL_NAMES[0])
   lse = checkpoint_name(lse, RESIDUAL_NAMES[1])
   return out, (q, k, v, seg, first, last, out, lse)
 
 
-def _attention_bwd(scale, blocks, interpret, res, do):
+def _attention_bwd(scale, blocks, interpret, causal, res, do):
   q, k, v, seg, first, last, out, lse = res
   dq, dk, dv = _backward(q, k, v, seg, first, last, out, lse, do.astype(q.dtype), scale,
-                         blocks, interpret)
+                         blocks, interpret, causal)
   return dq, dk, dv, None, None, None
 
 
@@ -287,8 +310,9 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def local_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
                     segment_ids_bt: jax.Array, *, blocks: Blocks = Blocks(),
                     interpret: bool = False, head_offset: jax.Array | int | None = None,
-                    group: int | None = None) -> jax.Array:
-  """One device's packed causal GQA attention, scale 1/sqrt(H); [B, T, N, H] in v's dtype.
+                    group: int | None = None, causal: bool = True) -> jax.Array:
+  """One device's packed GQA attention (causal unless `causal=False`), scale 1/sqrt(H);
+  [B, T, N, H] in v's dtype.
 
   `head_offset` / `group`: for query heads split over devices while k / v hold all kv
   heads (fewer kv heads than the tensor axis): this device's first global query head and
@@ -313,21 +337,22 @@ def local_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
   pad_t = -(-t // blocks.row_multiple) * blocks.row_multiple - t
   pad_h = (1 << max(h - 1, 0).bit_length()) - h
   if pad_t or pad_h:
-    # Appended tokens follow every real query, so causality hides them; as segment -1 they
-    # see themselves and stay finite. Zero head columns change no score and no output.
+    # Appended tokens are segment -1, which no real token shares (causal or not); they see
+    # themselves and stay finite. Zero head columns change no score and no output.
     pad = lambda x: jnp.pad(x, [(0, 0), (0, pad_t), (0, 0), (0, pad_h)])
     q_btnh, k_btkh, v_btkh = pad(q_btnh), pad(k_btkh), pad(v_btkh)
     seg_bt = jnp.pad(seg_bt, [(0, 0), (0, pad_t)], constant_values=-1)
   first_bt, last_bt = segment_spans(seg_bt)
   out = _attention(q_btnh, k_btkh, v_btkh, seg_bt, first_bt, last_bt, scale, blocks,
-                   bool(interpret))
+                   bool(interpret), bool(causal))
   return out[:, :t, :, :h].astype(out_dtype)
 
 
 def packed_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
                      segment_ids_bt: jax.Array, *, blocks: Blocks = Blocks(),
-                     interpret: bool = False) -> jax.Array:
-  """Packed causal GQA attention through the Pallas kernels, on global arrays.
+                     interpret: bool = False, causal: bool = True) -> jax.Array:
+  """Packed GQA attention (causal unless `causal=False`) through the Pallas kernels, on
+  global arrays.
 
   Under a mesh of more than one device it runs per device (`logical_shard_map`): rows split
   over the batch axes, query and kv heads over theirs ('tensor'), tokens whole. No
@@ -343,14 +368,14 @@ def packed_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
   def per_device(axes, q, k, v, seg):
     q_axes, kv_axes = axes["activation_heads"], axes["activation_kv_heads"]
     if kv_axes == q_axes:  # split alike (or whole): local head n uses local kv head n // G
-      return local_attention(q, k, v, seg, blocks=blocks, interpret=interpret)
+      return local_attention(q, k, v, seg, blocks=blocks, interpret=interpret, causal=causal)
     if kv_axes:
       raise ValueError(f"query heads split over {q_axes} but kv heads over {kv_axes}: the "
                        f"Pallas attention needs them split alike or kv heads whole")
     # kv heads whole (fewer than the head axis' devices): pick each local head's kv head.
     offset = jax.lax.axis_index(q_axes) * q.shape[2]
     return local_attention(q, k, v, seg, blocks=blocks, interpret=interpret,
-                           head_offset=offset, group=group)
+                           head_offset=offset, group=group, causal=causal)
 
   # Pallas' interpreter drops the varying-axes type of its blocks inside a type-checked
   # shard_map (jax 0.12; ops/loss.py meets the same), so interpret mode runs unchecked.

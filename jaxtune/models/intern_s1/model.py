@@ -56,7 +56,7 @@ class InternS1ForConditionalGeneration(nnx.Module):
         cfg.text, **dims, remat=remat, attention=attention, rngs=rngs)
     with nnx.use_eager_sharding(False):  # placing params is create_model's job
       self.vision_tower = intern_vit.InternVisionModel(cfg.vision, **dims, remat=remat,
-                                                       rngs=rngs)
+                                                       attention=attention, rngs=rngs)
       self.multi_modal_projector = intern_vit.InternVLProjector(
           projector_in_features(cfg), cfg.text.hidden_size, **dims, rngs=rngs)
 

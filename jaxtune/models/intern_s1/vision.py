@@ -35,6 +35,8 @@ from ml_collections import ConfigDict
 from jaxtune.hf.weights import HFWeight
 from jaxtune.models.layers import (ATTENTION_OUT, BTD, INIT_STD, LayerNorm, RMSNorm, check_remat,
                                    scan_layers, stack_layers)
+from jaxtune.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from jaxtune.ops.attention import attention as attention_op
 from jaxtune.ops.resize import bicubic_resize
 from jaxtune.parallel.sharding import shard_activation
 
@@ -108,6 +110,14 @@ def resize_position_embeddings(pos_1td: jax.Array, grid: tuple[int, int]) -> jax
 
 # ---- the tower -------------------------------------------------------------------------------
 
+# The "blockwise" attention's query and key blocks in the tower. Its rows are many short
+# tiles (64 x 1,025 tokens), not one long row, so each block's [tiles, N, Q, S] float32 scores
+# are tiles times the text path's: 128 keeps them ~16 MiB per tile batch of 16 (300M: 16
+# heads), and pads a 1,025-token tile to 1,152 (as the Pallas kernels do), where the
+# dispatcher's 512 would pad it to 1,536 (2.25x the attention FLOPs).
+BLOCKWISE_BLOCK = 128
+
+
 class _Conv(nnx.Module):
   """Holds the patch conv's `weight` [D, C, ph, pw] and `bias` [D] under HF's names."""
 
@@ -178,15 +188,21 @@ class InternVisionEmbeddings(nnx.Module):
 
 class InternVisionAttention(nnx.Module):
   """Full (non-causal) multi-head attention within a tile; optional RMSNorm on q and k over the
-  whole hidden dim (before the head split, as HF)."""
+  whole hidden dim (before the head split, as HF). The attention itself is the dispatcher's
+  (jaxtune.ops.attention, `causal=False`, each tile one sample) with the model's `attention`
+  impl: "blockwise" / "pallas" keep no [T, T] scores."""
 
-  def __init__(self, vcfg: ConfigDict, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+  def __init__(self, vcfg: ConfigDict, *, param_dtype, compute_dtype, attention: str = "xla",
+               rngs: nnx.Rngs):
     dims = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
     hidden, heads = vcfg.hidden_size, vcfg.num_attention_heads
     if hidden % heads:
       raise ValueError(f"hidden_size ({hidden}) must be a multiple of num_attention_heads "
                        f"({heads})")
     self.num_heads, self.head_dim = heads, hidden // heads
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
+    self.attention = attention
     qkv_bias = ("heads",) if vcfg.attention_bias else None
     self.q_proj = _linear(hidden, hidden, ("embed", "heads"), qkv_bias, **dims, rngs=rngs)
     self.k_proj = _linear(hidden, hidden, ("embed", "heads"), qkv_bias, **dims, rngs=rngs)
@@ -212,10 +228,9 @@ class InternVisionAttention(nnx.Module):
     q_btnh, k_btnh, v_btnh = (
         shard_activation(a.reshape(batch, tokens, self.num_heads, self.head_dim), heads)
         for a in (q_btd, k_btd, v_btd))
-    scores_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_btnh,
-                             preferred_element_type=jnp.float32) * self.head_dim ** -0.5
-    probs_bnts = jax.nn.softmax(scores_bnts, axis=-1).astype(v_btnh.dtype)
-    o_btnh = jnp.einsum("bnts,bsnh->btnh", probs_bnts, v_btnh)
+    # Every tile is one whole sample: no segment ids (None), nothing causal.
+    o_btnh = attention_op(q_btnh, k_btnh, v_btnh, None, impl=self.attention, causal=False,
+                          block_q=BLOCKWISE_BLOCK, block_kv=BLOCKWISE_BLOCK)
     o_btnh = checkpoint_name(o_btnh, ATTENTION_OUT)  # what remat='save_attention' keeps
     return self.projection_layer(o_btnh.reshape(batch, tokens, -1))
 
@@ -245,10 +260,11 @@ class InternVisionLayer(nnx.Module):
   """Pre-norm block with layer scale: x + lambda_1 * attn(norm(x)), then
   x + lambda_2 * mlp(norm(x))."""
 
-  def __init__(self, vcfg: ConfigDict, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+  def __init__(self, vcfg: ConfigDict, *, param_dtype, compute_dtype, attention: str = "xla",
+               rngs: nnx.Rngs):
     dims = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
     hidden = vcfg.hidden_size
-    self.attention = InternVisionAttention(vcfg, **dims, rngs=rngs)
+    self.attention = InternVisionAttention(vcfg, **dims, attention=attention, rngs=rngs)
     self.mlp = InternVisionMLP(vcfg, **dims, rngs=rngs)
     self.layernorm_before = _norm(vcfg, **dims)
     self.layernorm_after = _norm(vcfg, **dims)
@@ -268,19 +284,21 @@ class InternVisionLayer(nnx.Module):
 class InternVisionEncoder(nnx.Module):
   """The stacked layers: `layer` holds every layer's params with a leading L axis."""
 
-  def __init__(self, vcfg: ConfigDict, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+  def __init__(self, vcfg: ConfigDict, *, param_dtype, compute_dtype, attention: str = "xla",
+               rngs: nnx.Rngs):
     self.layer = stack_layers(
         lambda r: InternVisionLayer(vcfg, param_dtype=param_dtype, compute_dtype=compute_dtype,
-                                    rngs=r),
+                                    attention=attention, rngs=r),
         vcfg.num_hidden_layers, rngs)
 
 
 class InternVisionModel(nnx.Module):
   """HF's `InternVLVisionModel`: embeddings, the encoder, and a final LayerNorm only when
-  the config does not use mean pooling."""
+  the config does not use mean pooling. `attention`: the impl of jaxtune.ops.attention its
+  layers run (the text model's, in Intern-S1)."""
 
   def __init__(self, vcfg: ConfigDict, *, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16,
-               remat: str = "full", rngs: nnx.Rngs):
+               remat: str = "full", attention: str = "xla", rngs: nnx.Rngs):
     check_remat(remat)
     if vcfg.get("use_mask_token", False):
       raise ValueError("use_mask_token (masked-image pretraining) is not supported")
@@ -291,7 +309,7 @@ class InternVisionModel(nnx.Module):
     # Params carry logical axis names; placing them is the caller's job (create_model).
     with nnx.use_eager_sharding(False):
       self.embeddings = InternVisionEmbeddings(vcfg, **dims, rngs=rngs)
-      self.encoder = InternVisionEncoder(vcfg, **dims, rngs=rngs)
+      self.encoder = InternVisionEncoder(vcfg, **dims, attention=attention, rngs=rngs)
       # Always a LayerNorm, even for norm_type "rms_norm" (HF's and XTuner's choice).
       self.layernorm = (None if vcfg.use_mean_pooling
                         else LayerNorm(vcfg.hidden_size, vcfg.layer_norm_eps, **dims))
