@@ -115,6 +115,19 @@ def test_molformula_guards_text_from_detection_and_has_no_id(enc, ids):
                                  ("bpe", "</MOLFORMULA>"), ("bpe", " end"))
 
 
+def test_molformula_inside_a_tag_is_read_by_the_tags_model(enc, ids, sp, hf_bpe):
+  """Inside a tag the guards' BPE tokens are looked up in the tag's model (its piece id +
+  offset, else the BPE id), as the official convert_tokens_to_ids does with its stack."""
+  def guard(text):
+    bpe = hf_bpe.encode(text, add_special_tokens=False)
+    pieces = [sp["SMILES"].piece_to_id(t) for t in hf_bpe.convert_ids_to_tokens(bpe)]
+    return [i if p == sp["SMILES"].unk_id() else p + 151669 for i, p in zip(bpe, pieces)]
+  text = "<SMILES>CC<MOLFORMULA>O</MOLFORMULA>C</SMILES>"
+  assert enc.encode(text) == (ids(("tag", "<SMILES>"), ("SMILES", "CC")) + guard("<MOLFORMULA>")
+                              + ids(("SMILES", "O")) + guard("</MOLFORMULA>")
+                              + ids(("SMILES", "C"), ("tag", "</SMILES>")))
+
+
 @pytest.mark.parametrize("molecule", [ASPIRIN, CAFFEINE])
 def test_smiles_in_plain_text_is_detected(enc, ids, molecule):
   text = f"The molecule {molecule} is common."

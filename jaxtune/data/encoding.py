@@ -78,6 +78,11 @@ def range_sums(flags: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
   hi = np.minimum(np.asarray(hi, np.int64), len(flags))
   if len(lo) == 0:
     return np.zeros(0, np.int64)
+  if np.count_nonzero(flags) <= len(flags) >> 6:
+    # Few set (e.g. image tokens): count them by position. reduceat below casts per range and
+    # can cost ~0.1 s for 10^4 ranges over 10^6 flags.
+    at = np.flatnonzero(flags)
+    return (np.searchsorted(at, np.maximum(lo, hi)) - np.searchsorted(at, lo)).astype(np.int64)
   padded = np.append(flags, False).view(np.uint8)
   uniq, back = np.unique(np.stack([lo, np.maximum(lo, hi)], 1), axis=0, return_inverse=True)
   sums = np.add.reduceat(padded, uniq.reshape(-1), dtype=np.int64)[0::2]

@@ -17,15 +17,24 @@ shipped code; this module implements the same rules:
    BPE tokens of its text (`▁` read as a space), each looked up in that model first.
 4. Everything else: Qwen's byte-level BPE (tiktoken, as `TokenEncoder`), `▁` read as a space.
 
-Text none of this touches (no tag, nothing detected, no `▁`) is encoded by the plain BPE
-encoder in one call, which keeps ordinary chat text as fast as with a Qwen tokenizer.
+Speed, with the same ids (tests/test_intern_s1_differential.py holds the part-by-part reference):
+a text is encoded with one tiktoken call, its BPE parts and added tokens joined with a separator
+token where each domain span goes (`_Joined`); text none of the rules touch is that call alone,
+as with a Qwen tokenizer. SMILES candidates are searched only inside runs of characters that
+SMILES units can hold, found by translating the text to bytes (`_unit_runs`); proteins only in
+runs of 27 or more. A candidate glued to a letter is dropped before its check, each check's
+verdict and each span's ids are remembered, and the rule-based check reads a bracket-free
+SMILES without walking it character by character. Text that NFC changes (and any text when the
+separator cannot be used, e.g. the `transformers` backend) goes part by part (`spans`).
 """
 
 from __future__ import annotations
 
+import array
 import hashlib
 import logging
 import re
+import string
 import unicodedata
 from typing import NamedTuple
 
@@ -43,6 +52,7 @@ TAG_MODELS = {"SMILES": "SMILES", "SELFIES": "SMILES", "IUPAC": "IUPAC", "FASTA"
 PROTECT_OPEN, PROTECT_CLOSE = "<MOLFORMULA>", "</MOLFORMULA>"
 SP_SPACE = "\u2581"          # SentencePiece's whitespace mark
 _VERDICTS = 1 << 16          # SMILES candidates whose check is remembered
+_SPANS = 1 << 14             # domain spans (per model) whose ids are remembered
 
 # --- SMILES auto-detection -------------------------------------------------------------------
 _TWO_LETTER = (
@@ -69,20 +79,15 @@ def _symbol_alternation() -> str:
 _UNIT = r"(?:\[[^\]]+\]|" + _symbol_alternation() + "|" + _SPECIALS + ")"
 SMILES_RE = re.compile(rf"((?![:.=])(?>{_UNIT}){{10,}}(?<![:.=]))")
 FASTA_RE = regex.compile(r"([A-Z]{27,})")   # the `regex` module scans this ~10x faster
-# Every character a unit outside brackets can hold; and a superset of the unit grammar (any
-# capital with an optional small letter, the aromatic letters, bonds, digits, bracket atoms).
-# A SMILES match lies inside one region of 10+ superset units, and such a region (outside
-# brackets) inside one run of these characters: the costly regex runs only there, which gives
-# exactly its matches over the whole text (tests/test_intern_s1_tokenizer.py checks it).
-_UNIT_CHARS = r"A-Za-z\d()\.=\-#@$%*:+/\\"
-# Runs of 10+ such characters that can hold 10 units: a run of small letters only (a long
-# word) holds them only as 10 of "bcnops" in a row, so it needs one of those or a character
-# other than a small letter. Anchored on the character before the run (~1.5x faster to scan).
-_NOT_SMALL = r"A-Z\d()\.=\-#@$%*:+/\\"
-_RUN = rf"(?=[{_UNIT_CHARS}]{{10}})[a-z]*(?:[{_NOT_SMALL}]|[bcnops]{{10}})[{_UNIT_CHARS}]*"
-_RUN_AT_START = re.compile(_RUN)
-_RUN_AFTER = re.compile(rf"[^{_UNIT_CHARS}]({_RUN})")
+# A superset of the unit grammar (any capital with an optional small letter, the aromatic
+# letters, bonds, digits, bracket atoms): a SMILES match lies inside one region of 10+ of these
+# units, and such a region inside one run of characters a unit can hold (_unit_runs). The costly
+# regex runs only there, which gives exactly its matches over the whole text (tests: against the
+# official regex in test_intern_s1_tokenizer.py, against the first search of the runs in
+# test_intern_s1_differential.py).
 _REGIONS = re.compile(r"(?:\[[^\]]+\]|[A-Z][a-z]?|[bcnops]|[\d()\.=\-#@$%*:+/\\]){10,}")
+# `\d` is any Unicode decimal digit: text with one beyond 0-9 is searched whole.
+_OTHER_DIGIT = re.compile(r"[^\D0-9]")
 
 # The rule-based check's tables (the official code's lists).
 _BONDS = frozenset("-=#:/\\.$")
@@ -101,30 +106,101 @@ _NUMBERS = re.compile(r"\d+")
 _LETTERS = re.compile(r"[A-Za-z]")
 
 
-def smiles_candidates(text: str) -> list:
-  """`SMILES_RE`'s matches over `text`, searched only where one can be (see _REGIONS)."""
-  found: list = []
+# Runs found in bytes: the text one byte per character (latin-1, any other character replaced
+# by "?"), each character a unit can hold outside brackets made "a" and every other one " ";
+# a run that can hold 10 units has 10 "a"s in a row. A bracket atom holds any character but
+# "]": each "[" up to the next "]" is marked "a" too. Translating and searching bytes is ~10x
+# faster than a regex scan over the text, and most text has no such run at all.
+_RUN_TABLE = bytes(ord("a") if chr(i) in string.ascii_letters + string.digits + "().=-#@$%*:+/\\"
+                   else ord(" ") for i in range(256))
+_TEN = b"a" * 10
+
+
+def _unit_runs(text: str) -> list[tuple[int, int]]:
+  """(start, end) of each maximal run of 10+ characters that SMILES units can hold (every
+  region of 10+ units lies inside one); the whole text when it has a digit beyond 0-9."""
+  if not text.isascii() and _OTHER_DIGIT.search(text):
+    return [(0, len(text))]
+  marks = text.encode("latin-1", "replace").translate(_RUN_TABLE)
   if "[" in text:
-    for region in _REGIONS.finditer(text):
-      found += SMILES_RE.finditer(text, region.start(), region.end())
-    return found
-  first = _RUN_AT_START.match(text)
-  runs = [first.span()] if first else []
-  runs += [m.span(1) for m in _RUN_AFTER.finditer(text, first.end() if first else 0)]
-  for start, end in runs:
+    marks = bytearray(marks)
+    at = text.find("[")
+    while at >= 0:
+      close = text.find("]", at + 1)
+      if close < 0:
+        break
+      marks[at:close + 1] = b"a" * (close + 1 - at)
+      at = text.find("[", close + 1)
+  runs = []
+  start = marks.find(_TEN)
+  while start >= 0:
+    end = marks.find(b" ", start + 10)
+    if end < 0:
+      runs.append((start, len(marks)))
+      break
+    runs.append((start, end))
+    start = marks.find(_TEN, end)
+  return runs
+
+
+def smiles_candidates(text: str, runs: list[tuple[int, int]] | None = None) -> list:
+  """`SMILES_RE`'s matches over `text`, searched only where one can be: in regions of 10+
+  superset units (_REGIONS), which lie in runs of unit characters (`runs`: _unit_runs's)."""
+  found: list = []
+  for start, end in _unit_runs(text) if runs is None else runs:
     for region in _REGIONS.finditer(text, start, end):
       found += SMILES_RE.finditer(text, region.start(), region.end())
   return found
 
 
-def _ascii_letter(c: str) -> bool:
-  return c.isascii() and c.isalpha()
+_ASCII_LETTERS = frozenset(string.ascii_letters)
+_NO_SPECIALS: frozenset = frozenset()
+_U32 = next((c for c in "IL" if array.array(c).itemsize == 4), None)
+
+
+def _u32(ids: list[int]) -> bytes:
+  """Ids as native uint32 bytes (array's conversion is ~3x cheaper than numpy's for a few)."""
+  return array.array(_U32, ids).tobytes() if _U32 else np.asarray(ids, np.uint32).tobytes()
 
 
 def rings_and_brackets_ok(text: str) -> bool:
   """The official rule-based SMILES check (used when RDKit is not installed): ring-closure
   digits paired, square brackets balanced and plausible, only organic-subset symbols outside
   brackets, no bond at either end or two in a row."""
+  if text.isascii() and _PLAIN_SMILES.fullmatch(text):
+    return _plain_smiles_ok(text)
+  return _rings_and_brackets_ok(text)
+
+
+# Organic-subset symbols, bonds, branches and ring digits only: no brackets, "%" or other
+# character. Read left to right, the official loop then visits every character but the second
+# of "Cl" / "Br" and its checks come down to these (tests/test_intern_s1_differential.py
+# compares them with the loop on random strings).
+_PLAIN_SMILES = re.compile(r"(?:Cl|Br|[BCNOPSFIbcnosp()\-=#:/\\.$;0-9])+")
+_TWO_BONDS = re.compile(r"[\-=#:/\\.$]{2}")
+_PARENS = re.compile(r"[()]")
+_UPPER = re.compile(r"[A-Z]")
+
+
+def _plain_smiles_ok(text: str) -> bool:
+  if text[0] in _BONDS or text[-1] in _BONDS or _TWO_BONDS.search(text):
+    return False
+  depth = 0
+  for c in _PARENS.findall(text):    # never more ")" than "(" so far
+    depth += 1 if c == "(" else -1
+    if depth < 0:
+      return False
+  digits = 0
+  for d in "0123456789":             # each ring label opened and closed
+    count = text.count(d)
+    if count & 1:
+      return False
+    digits += count
+  return digits >= 2 or bool(_UPPER.search(text))
+
+
+def _rings_and_brackets_ok(text: str) -> bool:
+  """The official check, character by character."""
   rings: dict[str, bool] = {}        # ring label -> open
   left_sq = right_sq = left_paren = right_paren = digits = 0
   all_lower = True
@@ -242,11 +318,44 @@ class InternS1Encoder(TokenEncoder):
     # Text holding one of these is stateful across added tokens (see splice_safe).
     self.stateful_pattern = re.compile("|".join(re.escape(t) for t in (
         *self.begin, *self.end, PROTECT_OPEN, PROTECT_CLOSE)))
-    self._memo, self._found, self._verdicts = {}, {}, {}
+    self._memo, self._verdicts, self._unknown = {}, {}, {}
+    self._sp_memo: dict[str, dict[str, bytes]] = {m: {} for m in self._sp}   # span ids
     # Pieces spelled like an added token take the added token's id (per model; usually none).
     self._spelled_added = {d: {m.piece_to_id(t) for t in self.added} - {m.unk_id()}
                            for d, m in self._sp.items()}
     self._reverse_added = {i: t for t, i in self.added.items()}
+    self._sep = self._choose_separator()
+    if self._sep is not None:
+      self._sep_id = self.added[self._sep]
+      self._sep_ids = _u32([self._sep_id])
+      self._sep_only = frozenset((self._sep,))
+
+  def _choose_separator(self) -> str | None:
+    """The added token that `_Joined` puts where BPE text stops (see there); None when the added
+    tokens do not allow that (then each part is encoded on its own).
+
+    The ids equal those of separate calls when tiktoken splits the joined text at exactly the
+    added tokens put there and those in the text: every added token is a tiktoken special (and
+    so splits its text), none overlaps another or itself (so no two ways to split), none holds
+    a space or "▁" (the BPE text's "▁" become spaces) or begins or ends with an ASCII letter
+    (so no run of capitals or SMILES units crosses one)."""
+    if self._buffer is None or self._strip or not self.added:
+      return None
+    tokens = sorted(self.added)
+    if set(tokens) != set(self._tiktoken._special_tokens):  # pylint: disable=protected-access
+      return None
+    letters = set(string.ascii_letters)
+    for a in tokens:
+      if " " in a or SP_SPACE in a or a[0] in letters or a[-1] in letters:
+        return None
+      for b in tokens:
+        if (a != b and b in a) or any(b.startswith(a[k:]) for k in range(1, len(a))):
+          return None
+    # One unlikely in text (a text holding it is still right: see _Joined.token and _splice).
+    for sep in ("<|fim_pad|>", "<|video_pad|>", "<|image_pad|>", "<|vision_pad|>"):
+      if sep in self.added:
+        return sep
+    return tokens[0]
 
   def __getstate__(self):
     return dict(super().__getstate__(), protos=self._protos, smiles_check=self.smiles_check,
@@ -274,31 +383,65 @@ class InternS1Encoder(TokenEncoder):
           len(_LETTERS.findall(candidate)) >= 5 and self._mol_ok(candidate))
     return verdict
 
+  def _molecules(self, text: str, runs: list[tuple[int, int]] | None = None
+                 ) -> list[tuple[int, int]]:
+    """(start, end) of each auto-detected SMILES span of plain text."""
+    found = []
+    n = len(text)
+    for m in smiles_candidates(text, runs):
+      start, end = m.span(1)
+      # Glued to a letter: not a molecule whatever the check says (so it is not run).
+      if (start > 0 and text[start - 1] in _ASCII_LETTERS) or (
+          end < n and text[end] in _ASCII_LETTERS):
+        continue
+      if self._is_molecule(m.group(1)):
+        found.append((start, end))
+    return found
+
+  def _detected(self, text: str) -> list[tuple[int, int, str | tuple]]:
+    """(start, end, domain) of the spans detected in plain text, in order: "SMILES", "FASTA", or
+    ("FASTA", "SMILES") for a protein inside a detected molecule (its innermost domain wins).
+
+    The official code looks for proteins in each part the SMILES spans leave, spans included.
+    A run of capitals never crosses a span's end (a span is not glued to a letter), so the
+    proteins found in the whole text are the same, each inside one part; and it lies inside a
+    run of unit characters of its length or more."""
+    runs = _unit_runs(text)
+    if not runs:
+      return []
+    molecules = self._molecules(text, runs)
+    proteins = [m.span(1) for start, end in runs if end - start >= 27
+                for m in FASTA_RE.finditer(text, start, end)]
+    if not proteins:
+      return [(start, end, "SMILES") for start, end in molecules]
+    out: list[tuple[int, int, str | tuple]] = []
+    k = 0
+    for start, end in molecules:
+      while k < len(proteins) and proteins[k][0] < start:    # proteins before this molecule
+        out.append((*proteins[k], "FASTA"))
+        k += 1
+      pos = start
+      while k < len(proteins) and proteins[k][1] <= end:     # proteins inside it
+        if proteins[k][0] > pos:
+          out.append((pos, proteins[k][0], "SMILES"))
+        out.append((*proteins[k], ("FASTA", "SMILES")))
+        pos = proteins[k][1]
+        k += 1
+      if pos < end:
+        out.append((pos, end, "SMILES"))
+    out += [(*p, "FASTA") for p in proteins[k:]]
+    return out
+
   def _detect(self, text: str) -> list[Span]:
     """Plain text -> BPE parts and auto-detected SMILES / protein spans."""
-    parts, pos = [], 0
-    found = self._found.get(text)
-    for start, end in found if found is not None else self._molecules(text):
+    out, pos = [], 0
+    for start, end, domain in self._detected(text):
       if start > pos:
-        parts.append(Span(text[pos:start]))
-      parts.append(Span(text[start:end], "SMILES", True))
+        out.append(Span(text[pos:start]))
+      out.append(Span(text[start:end], domain, True))
       pos = end
     if pos < len(text):
-      parts.append(Span(text[pos:]))
-    out = []
-    for part in parts:   # proteins in every part, SMILES spans included (then nested)
-      pos = 0
-      for m in FASTA_RE.finditer(part.text):
-        start, end = m.span(1)
-        if start > pos:
-          out.append(part._replace(text=part.text[pos:start]))
-        out.append(Span(part.text[start:end], "FASTA", True) if part.domain is None
-                   else Span(part.text[start:end], ("FASTA", part.domain), True))
-        pos = end
-      if pos == 0:
-        out.append(part)
-      elif pos < len(part.text):
-        out.append(part._replace(text=part.text[pos:]))
+      out.append(Span(text[pos:]))
     return out
 
   # --- encoding -------------------------------------------------------------------------------
@@ -312,7 +455,8 @@ class InternS1Encoder(TokenEncoder):
     for piece in pieces:
       if piece in (PROTECT_OPEN, PROTECT_CLOSE):
         guarded = guarded + 1 if piece == PROTECT_OPEN else max(0, guarded - 1)
-        out.append(Span(piece, stack[-1] if stack else None, bool(stack) and stack[-1][1]))
+        # Inside a tag: BPE tokens looked up in its model (see _encode_spans).
+        out.append(Span(piece, stack[-1][0] if stack else None, bool(stack) and stack[-1][1]))
         continue
       if piece in self.begin:
         guarded += 1
@@ -368,40 +512,142 @@ class InternS1Encoder(TokenEncoder):
 
   def _plain(self, text: str) -> bool:
     """True when no rule touches `text`: it is then the plain BPE's."""
-    if self.stateful_pattern.search(text):
+    if self.stateful_pattern.search(text) or SP_SPACE in text or FASTA_RE.search(text):
       return False
-    # Detection runs between added tokens: the same parts here. What is found is kept for
-    # `spans`, which the encoder calls next on the same text.
-    self._found = {part: self._molecules(part) for part in self._split_re.split(text)[::2]}
-    return not (any(self._found.values()) or SP_SPACE in text or FASTA_RE.search(text))
-
-  def _molecules(self, text: str) -> list[tuple[int, int]]:
-    """(start, end) of each auto-detected SMILES span of plain text."""
-    found = []
-    for m in smiles_candidates(text):
-      start, end = m.span(1)
-      if not self._is_molecule(m.group(1)):
-        continue
-      if (start > 0 and _ascii_letter(text[start - 1])) or (
-          end < len(text) and _ascii_letter(text[end])):
-        continue
-      found.append((start, end))
-    return found
+    # Detection runs between added tokens: the same parts here.
+    return not any(self._molecules(part) for part in self._split_re.split(text)[::2])
 
   def encode(self, text: str) -> list[int]:
+    ids = self._fast(text)
+    if ids is not None:
+      return np.frombuffer(ids, np.uint32).tolist()
     if self._plain(text):
       return super().encode(text)
     return self._encode_spans(self.spans(text))
 
   def encode_array(self, text: str) -> np.ndarray:
+    ids = self._fast(text)
+    if ids is not None:
+      return np.frombuffer(ids, np.uint32).copy()
     if self._plain(text):
       return super().encode_array(text)
     return np.asarray(self._encode_spans(self.spans(text)), dtype=np.uint32)
 
   def _encode_bytes(self, text: str):
+    ids = self._fast(text)
+    if ids is not None:
+      return ids
     if self._plain(text):
       return super()._encode_bytes(text)
     return np.asarray(self._encode_spans(self.spans(text)), dtype=np.uint32).tobytes()
+
+  def _fast(self, text: str):
+    """`text`'s ids as uint32 bytes with one tiktoken call (see _Joined); None where that does
+    not apply (no separator, text that NFC changes, lone surrogates): the part-by-part path
+    (`spans`, `_encode_spans`) then encodes it."""
+    if self._sep is None or not text.isascii() and not unicodedata.is_normalized("NFC", text):
+      return None
+    try:
+      token = self._split_re.search(text)   # the tags and guards are among these
+      if token is not None:
+        if self.stateful_pattern.search(text, token.start()):
+          return self._tagged(text)
+        return self._untagged_with_tokens(text)
+      found = self._detected(text)
+      if not found:
+        if SP_SPACE in text:
+          text = text.replace(SP_SPACE, " ")
+        # What a plain Qwen tokenizer encodes (with no added token in it).
+        return memoryview(self._buffer(text, _NO_SPECIALS)).cast("B")
+      parts, fills, pos = [], [], 0
+      for start, end, domain in found:
+        parts += (text[pos:start], self._sep)
+        fills.append(self._domain_ids(domain if type(domain) is str else domain[0],
+                                      text[start:end]))
+        pos = end
+      parts.append(text[pos:])
+      return _splice(self, "".join(parts), fills, self._sep_only)
+    except UnicodeEncodeError:
+      return None
+
+  def _untagged_with_tokens(self, text: str):
+    """`_fast` for text with added tokens but no tags: detection runs between the tokens."""
+    out = _Joined(self)
+    for k, piece in enumerate(self._split_re.split(text)):
+      if k % 2:
+        out.token(piece)
+        continue
+      pos = 0
+      for start, end, domain in self._detected(piece):
+        out.bpe(piece[pos:start])
+        out.domain(domain[0] if type(domain) is tuple else domain, piece[start:end])
+        pos = end
+      out.bpe(piece[pos:])
+    return out.ids()
+
+  def _tagged(self, text: str):
+    """`_fast` for text with tags or guards: `spans`'s rules, written into a _Joined."""
+    out = _Joined(self)
+    guarded, stack = 0, []
+    for piece in self._split_re.split(text):
+      if not piece:
+        continue
+      if piece in (PROTECT_OPEN, PROTECT_CLOSE):
+        guarded = guarded + 1 if piece == PROTECT_OPEN else max(0, guarded - 1)
+        if stack:
+          out.domain(stack[-1], piece)
+        else:
+          out.bpe(piece)
+        continue
+      if piece in self.added:
+        if piece in self.begin:
+          guarded += 1
+          stack.append(self.begin[piece])
+        elif piece in self.end:
+          guarded = max(0, guarded - 1)
+          if stack:
+            stack.pop()
+        out.token(piece)
+        continue
+      model = stack[-1] if stack else None
+      pos = 0
+      for start, end, domain in () if guarded else self._detected(piece):
+        out.text(piece[pos:start], model)
+        out.domain(domain[0] if type(domain) is tuple else domain, piece[start:end])
+        pos = end
+      out.text(piece[pos:], model)
+    return out.ids()
+
+  def _domain_ids(self, model: str, text: str) -> bytes:
+    """The ids of a span that `model` encodes, as uint32 bytes; remembered (spans recur)."""
+    memo = self._sp_memo[model]
+    ids = memo.get(text)
+    if ids is not None:
+      return ids
+    if len(memo) >= _SPANS:
+      memo.clear()
+    if text in (PROTECT_OPEN, PROTECT_CLOSE):
+      ids = memo[text] = _u32(self._encode_spans([Span(text, model)]))
+      return ids
+    sp, offset, spelled = self._sp[model], OFFSETS[model], self._spelled_added[model]
+    pids = sp.encode(text)
+    if 0 not in pids and not (spelled and spelled.intersection(pids)):   # the common case
+      ids = memo[text] = _u32([pid + offset for pid in pids])
+      return ids
+    out = []   # as _encode_spans, with each unknown piece's ids remembered
+    for piece, pid in zip(sp.encode(text, out_type=str), pids):
+      if pid != 0:
+        out.append(self.added.get(piece, pid + offset))
+        continue
+      unknown = self._unknown.get((model, piece))
+      if unknown is None:
+        if len(self._unknown) >= _SPANS:
+          self._unknown.clear()
+        unknown = self._unknown[(model, piece)] = [
+            self._in_domain(self._bpe_token(i), sp, offset, i) for i in self._bpe(piece)]
+      out += unknown
+    ids = memo[text] = _u32(out)
+    return ids
 
   def _bpe(self, text: str) -> list[int]:
     text = text.replace(SP_SPACE, " ")
@@ -507,6 +753,85 @@ class InternS1Encoder(TokenEncoder):
              "the rule-based ring/bracket check (RDKit is not installed; pip install rdkit for "
              "the official tokenizer's preferred check)")
     return f"Intern-S1 scientific tokenizer at {self.path}: SMILES auto-detection checked by {check}"
+
+
+class _Joined:
+  """A text's ids put together with one tiktoken call.
+
+  The BPE parts and added tokens are joined into one text, with the separator token where a
+  domain span is (its ids are its SentencePiece model's) and between two BPE parts (which the
+  official code encodes apart). tiktoken encodes the text between special tokens on its own,
+  exactly as separate calls would (InternS1Encoder._choose_separator says when it does); each
+  separator's id is then replaced by the ids of what it stands for."""
+
+  __slots__ = ("enc", "parts", "fills", "tokens", "bpe_before")
+
+  def __init__(self, enc: "InternS1Encoder"):
+    self.enc, self.parts, self.fills, self.tokens, self.bpe_before = enc, [], [], None, False
+
+  def bpe(self, text: str) -> None:
+    """A BPE part (none when empty), encoded apart from the BPE part before it."""
+    if not text:
+      return
+    if self.bpe_before:
+      self.parts.append(self.enc._sep)   # pylint: disable=protected-access
+      self.fills.append(b"")
+    self.parts.append(text)
+    self.bpe_before = True
+
+  def domain(self, model: str, text: str) -> None:
+    """A span that `model` encodes."""
+    enc = self.enc
+    self.parts.append(enc._sep)   # pylint: disable=protected-access
+    self.fills.append(enc._domain_ids(model, text))   # pylint: disable=protected-access
+    self.bpe_before = False
+
+  def text(self, text: str, model: str | None) -> None:
+    if model is None:
+      self.bpe(text)
+    elif text:
+      self.domain(model, text)
+
+  def token(self, token: str) -> None:
+    """An added token (its own id)."""
+    enc = self.enc
+    self.parts.append(token)
+    if self.tokens is None:
+      self.tokens = {enc._sep}   # pylint: disable=protected-access
+    self.tokens.add(token)
+    if token == enc._sep:   # pylint: disable=protected-access
+      self.fills.append(enc._sep_ids)   # pylint: disable=protected-access
+    self.bpe_before = False
+
+  def ids(self):
+    """The ids as uint32 bytes; None when the separators are not all where they were put."""
+    allowed = self.tokens or self.enc._sep_only   # pylint: disable=protected-access
+    return _splice(self.enc, "".join(self.parts), self.fills, allowed)
+
+
+def _splice(enc: InternS1Encoder, text: str, fills: list[bytes], allowed):
+  """tiktoken's ids of `text` (only the special tokens in `allowed`: tiktoken converts the set
+  on every call) with the k-th separator's id replaced by `fills[k]`, as uint32 bytes; None
+  when the separators are not all where they were put."""
+  if SP_SPACE in text:
+    text = text.replace(SP_SPACE, " ")
+  ids = bytes(enc._buffer(text, allowed))   # pylint: disable=protected-access
+  sep, out, pos = enc._sep_ids, [], 0   # pylint: disable=protected-access
+  for fill in fills:
+    at = ids.find(sep, pos)
+    while at > 0 and at & 3:             # across two ids: look on
+      at = ids.find(sep, at + 1)
+    if at < 0:
+      return None
+    out += (ids[pos:at], fill)
+    pos = at + 4
+  at = ids.find(sep, pos)
+  while at > 0 and at & 3:
+    at = ids.find(sep, at + 1)
+  if at >= 0:                            # one more than were put
+    return None
+  out.append(ids[pos:])
+  return b"".join(out)
 
 
 _BYTE_CHARS = bytes_to_unicode()
