@@ -18,6 +18,7 @@ import pytest
 
 from interns1_layout import write_tokenizer
 from jaxtune.data import intern_s1_tokenizer as s1
+from jaxtune.data import science_text as detection
 from jaxtune.data.encoders import open_encoder
 from jaxtune.data.tokenizer import TokenEncoder
 
@@ -33,15 +34,16 @@ def reference_candidates(text):
   """SMILES_RE's matches: regions of 10+ superset units in runs that can hold them."""
   found = []
   if "[" in text:
-    for region in s1._REGIONS.finditer(text):  # pylint: disable=protected-access
-      found += s1.SMILES_RE.finditer(text, region.start(), region.end())
+    for region in detection._REGIONS.finditer(text):  # pylint: disable=protected-access
+      found += detection.SMILES_RE.finditer(text, region.start(), region.end())
     return found
   first = _RUN_AT_START.match(text)
   runs = [first.span()] if first else []
   runs += [m.span(1) for m in _RUN_AFTER.finditer(text, first.end() if first else 0)]
   for start, end in runs:
-    for region in s1._REGIONS.finditer(text, start, end):  # pylint: disable=protected-access
-      found += s1.SMILES_RE.finditer(text, region.start(), region.end())
+    regions = detection._REGIONS  # pylint: disable=protected-access
+    for region in regions.finditer(text, start, end):
+      found += detection.SMILES_RE.finditer(text, region.start(), region.end())
   return found
 
 
@@ -140,7 +142,7 @@ class Reference(s1.InternS1Encoder):
     out = []
     for part in parts:
       pos = 0
-      for m in s1.FASTA_RE.finditer(part.text):
+      for m in detection.FASTA_RE.finditer(part.text):
         start, end = m.span(1)
         if start > pos:
           out.append(part._replace(text=part.text[pos:start]))
@@ -158,7 +160,7 @@ class Reference(s1.InternS1Encoder):
       return False
     if any(self._molecules(part) for part in self._split_re.split(text)[::2]):
       return False
-    return not (s1.SP_SPACE in text or s1.FASTA_RE.search(text))
+    return not (s1.SP_SPACE in text or detection.FASTA_RE.search(text))
 
   def _encode_spans(self, spans):
     ids = []
@@ -274,7 +276,7 @@ def test_the_run_scan_finds_the_reference_candidates_in_bracket_free_text():
   for k in range(6000):
     chars = alphabet if k % 3 else alphabet[:-2] + ["]"]
     text = "".join(rng.choice(chars) for _ in range(rng.randint(5, 80)))
-    assert ([m.span(1) for m in s1.smiles_candidates(text)]
+    assert ([m.span(1) for m in detection.smiles_candidates(text)]
             == [m.span(1) for m in reference_candidates(text)]), text
 
 
@@ -286,12 +288,12 @@ def test_the_rule_based_check_matches_the_character_loop():
   for _ in range(40000):
     text = "".join(rng.choice(alphabet[:24] if rng.random() < 0.7 else alphabet)
                    for _ in range(rng.randint(1, 30)))
-    verdict = s1.rings_and_brackets_ok(text)
+    verdict = detection.rings_and_brackets_ok(text)
     assert verdict == reference_rules(text), text
     seen[verdict] += 1
   for text in ("CC(=O)Oc1ccccc1C(=O)O", "CCC(C)(C)(C)(C)CC", "c1ccccc1", "cccccc12", "C1CC1Cl",
                "BClr", "CCl", "ClC(Cl)Cl", "C(C", "C)C(", "C=#C", "=CC", "CC-", "cc11"):
-    assert s1.rings_and_brackets_ok(text) == reference_rules(text), text
+    assert detection.rings_and_brackets_ok(text) == reference_rules(text), text
   assert min(seen.values()) > 1000
 
 

@@ -17,6 +17,7 @@ import sentencepiece as spm
 
 from interns1_layout import write_tokenizer
 from jaxtune.data import intern_s1_tokenizer as s1
+from jaxtune.data import science_text
 from jaxtune.data.encoders import open_encoder
 from jaxtune.data.tokenizer import TokenEncoder, build_qwen_tokenizer, load_tokenizer
 from jaxtune.data.tokenizer_files import TokenizerFilesError, read_tokenizer_files
@@ -237,7 +238,8 @@ def test_the_smiles_search_finds_exactly_the_official_regex_matches():
   official regex (written here as the official code builds it) over the whole text."""
   import random  # pylint: disable=import-outside-toplevel
   import re  # pylint: disable=import-outside-toplevel
-  symbols = sorted(s1._TWO_LETTER + s1._ONE_LETTER, key=lambda s: (-len(s), s))  # pylint: disable=protected-access
+  symbols = sorted(science_text._TWO_LETTER + science_text._ONE_LETTER,  # pylint: disable=protected-access
+                   key=lambda s: (-len(s), s))
   unit = (r"(?:\[[^\]]+\]|" + "|".join(symbols) + r"|[\(\)\.=\-#@\d\$\%\*:\+\-\/\\])")
   official = re.compile(rf"((?![:.=])(?>{unit}){{10,}}(?<![:.=]))")
   alphabet = list("CcNnOoSsBbPpHhaeilxZ1234567890()[]=#@+-.:/\\%$* \n") + [
@@ -246,7 +248,7 @@ def test_the_smiles_search_finds_exactly_the_official_regex_matches():
   rng = random.Random(0)
   for _ in range(5000):
     text = "".join(rng.choice(alphabet) for _ in range(rng.randint(5, 60)))
-    assert ([m.span(1) for m in s1.smiles_candidates(text)]
+    assert ([m.span(1) for m in science_text.smiles_candidates(text)]
             == [m.span(1) for m in official.finditer(text)]), text
 
 

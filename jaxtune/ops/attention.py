@@ -84,11 +84,6 @@ def segment_mask(segment_ids_bt: jax.Array, causal: bool = True) -> jax.Array:
   return same_segment_bts & jnp.tril(jnp.ones((seq_len, seq_len), dtype=jnp.bool_))
 
 
-def segment_causal_mask(segment_ids_bt: jax.Array) -> jax.Array:
-  """[B, T, S] bool: query t may attend key s (s <= t, same segment)."""
-  return segment_mask(segment_ids_bt, causal=True)
-
-
 def _xla_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, causal=True):
   batch, seq_len, num_heads, head_dim = q_btnh.shape
   num_kv_heads = k_btkh.shape[2]
