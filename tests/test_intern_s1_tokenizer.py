@@ -196,6 +196,12 @@ def test_unknown_pieces_fall_back_to_bpe_tokens_looked_up_in_the_model(enc, sp, 
 def test_nfc_and_the_sentencepiece_space_mark(enc, ids):
   decomposed = "cafe\u0301 <IUPAC>e\u0301thanol</IUPAC>"
   assert enc.encode(decomposed) == enc.encode(unicodedata.normalize("NFC", decomposed))
+  # NFC comes before detection: a KELVIN SIGN (U+212A) is the capital K, so the 26 capitals
+  # after it make a protein of 27.
+  assert enc.encode(f"seq \u212a{PROTEIN[:26]} end") == ids(
+      ("bpe", "seq "), ("FASTA", "K" + PROTEIN[:26]), ("bpe", " end"))
+  assert enc.encode_array(f"seq \u212a{PROTEIN[:26]} end").tolist() == ids(
+      ("bpe", "seq "), ("FASTA", "K" + PROTEIN[:26]), ("bpe", " end"))
   assert enc.encode("a\u2581b") == ids(("bpe", "a b"))     # "▁" in plain text is a space
 
 

@@ -25,8 +25,9 @@ SMILES units can hold, found by translating the text to bytes (`science_text.uni
 detection rules and checks live in `science_text`); proteins only in runs of 27 or more. A
 candidate glued to a letter is dropped before its check, each check's verdict and each span's
 ids are remembered, and the rule-based check reads a bracket-free SMILES without walking it
-character by character. Text that NFC changes (and any text when the
-separator cannot be used, e.g. the `transformers` backend) goes part by part (`spans`).
+character by character. Text is NFC-normalised before any rule reads it, as the official
+code does; when the separator cannot be used (e.g. the `transformers` backend) it goes part by
+part (`spans`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def _u32(ids: list[int]) -> bytes:
 _LETTERS = re.compile(r"[A-Za-z]")
 
 
+def _nfc(text: str) -> str:
+  """The official code normalises the whole text first: every rule then reads the NFC form
+  (e.g. a KELVIN SIGN becomes the capital K of a protein)."""
+  if text.isascii() or unicodedata.is_normalized("NFC", text):
+    return text
+  return unicodedata.normalize("NFC", text)
+
+
 class Span(NamedTuple):
   """A part of the text and how it is encoded: `domain` None for the BPE, else the tag or
   auto-detected domain whose SentencePiece model encodes it (`auto`: detected, not tagged)."""
@@ -97,9 +106,10 @@ class InternS1Encoder(TokenEncoder):
       raise ImportError("use_rdkit=True but RDKit is not installed: pip install rdkit")
     self._mol_ok = rdkit or rings_and_brackets_ok
     self.smiles_check = "rdkit" if rdkit is not None else "rules"
-    # Which check runs changes the ids, so the data cache keys on it.
+    # Which check runs changes the ids, so the data cache keys on it (and on the rules'
+    # revision: "nfc-first" since NFC moved before detection).
     self.fingerprint = hashlib.sha256(
-        f"{self.fingerprint}:intern-s1:{self.smiles_check}".encode()).hexdigest()[:16]
+        f"{self.fingerprint}:intern-s1:nfc-first:{self.smiles_check}".encode()).hexdigest()[:16]
     self._setup()
 
   def _setup(self) -> None:
@@ -313,6 +323,7 @@ class InternS1Encoder(TokenEncoder):
     return not any(self._molecules(part) for part in self._split_re.split(text)[::2])
 
   def encode(self, text: str) -> list[int]:
+    text = _nfc(text)
     ids = self._fast(text)
     if ids is not None:
       return np.frombuffer(ids, np.uint32).tolist()
@@ -321,6 +332,7 @@ class InternS1Encoder(TokenEncoder):
     return self._encode_spans(self.spans(text))
 
   def encode_array(self, text: str) -> np.ndarray:
+    text = _nfc(text)
     ids = self._fast(text)
     if ids is not None:
       return np.frombuffer(ids, np.uint32).copy()
@@ -329,6 +341,7 @@ class InternS1Encoder(TokenEncoder):
     return np.asarray(self._encode_spans(self.spans(text)), dtype=np.uint32)
 
   def _encode_bytes(self, text: str):
+    text = _nfc(text)
     ids = self._fast(text)
     if ids is not None:
       return ids
@@ -337,10 +350,10 @@ class InternS1Encoder(TokenEncoder):
     return np.asarray(self._encode_spans(self.spans(text)), dtype=np.uint32).tobytes()
 
   def _fast(self, text: str):
-    """`text`'s ids as uint32 bytes with one tiktoken call (see _Joined); None where that does
-    not apply (no separator, text that NFC changes, lone surrogates): the part-by-part path
+    """The ids of NFC-normalised `text` as uint32 bytes with one tiktoken call (see _Joined);
+    None where that does not apply (no separator, lone surrogates): the part-by-part path
     (`spans`, `_encode_spans`) then encodes it."""
-    if self._sep is None or not text.isascii() and not unicodedata.is_normalized("NFC", text):
+    if self._sep is None:
       return None
     try:
       token = self._split_re.search(text)   # the tags and guards are among these

@@ -209,12 +209,30 @@ def _rings_and_brackets_ok(text: str) -> bool:
   return True
 
 
+# Hydrogen (an H atom, or a symbol or H count holding "H") or stereo marks: RDKit's full parse.
+_FULL_PARSE = re.compile(r"[H@/\\]")
+
+
 def rdkit_check():
-  """RDKit's SMILES parser as a check (None when RDKit is not installed), as the official code
-  switches on whether `from rdkit import Chem` succeeds."""
+  """The official check, `Chem.MolFromSmiles(smiles) is not None` (None when RDKit is not
+  installed: the official code switches on whether `from rdkit import Chem` succeeds).
+
+  MolFromSmiles parses, then removes H atoms and sanitises (valences, rings, kekulisation), then
+  assigns stereochemistry; any failure gives None. With no "H" and no stereo mark in the text
+  there are no H atoms to remove and no stereo to assign, so the verdict is the parse's and
+  `SanitizeMol`'s: ~30% cheaper (tests/test_intern_s1_differential.py compares the two on
+  thousands of strings)."""
   try:
     from rdkit import Chem, RDLogger  # pylint: disable=import-outside-toplevel
   except ImportError:
     return None
   RDLogger.DisableLog("rdApp.*")
-  return lambda smiles: Chem.MolFromSmiles(smiles) is not None
+  parse, sanitize, clean = Chem.MolFromSmiles, Chem.SanitizeMol, Chem.SanitizeFlags.SANITIZE_NONE
+
+  def check(smiles: str) -> bool:
+    if _FULL_PARSE.search(smiles):
+      return parse(smiles) is not None
+    mol = parse(smiles, sanitize=False)
+    return mol is not None and sanitize(mol, catchErrors=True) == clean
+
+  return check
