@@ -31,8 +31,9 @@ plain chats and on long chats (10 to 240 of them joined: about 5k to 130k tokens
   python scripts/bench_data.py --science [--samples 20000 --repeat 3]
 Intern-S1's scientific tokenizer (an official-layout directory built offline as the tests build
 it): end-to-end tokens/s on the same chats with ~5% of their characters SMILES / protein /
-IUPAC (tagged and untagged), against the plain chats with the Qwen3 tokenizer.json; also the
-plain chats through the Intern-S1 tokenizer (the cost of auto-detection on ordinary text).
+IUPAC (tagged and untagged), against the plain chats with the Qwen3 tokenizer.json, with the
+SMILES check the official code would use here (RDKit when it imports) and with the rule-based
+one; also the plain chats through the Intern-S1 tokenizer (auto-detection on ordinary text).
 
   python scripts/bench_data.py --images [--n_images 64 --repeat 5]
 Intern-S1 image loading on one core, over generated JPEGs of mixed aspect ratios:
@@ -209,13 +210,13 @@ def hf_alone(tok_dir: str, pieces: list[list[str]], limit: int = 20000) -> dict:
 
 
 def end_to_end(tok_dir: str, path: str, workers: int, cache_dir: str | None,
-               pack_len: int = 16384) -> dict:
+               pack_len: int = 16384, **encoder_kwargs) -> dict:
   cfg = ConfigDict(base_config().data.to_dict() | dict(
       datasets=[dataset("bench", path)], sample_max_length=pack_len,
                         pack_max_length=pack_len, pack_level="soft", num_workers=workers,
                         cache_dir=cache_dir, seed=42))
   t0 = time.perf_counter()
-  encoder = open_encoder(tok_dir)   # as the trainer does, once per run
+  encoder = open_encoder(tok_dir, **encoder_kwargs)   # as the trainer does, once per run
   load = time.perf_counter() - t0
   cpu0 = _cpu_seconds()
   t0 = time.perf_counter()
@@ -538,12 +539,13 @@ def science(workdir: str, samples: int, workers: int, repeat: int) -> dict:
     make_corpus(sci, samples, science=True)
   with open(plain, encoding="utf-8") as f, open(sci, encoding="utf-8") as g:
     plain_chars, sci_chars = len(f.read()), len(g.read())
-  rounds = {"plain_qwen": [], "science_interns1": [], "plain_interns1": []}
-  cases = {"plain_qwen": (qwen_dir, plain), "science_interns1": (s1_dir, sci),
-           "plain_interns1": (s1_dir, plain)}
+  cases = {"plain_qwen": (qwen_dir, plain, {}), "science_interns1": (s1_dir, sci, {}),
+           "science_interns1_rules": (s1_dir, sci, dict(use_rdkit=False)),
+           "plain_interns1": (s1_dir, plain, {})}
+  rounds = {name: [] for name in cases}
   for _ in range(repeat):   # interleaved, so a noisy neighbour slows every case alike
-    for name, (tok, path) in cases.items():
-      rounds[name].append(end_to_end(tok, path, workers, None))
+    for name, (tok, path, kwargs) in cases.items():
+      rounds[name].append(end_to_end(tok, path, workers, None, **kwargs))
   result = {name: dict(min(runs, key=lambda r: r["seconds"]),
                        all_tokens_per_sec=[r["tokens_per_sec"] for r in runs])
             for name, runs in rounds.items()}
@@ -555,8 +557,11 @@ def science(workdir: str, samples: int, workers: int, repeat: int) -> dict:
       smiles_check=check.smiles_check,
       plain_qwen_mtok_per_sec=round(median["plain_qwen"] / 1e6, 3),
       science_interns1_mtok_per_sec=round(median["science_interns1"] / 1e6, 3),
+      science_interns1_rules_mtok_per_sec=round(median["science_interns1_rules"] / 1e6, 3),
       plain_interns1_mtok_per_sec=round(median["plain_interns1"] / 1e6, 3),
       slowdown_science_vs_plain=round(median["plain_qwen"] / median["science_interns1"], 3),
+      slowdown_science_rules_vs_plain=round(
+          median["plain_qwen"] / median["science_interns1_rules"], 3),
       slowdown_plain_interns1_vs_qwen=round(median["plain_qwen"] / median["plain_interns1"], 3))
   return result
 
