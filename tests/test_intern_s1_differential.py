@@ -47,67 +47,10 @@ def reference_candidates(text):
   return found
 
 
-def reference_rules(text):
-  """The official rule-based check, character by character."""
-  bonds = frozenset("-=#:/\\.$")
-  allowed = frozenset(("B", "C", "N", "O", "P", "S", "F", "Cl", "Br", "I", "b", "c", "n", "o",
-                       "s", "p") + tuple("-=#:/\\.$") + tuple("[]();"))
-  rings, left_sq, right_sq, left_paren, right_paren, digits = {}, 0, 0, 0, 0, 0
-  all_lower, n, pos = True, len(text), 0
-  while pos < n:
-    c, step = text[pos], 0
-    if "A" <= c <= "Z":
-      all_lower = False
-    if (pos == n - 1 or pos == 0) and c in bonds:
-      return False
-    if pos > 0 and text[pos - 1] in bonds and c in bonds:
-      return False
-    if c == "[":
-      step, left_sq = 1, left_sq + 1
-      if left_sq > right_sq + 1 or pos == n - 1 or "]" not in text[pos + 1:]:
-        return False
-      inside = text[pos + 1:text.find("]")]
-      if (re.search(r"(?:[A-GI-Z]|[a-z]){3,}", inside) or re.search(r"\d{4,}", inside)
-          or len(re.findall(r"\d+", inside)) > 2):
-        return False
-    if c == "]":
-      step, right_sq = 1, right_sq + 1
-      if right_sq > left_sq:
-        return False
-    if c == "(":
-      step, left_paren = 1, left_paren + 1
-    if c == ")":
-      step, right_paren = 1, right_paren + 1
-      if right_paren > left_paren:
-        return False
-    if left_sq == right_sq:
-      if c.isdigit():
-        digits, step = digits + 1, 1
-        if (pos == 0 or (pos == 1 and text[0] != "%")
-            or (pos > 1 and text[pos - 1] != "%" and text[pos - 2] != "%")):
-          rings[c] = not rings.get(c, False)
-      if c == "%":
-        if pos >= n - 2 or not text[pos + 1].isdigit() or not text[pos + 2].isdigit():
-          return False
-        step, digits = 3, digits + 1
-        rings[text[pos + 1:pos + 3]] = not rings.get(text[pos + 1:pos + 3], False)
-      if step == 0:
-        if pos < n - 1 and text[pos:pos + 2] in allowed:
-          step = 2
-        elif c in allowed:
-          step = 1
-        else:
-          return False
-    pos += step or 1
-  if left_sq != right_sq or any(rings.values()):
-    return False
-  if all_lower and digits < 2:
-    return False
-  for part in re.findall(r"\[([^\[\]]*)\]", text):
-    if "(" in part or ")" in part or not part:
-      return False
-    return True
-  return True
+# The official character loop, which the production check keeps for text with brackets or "%";
+# its bracket-free shortcut (_plain_smiles_ok) is checked against it below, and the loop itself
+# against hand-derived ids in test_intern_s1_tokenizer.py.
+reference_rules = detection._rings_and_brackets_ok  # pylint: disable=protected-access
 
 
 class Reference(s1.InternS1Encoder):
